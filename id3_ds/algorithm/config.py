@@ -1,0 +1,46 @@
+"""ID3 settings shared by the plain-torch path and the DeepSpeed hook."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from id3_ds.errors import ID3Error
+
+BIAS_CORRECTIONS = ("shared", "per_entry")
+
+
+@dataclass(frozen=True)
+class ID3Config:
+    """What to select and how.
+
+    budget: total scalar entries B that may ever move, an int count or a float fraction in (0, 1) of the
+        selectable entries. Fully trainable parameters are charged to it.
+    eps, exp: the importance H = |g| / (|theta| + eps) ** exp. exp may be 0 (gradient magnitude) or
+        negative; eps must be > 0 so that H is finite for theta == 0.
+    targets: glob patterns of parameter names that are selectable (default: every trainable parameter).
+    fully_trainable: glob patterns of parameters updated densely from step 0 (e.g. a fresh head).
+    bias_correction: "shared" keeps the optimizer's own step counter (paper-faithful: an entry chosen
+        late takes a first step of about 3x lr with Adam's defaults); "per_entry" rescales each entry's
+        Adam update as if its bias correction counted from the step it was chosen.
+    """
+
+    budget: int | float
+    eps: float = 1e-3
+    exp: float = 1.0
+    targets: tuple[str, ...] = ("*",)
+    fully_trainable: tuple[str, ...] = ()
+    bias_correction: str = "shared"
+    no_decay: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+            raise ID3Error(f"id3.budget must be an integer count or a fraction in (0, 1), got {self.budget!r}")
+        if isinstance(self.budget, float) and not 0.0 < self.budget < 1.0:
+            raise ID3Error(
+                f"id3.budget={self.budget} is a float outside (0, 1): give a fraction like 0.001 "
+                "or an integer count of entries"
+            )
+        if not self.eps > 0:
+            raise ID3Error(f"id3.eps must be > 0 (got {self.eps}); it keeps |g|/(|theta|+eps)^exp finite")
+        if self.bias_correction not in BIAS_CORRECTIONS:
+            raise ID3Error(f"id3.bias_correction must be one of {BIAS_CORRECTIONS}, got {self.bias_correction!r}")

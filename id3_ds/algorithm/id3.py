@@ -1,0 +1,286 @@
+"""The ID3 selector: grows the mask each optimizer step and keeps unchosen entries frozen.
+
+Call order for one optimizer step (plain torch or DeepSpeed alike):
+
+    loss.backward()            # gradients reduced (data-parallel averaged)
+    id3.select()               # score unchosen entries, unmask u_t of them by a global top-k
+    id3.mask_grads()           # zero every unchosen gradient entry: clipping sees masked gradients
+    clip_grad_norm_(...)
+    optimizer.step()           # hooks attached by `attach`: decay chosen entries only, per-entry bias
+
+The selector holds only its own slices (a whole model in one process, one partition per ZeRO rank);
+`reducer` turns this holder's candidates into the global winners (identity here, an all-gather under
+DeepSpeed), so every holder grows its mask with the same entries.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from id3_ds.algorithm.config import ID3Config
+from id3_ds.algorithm.mask import MaskState, SliceMask
+from id3_ds.algorithm.schedule import UnmaskSchedule, resolve_budget
+from id3_ds.algorithm.selection import Candidates, _reduce, merge_candidates, slice_candidates
+from id3_ds.algorithm.slices import ParamSlice, SliceAccess, TensorSliceAccess
+from id3_ds.errors import ID3Error
+
+Reducer = Callable[[Candidates, int], Candidates]
+
+
+def local_reducer(candidates: Candidates, k: int) -> Candidates:
+    """One holder owns every slice: its candidates already are the global ones."""
+    return merge_candidates([candidates], k)
+
+
+@dataclass
+class _Held:
+    """One slice this holder owns: its coordinates, how to reach it, its mask, its decay rate."""
+
+    info: ParamSlice
+    access: SliceAccess
+    mask: SliceMask
+    weight_decay: float = 0.0
+
+
+def budget_split(config: ID3Config, selectable: int, fully_trainable: int) -> tuple[int, int]:
+    """(B, B left for selection once fully trainable entries are charged), validated."""
+    total = resolve_budget(config.budget, selectable + fully_trainable)
+    left = total - fully_trainable
+    if left < 0:
+        raise ID3Error(
+            f"id3.budget={total} entries is smaller than the {fully_trainable} entries of the fully "
+            "trainable parameters (id3.fully_trainable), which are charged to it; raise the budget"
+        )
+    if left > selectable:
+        raise ID3Error(f"id3.budget={total} exceeds the {selectable + fully_trainable} trainable entries")
+    return total, left
+
+
+class ID3:
+    """Mask growth and gradient masking over the slices one process holds."""
+
+    def __init__(
+        self,
+        slices: Iterable[tuple[ParamSlice, SliceAccess]],
+        config: ID3Config,
+        steps: int,
+        *,
+        selectable: int,
+        fully_trainable: int = 0,
+        reducer: Reducer = local_reducer,
+    ) -> None:
+        self.config = config
+        self.budget, left = budget_split(config, selectable, fully_trainable)
+        self.schedule = UnmaskSchedule(left, steps)
+        self.reducer = reducer
+        self.held = [_Held(info, access, SliceMask()) for info, access in slices]
+        self.held.sort(key=lambda h: (h.info.fully_trainable, h.info.first_key))
+        self.step = 0  # optimizer steps done; advances in `select`, so the budget can never overshoot
+        self.chosen = 0  # selected entries so far, globally (the same on every holder)
+        self._before: list[torch.Tensor] = []
+
+    # -- the per-step API -------------------------------------------------------------------------
+
+    def select(self, step: int | None = None) -> int:
+        """Unmask this step's entries; returns how many were chosen (globally). Call once per step."""
+        if step is not None and step != self.step:
+            raise ID3Error(
+                f"select(step={step}) but the selector is at step {self.step}: call it exactly once per "
+                "optimizer step, or restore its state when resuming"
+            )
+        if self.step == 0:
+            for h in self.held:
+                if h.info.fully_trainable and len(h.mask) == 0:
+                    h.mask.add(torch.arange(h.info.numel), 0, h.access.value())
+        k = self.schedule.target_after(self.step) - self.chosen
+        if k > 0:
+            winners = self.reducer(self._local_candidates(k), k)
+            if len(winners) != k:
+                raise RuntimeError(f"selection produced {len(winners)} winners, expected {k}")
+            self._grow(winners.keys, self.step)
+            self.chosen += k
+        self.step += 1
+        return max(k, 0)
+
+    def mask_grads(self) -> None:
+        """Zero the gradient of every unchosen entry, in place."""
+        for h in self.held:
+            g = h.access.grad()
+            if g is not None:
+                h.mask.zero_unchosen(g)
+
+    @property
+    def chosen_total(self) -> int:
+        """Entries that may move so far: fully trainable ones plus those selected."""
+        return self.chosen + (self.budget - self.schedule.budget)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _local_candidates(self, k: int) -> Candidates:
+        parts: list[Candidates] = []
+        cfg = self.config
+        for h in self.held:
+            if h.info.fully_trainable:
+                continue
+            value = h.access.value()
+            grad = h.access.grad()
+            if grad is None:  # a parameter the loss did not reach: every score is 0
+                grad = torch.zeros_like(value)
+            parts.append(slice_candidates(grad, value, h.mask.positions, h.info.first_key, k, cfg.eps, cfg.exp))
+            if sum(len(p) for p in parts) > 4 * k:
+                parts = [_reduce(parts, k)]
+        return _reduce(parts, k)
+
+    def _grow(self, keys: torch.Tensor, step: int) -> None:
+        """Add the winners that fall into this holder's slices (keys sorted ascending)."""
+        for h in self.held:
+            if h.info.fully_trainable:
+                continue
+            lo, hi = torch.searchsorted(keys, torch.tensor([h.info.first_key, h.info.first_key + h.info.numel]))
+            if hi > lo:
+                h.mask.add(keys[lo:hi] - h.info.first_key, step, h.access.value())
+
+    # -- optimizer hooks: decoupled decay on chosen entries, optional per-entry bias correction --------
+
+    def attach(self, optimizer: torch.optim.Optimizer, weight_decay: dict[int, float] | None = None) -> None:
+        """Hook `optimizer.step` so weight decay and bias correction respect the mask.
+
+        The optimizer's own weight decay is taken over (set to 0): applied by the optimizer it would
+        shrink every entry, unchosen ones included (a trap of the reference code). `weight_decay` maps a
+        held-slice index to its rate; by default each whole-tensor slice takes its parameter group's rate.
+        """
+        lrs = {g["lr"] for g in optimizer.param_groups}
+        if len(lrs) > 1:
+            raise ID3Error("ID3 needs one learning rate for all parameter groups; got " + str(sorted(lrs)))
+        if weight_decay is None:
+            weight_decay = self._group_decay(optimizer)
+        for i, h in enumerate(self.held):
+            h.weight_decay = weight_decay.get(i, 0.0)
+        for g in optimizer.param_groups:
+            if "weight_decay" in g:
+                g["weight_decay"] = 0.0
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step(opt))
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt))
+
+    def _group_decay(self, optimizer: torch.optim.Optimizer) -> dict[int, float]:
+        by_param = {id(p): g.get("weight_decay", 0.0) for g in optimizer.param_groups for p in g["params"]}
+        out = {}
+        for i, h in enumerate(self.held):
+            p = getattr(h.access, "param", None)
+            out[i] = by_param.get(id(p), 0.0) if p is not None else 0.0
+        return out
+
+    def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        lr = optimizer.param_groups[0]["lr"]
+        self._before = []
+        for h in self.held:
+            if len(h.mask) == 0:
+                continue
+            v = h.access.value()
+            if h.weight_decay:
+                v[h.mask.positions] *= 1.0 - lr * h.weight_decay
+            if self.config.bias_correction == "per_entry":
+                self._before.append(v[h.mask.positions].clone())
+
+    def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """per_entry: rescale each entry's Adam step from the shared count t to its own count n.
+
+        Adam's step is lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps); with n = t - chosen_at it
+        becomes the same with n, i.e. the step times (1 - b1^t) / (1 - b1^n) * sqrt((1 - b2^n) / (1 - b2^t)),
+        exact up to Adam's eps term.
+        """
+        if self.config.bias_correction != "per_entry":
+            return
+        b1, b2 = optimizer.param_groups[0].get("betas", (0.9, 0.999))
+        t = self.step
+        held = [h for h in self.held if len(h.mask)]
+        for h, before in zip(held, self._before):
+            n = (t - h.mask.chosen_at).to(torch.float64)
+            ratio = (1 - b1**t) / (1 - torch.pow(b1, n)) * torch.sqrt((1 - torch.pow(b2, n)) / (1 - b2**t))
+            v = h.access.value()
+            after = v[h.mask.positions]
+            v[h.mask.positions] = before + (after - before) * ratio.to(after.dtype)
+        self._before = []
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def mask_state(self) -> MaskState:
+        """This holder's chosen entries in global coordinates (one shard of the model's mask)."""
+        return MaskState.from_slices([(h.info, h.mask) for h in self.held])
+
+    def state_meta(self) -> dict:
+        return {"step": self.step, "chosen": self.chosen, "budget": self.budget, "steps": self.schedule.steps}
+
+    def load_state(self, state: MaskState, meta: dict) -> None:
+        """Restore from the union of all shards of a checkpoint, re-sliced onto this holder's slices."""
+        if int(meta["budget"]) != self.budget or int(meta["steps"]) != self.schedule.steps:
+            raise ID3Error(
+                f"checkpoint was trained with budget={meta['budget']} over {meta['steps']} steps but this run "
+                f"has budget={self.budget} over {self.schedule.steps}: resume with the same id3 and train settings"
+            )
+        for h in self.held:
+            h.mask = state.slice_mask(h.info)
+        self.step = int(meta["step"])
+        self.chosen = int(meta["chosen"])
+
+
+def param_kinds(names: Iterable[str], config: ID3Config) -> dict[str, str]:
+    """'full', 'select' or 'frozen' for each trainable parameter name, by the config's glob patterns."""
+    kinds = {}
+    for n in names:
+        if any(fnmatch.fnmatchcase(n, p) for p in config.fully_trainable):
+            kinds[n] = "full"
+        elif any(fnmatch.fnmatchcase(n, p) for p in config.targets):
+            kinds[n] = "select"
+        else:
+            kinds[n] = "frozen"
+    return kinds
+
+
+def layout(named_shapes: list[tuple[str, tuple[int, ...]]], config: ID3Config) -> tuple[list[ParamSlice], int, int]:
+    """Whole-parameter slices with global key bases, plus (selectable, fully trainable) entry counts.
+
+    Parameters matched by neither id3.targets nor id3.fully_trainable are left out: the caller freezes
+    them. Keys follow model order, the same on every rank.
+    """
+    kinds = param_kinds([n for n, _ in named_shapes], config)
+    slices, key, full = [], 0, 0
+    for name, shape in named_shapes:
+        n = math.prod(shape)
+        if kinds[name] == "frozen":
+            continue
+        is_full = kinds[name] == "full"
+        slices.append(ParamSlice(name, tuple(shape), 0 if is_full else key, 0, n, fully_trainable=is_full))
+        if is_full:
+            full += n
+        else:
+            key += n
+    if not slices:
+        raise ID3Error(f"id3.targets {list(config.targets)} matched no trainable parameter; check the names")
+    return slices, key, full
+
+
+def from_module(model: torch.nn.Module, config: ID3Config, steps: int) -> ID3:
+    """ID3 over a plain torch module: one whole-tensor slice per trainable parameter.
+
+    Parameters outside id3.targets and id3.fully_trainable get requires_grad=False (frozen, as PEFT
+    does), so they cost no gradient memory and can never move.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    slices, selectable, full = layout([(n, tuple(p.shape)) for n, p in params.items()], config)
+    kept = {s.name for s in slices}
+    for n, p in params.items():
+        if n not in kept:
+            p.requires_grad_(False)
+    return ID3(
+        [(s, TensorSliceAccess(params[s.name])) for s in slices],
+        config,
+        steps,
+        selectable=selectable,
+        fully_trainable=full,
+    )

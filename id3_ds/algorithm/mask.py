@@ -1,0 +1,209 @@
+"""Mask state: which entries are chosen, in a slice-local form for the hot path and a global form to save.
+
+Memory: a slice keeps only its chosen entries, 16 bytes each (int64 position, int32 step chosen, fp32
+base value): nothing per unchosen entry, so state grows with B, never with the model (well under the one
+bit per selectable entry a bitmap would cost once B is below 1/128 of the entries; the typical ID3 budget
+is 0.01-1 %). The base value is the entry's weight when chosen; since unchosen entries never move, it is
+the pretrained weight, which makes a sparse delta computable from this state alone.
+
+The global form (`MaskState`) keys every chosen entry by parameter name and flat row-major index, so a
+checkpoint written by N ranks re-slices onto M ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from id3_ds.algorithm.slices import ParamSlice
+from id3_ds.errors import ID3Error
+
+MASK_FORMAT = "id3-mask"
+MASK_VERSION = 1
+
+
+@dataclass
+class SliceMask:
+    """Chosen entries of one slice: sorted local positions, the step each was chosen, its base value."""
+
+    positions: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    chosen_at: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))
+    base: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float32))
+
+    def __len__(self) -> int:
+        return self.positions.numel()
+
+    def add(self, positions: torch.Tensor, step: int, value: torch.Tensor) -> None:
+        """Insert new (not yet chosen) sorted positions, recording `step` and their current values.
+
+        A sorted merge by binary search: O(chosen) per call instead of a full re-sort.
+        """
+        if positions.numel() == 0:
+            return
+        old, new = self.positions, positions
+        total = old.numel() + new.numel()
+        new_at = torch.searchsorted(old, new) + torch.arange(new.numel())
+        old_at = torch.arange(old.numel()) + torch.searchsorted(new, old)
+        merged_pos = torch.empty(total, dtype=torch.int64)
+        merged_step = torch.empty(total, dtype=torch.int32)
+        merged_base = torch.empty(total, dtype=torch.float32)
+        merged_pos[old_at], merged_pos[new_at] = old, new
+        merged_step[old_at], merged_step[new_at] = self.chosen_at, step
+        merged_base[old_at] = self.base
+        merged_base[new_at] = value[new].to(torch.float32)
+        self.positions, self.chosen_at, self.base = merged_pos, merged_step, merged_base
+
+    def zero_unchosen(self, grad: torch.Tensor) -> None:
+        """Zero every gradient entry outside the mask, in place (one pass plus a gather/scatter)."""
+        n = self.positions.numel()
+        if n == grad.numel():
+            return
+        if n == 0:
+            grad.zero_()
+            return
+        kept = grad[self.positions]
+        grad.zero_()
+        grad[self.positions] = kept
+
+
+@dataclass
+class ParamMask:
+    """Chosen entries of one whole parameter, in global flat row-major coordinates (sorted, unique)."""
+
+    shape: tuple[int, ...]
+    indices: torch.Tensor
+    chosen_at: torch.Tensor
+    base: torch.Tensor
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class MaskState:
+    """The chosen entries of a model (or of one rank's share of it) by parameter name."""
+
+    def __init__(self, params: dict[str, ParamMask] | None = None) -> None:
+        self.params: dict[str, ParamMask] = dict(params or {})
+
+    def __len__(self) -> int:
+        return sum(p.indices.numel() for p in self.params.values())
+
+    @staticmethod
+    def from_slices(items: list[tuple[ParamSlice, SliceMask]]) -> MaskState:
+        """Global form of slice-local masks (one rank's, or all slices of one process)."""
+        by_name: dict[str, list[tuple[ParamSlice, SliceMask]]] = {}
+        for sl, m in items:
+            by_name.setdefault(sl.name, []).append((sl, m))
+        params = {}
+        for name, parts in by_name.items():
+            parts.sort(key=lambda sm: sm[0].start)
+            params[name] = ParamMask(
+                shape=parts[0][0].shape,
+                indices=torch.cat([m.positions + sl.start for sl, m in parts]),
+                chosen_at=torch.cat([m.chosen_at for _, m in parts]),
+                base=torch.cat([m.base for _, m in parts]),
+            )
+        return MaskState(params)
+
+    @staticmethod
+    def union(states: list[MaskState]) -> MaskState:
+        """Join disjoint shards (e.g. every rank's file) into one state; overlap means corruption."""
+        names: dict[str, list[ParamMask]] = {}
+        for st in states:
+            for name, pm in st.params.items():
+                names.setdefault(name, []).append(pm)
+        params = {}
+        for name, parts in names.items():
+            if any(p.shape != parts[0].shape for p in parts):
+                raise ID3Error(f"mask shards disagree on the shape of {name}: the checkpoint is inconsistent")
+            idx = torch.cat([p.indices for p in parts])
+            order = torch.argsort(idx)
+            idx = idx[order]
+            if idx.numel() > 1 and bool((idx[1:] == idx[:-1]).any()):
+                raise ID3Error(f"mask shards overlap on {name}: the checkpoint mixes two runs")
+            params[name] = ParamMask(
+                shape=parts[0].shape,
+                indices=idx,
+                chosen_at=torch.cat([p.chosen_at for p in parts])[order],
+                base=torch.cat([p.base for p in parts])[order],
+            )
+        return MaskState(params)
+
+    def slice_mask(self, sl: ParamSlice) -> SliceMask:
+        """The part of this state inside `sl`, in the slice's local positions (re-slicing)."""
+        pm = self.params.get(sl.name)
+        if pm is None:
+            return SliceMask()
+        if pm.shape != sl.shape:
+            raise ID3Error(
+                f"mask for {sl.name} has shape {list(pm.shape)} but the model has {list(sl.shape)}: "
+                "resume with the model the checkpoint was trained from"
+            )
+        lo, hi = torch.searchsorted(pm.indices, torch.tensor([sl.start, sl.start + sl.numel])).tolist()
+        return SliceMask(pm.indices[lo:hi] - sl.start, pm.chosen_at[lo:hi].clone(), pm.base[lo:hi].clone())
+
+    # -- safetensors (no pickle) ---------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, meta: dict | None = None) -> None:
+        """Write atomically (temp file + rename): a crash never leaves a half-written mask."""
+        tensors: dict[str, torch.Tensor] = {}
+        shapes = {}
+        for name, pm in self.params.items():
+            tensors[f"{name}.indices"] = pm.indices.contiguous()
+            tensors[f"{name}.chosen_at"] = pm.chosen_at.contiguous()
+            tensors[f"{name}.base"] = pm.base.contiguous()
+            shapes[name] = list(pm.shape)
+        header = {"format": MASK_FORMAT, "version": str(MASK_VERSION), "shapes": json.dumps(shapes)}
+        header["meta"] = json.dumps(meta or {})
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> tuple[MaskState, dict]:
+        """Read and validate a mask file; returns the state and the caller's `meta`."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                if header.get("format") != MASK_FORMAT:
+                    raise ID3Error(f"{path} is not an id3-ds mask file (format={header.get('format')!r})")
+                shapes = json.loads(header["shapes"])
+                meta = json.loads(header.get("meta", "{}"))
+                params = {}
+                for name, shape in shapes.items():
+                    params[name] = ParamMask(
+                        shape=tuple(int(d) for d in shape),
+                        indices=f.get_tensor(f"{name}.indices"),
+                        chosen_at=f.get_tensor(f"{name}.chosen_at"),
+                        base=f.get_tensor(f"{name}.base"),
+                    )
+        except ID3Error:
+            raise
+        except FileNotFoundError:
+            raise ID3Error(f"mask file {path} does not exist: point resume at a complete checkpoint") from None
+        except Exception as e:  # safetensors raises several types for a corrupt file
+            raise ID3Error(f"mask file {path} is unreadable ({type(e).__name__}: {e}); it is corrupt") from None
+        state = MaskState(params)
+        state.validate(str(path))
+        return state, meta
+
+    def validate(self, where: str) -> None:
+        for name, pm in self.params.items():
+            n = pm.indices.numel()
+            if pm.indices.dtype != torch.int64 or pm.indices.dim() != 1:
+                raise ID3Error(f"{where}: {name}.indices must be 1-D int64")
+            if pm.chosen_at.shape != (n,) or pm.base.shape != (n,):
+                raise ID3Error(f"{where}: {name} has {n} indices but mismatched chosen_at/base lengths")
+            if n and (int(pm.indices[0]) < 0 or int(pm.indices[-1]) >= pm.numel):
+                raise ID3Error(f"{where}: {name}.indices out of range for shape {list(pm.shape)}")
+            if n > 1 and not bool((pm.indices[1:] > pm.indices[:-1]).all()):
+                raise ID3Error(f"{where}: {name}.indices are not sorted and unique")

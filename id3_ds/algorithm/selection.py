@@ -1,0 +1,114 @@
+"""Global top-k as a two-stage reduction: local candidates per slice, then one merge.
+
+The order is total and the same everywhere: higher score first, then the smaller global key. Every
+holder of a slice proposes its own top-k under that order; the global top-k is always contained in the
+union of those proposals, so merging them gives the same winners whatever the slicing (one process with
+whole tensors, or 512 ZeRO-3 ranks). Scores are computed in fixed-size chunks, so no dense score tensor
+for a whole parameter, let alone a model, is ever held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from id3_ds.algorithm.importance import importance
+
+CHUNK = 1 << 22  # entries scored at once: 16 MiB of fp32 scores whatever the model size
+
+
+@dataclass
+class Candidates:
+    """Proposed entries: fp32 scores and int64 global keys, the same length, keys ascending."""
+
+    scores: torch.Tensor
+    keys: torch.Tensor
+
+    @staticmethod
+    def empty() -> Candidates:
+        return Candidates(torch.empty(0, dtype=torch.float32), torch.empty(0, dtype=torch.int64))
+
+    def __len__(self) -> int:
+        return self.keys.numel()
+
+    @staticmethod
+    def cat(parts: list[Candidates]) -> Candidates:
+        if not parts:
+            return Candidates.empty()
+        return Candidates(torch.cat([p.scores for p in parts]), torch.cat([p.keys for p in parts]))
+
+
+def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the top-k of `scores`, ties broken by the smaller position; returned ascending.
+
+    With positions ordered like global keys this is exactly the (score desc, key asc) order. torch.topk
+    finds the k-th score; everything above it is in, and the tied entries are taken lowest-position first
+    (`nonzero` returns them in order), so the result never depends on how topk orders equal values.
+    """
+    n = scores.numel()
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    if k >= n:
+        return torch.arange(n, dtype=torch.int64)
+    kth = torch.topk(scores, k, largest=True, sorted=False).values.min()
+    above = (scores > kth).nonzero().squeeze(1)
+    tied = (scores == kth).nonzero().squeeze(1)[: k - above.numel()]
+    return torch.sort(torch.cat([above, tied])).values
+
+
+def _reduce(parts: list[Candidates], k: int) -> Candidates:
+    """Top-k of key-ordered parts whose concatenation is still key-ordered."""
+    merged = Candidates.cat(parts)
+    pos = top_positions(merged.scores, k)
+    return Candidates(merged.scores[pos], merged.keys[pos])
+
+
+def slice_candidates(
+    grad: torch.Tensor,
+    value: torch.Tensor,
+    chosen: torch.Tensor,
+    first_key: int,
+    k: int,
+    eps: float,
+    exp: float,
+    chunk: int = CHUNK,
+) -> Candidates:
+    """Top-k not-yet-chosen entries of one slice.
+
+    grad, value: 1-D views of the slice; chosen: sorted int64 local positions already in the mask (they
+    are never proposed again); first_key: the global key of local position 0.
+    """
+    n = grad.numel()
+    k = min(k, n - chosen.numel())
+    if k <= 0:
+        return Candidates.empty()
+    parts: list[Candidates] = []
+    held = 0
+    bounds = torch.searchsorted(chosen, torch.arange(0, n + chunk, chunk, dtype=torch.int64).clamp_(max=n))
+    for i, c0 in enumerate(range(0, n, chunk)):
+        c1 = min(c0 + chunk, n)
+        score = importance(grad[c0:c1], value[c0:c1], eps, exp)
+        inside = chosen[bounds[i] : bounds[i + 1]]
+        if inside.numel():
+            score[inside - c0] = float("-inf")
+        pos = top_positions(score, min(k, (c1 - c0) - inside.numel()))
+        parts.append(Candidates(score[pos], pos + (first_key + c0)))
+        held += pos.numel()
+        if held > 4 * k:
+            parts, held = [_reduce(parts, k)], k
+    return _reduce(parts, k)
+
+
+def merge_candidates(parts: list[Candidates], k: int) -> Candidates:
+    """The global top-k of candidate lists from anywhere (slices, ranks), in (score desc, key asc) order.
+
+    Padding (score -inf) is dropped first, so ranks may pad to a fixed length for an all-gather.
+    """
+    merged = Candidates.cat(parts)
+    real = merged.scores > float("-inf")
+    scores, keys = merged.scores[real], merged.keys[real]
+    order = torch.argsort(keys)
+    scores, keys = scores[order], keys[order]
+    pos = top_positions(scores, k)
+    return Candidates(scores[pos], keys[pos])
