@@ -209,9 +209,14 @@ class ID3:
 
     # -- state ------------------------------------------------------------------------------------
 
-    def mask_state(self) -> MaskState:
-        """This holder's chosen entries in global coordinates (one shard of the model's mask)."""
-        return MaskState.from_slices([(h.info, h.mask) for h in self.held])
+    def mask_state(self, with_values: bool = False) -> MaskState:
+        """This holder's chosen entries in global coordinates (one shard of the model's mask).
+
+        with_values also records each chosen entry's current weight, which makes the shard a
+        self-contained sparse delta (value - base) for export.
+        """
+        values = [h.access.value() for h in self.held] if with_values else None
+        return MaskState.from_slices([(h.info, h.mask) for h in self.held], values)
 
     def state_meta(self) -> dict:
         return {"step": self.step, "chosen": self.chosen, "budget": self.budget, "steps": self.schedule.steps}

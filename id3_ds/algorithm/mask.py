@@ -79,6 +79,7 @@ class ParamMask:
     indices: torch.Tensor
     chosen_at: torch.Tensor
     base: torch.Tensor
+    value: torch.Tensor | None = None  # current fp32 values of the chosen entries (checkpoints carry it)
 
     @property
     def numel(self) -> int:
@@ -98,19 +99,24 @@ class MaskState:
         return sum(p.indices.numel() for p in self.params.values())
 
     @staticmethod
-    def from_slices(items: list[tuple[ParamSlice, SliceMask]]) -> MaskState:
-        """Global form of slice-local masks (one rank's, or all slices of one process)."""
-        by_name: dict[str, list[tuple[ParamSlice, SliceMask]]] = {}
-        for sl, m in items:
-            by_name.setdefault(sl.name, []).append((sl, m))
+    def from_slices(items: list[tuple[ParamSlice, SliceMask]], values: list[torch.Tensor] | None = None) -> MaskState:
+        """Global form of slice-local masks (one rank's, or all slices of one process).
+
+        values, if given, holds each slice's current 1-D weights: the chosen entries' values are kept.
+        """
+        by_name: dict[str, list[tuple[ParamSlice, SliceMask, torch.Tensor | None]]] = {}
+        for i, (sl, m) in enumerate(items):
+            v = None if values is None else values[i][m.positions].to(torch.float32)
+            by_name.setdefault(sl.name, []).append((sl, m, v))
         params = {}
         for name, parts in by_name.items():
-            parts.sort(key=lambda sm: sm[0].start)
+            parts.sort(key=lambda smv: smv[0].start)
             params[name] = ParamMask(
                 shape=parts[0][0].shape,
-                indices=torch.cat([m.positions + sl.start for sl, m in parts]),
-                chosen_at=torch.cat([m.chosen_at for _, m in parts]),
-                base=torch.cat([m.base for _, m in parts]),
+                indices=torch.cat([m.positions + sl.start for sl, m, _ in parts]),
+                chosen_at=torch.cat([m.chosen_at for _, m, _ in parts]),
+                base=torch.cat([m.base for _, m, _ in parts]),
+                value=None if values is None else torch.cat([v for _, _, v in parts]),
             )
         return MaskState(params)
 
@@ -130,11 +136,13 @@ class MaskState:
             idx = idx[order]
             if idx.numel() > 1 and bool((idx[1:] == idx[:-1]).any()):
                 raise ID3Error(f"mask shards overlap on {name}: the checkpoint mixes two runs")
+            has_value = all(p.value is not None for p in parts)
             params[name] = ParamMask(
                 shape=parts[0].shape,
                 indices=idx,
                 chosen_at=torch.cat([p.chosen_at for p in parts])[order],
                 base=torch.cat([p.base for p in parts])[order],
+                value=torch.cat([p.value for p in parts])[order] if has_value else None,
             )
         return MaskState(params)
 
@@ -151,6 +159,15 @@ class MaskState:
         lo, hi = torch.searchsorted(pm.indices, torch.tensor([sl.start, sl.start + sl.numel])).tolist()
         return SliceMask(pm.indices[lo:hi] - sl.start, pm.chosen_at[lo:hi].clone(), pm.base[lo:hi].clone())
 
+    def delta(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per parameter (sorted flat indices, value - base): the sparse update this state carries."""
+        out = {}
+        for name, pm in self.params.items():
+            if pm.value is None:
+                raise ID3Error(f"mask state for {name} has no current values: it is not a checkpoint shard")
+            out[name] = (pm.indices, pm.value - pm.base)
+        return out
+
     # -- safetensors (no pickle) ---------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike, meta: dict | None = None) -> None:
@@ -161,6 +178,8 @@ class MaskState:
             tensors[f"{name}.indices"] = pm.indices.contiguous()
             tensors[f"{name}.chosen_at"] = pm.chosen_at.contiguous()
             tensors[f"{name}.base"] = pm.base.contiguous()
+            if pm.value is not None:
+                tensors[f"{name}.value"] = pm.value.contiguous()
             shapes[name] = list(pm.shape)
         header = {"format": MASK_FORMAT, "version": str(MASK_VERSION), "shapes": json.dumps(shapes)}
         header["meta"] = json.dumps(meta or {})
@@ -178,6 +197,7 @@ class MaskState:
                     raise ID3Error(f"{path} is not an id3-ds mask file (format={header.get('format')!r})")
                 shapes = json.loads(header["shapes"])
                 meta = json.loads(header.get("meta", "{}"))
+                keys = set(f.keys())
                 params = {}
                 for name, shape in shapes.items():
                     params[name] = ParamMask(
@@ -185,6 +205,7 @@ class MaskState:
                         indices=f.get_tensor(f"{name}.indices"),
                         chosen_at=f.get_tensor(f"{name}.chosen_at"),
                         base=f.get_tensor(f"{name}.base"),
+                        value=f.get_tensor(f"{name}.value") if f"{name}.value" in keys else None,
                     )
         except ID3Error:
             raise
@@ -201,7 +222,7 @@ class MaskState:
             n = pm.indices.numel()
             if pm.indices.dtype != torch.int64 or pm.indices.dim() != 1:
                 raise ID3Error(f"{where}: {name}.indices must be 1-D int64")
-            if pm.chosen_at.shape != (n,) or pm.base.shape != (n,):
+            if pm.chosen_at.shape != (n,) or pm.base.shape != (n,) or (pm.value is not None and pm.value.shape != (n,)):
                 raise ID3Error(f"{where}: {name} has {n} indices but mismatched chosen_at/base lengths")
             if n and (int(pm.indices[0]) < 0 or int(pm.indices[-1]) >= pm.numel):
                 raise ID3Error(f"{where}: {name}.indices out of range for shape {list(pm.shape)}")
