@@ -17,7 +17,7 @@ from pathlib import Path
 from id3_ds.errors import ID3Error
 
 BUILTIN_MODELS = ("tiny-llama",)
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 
 
 def cache_dir() -> Path:
@@ -62,7 +62,10 @@ def materialise_tiny_llama(target: Path) -> Path:
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    bpe.train([str(builtin_data())], trainer)
+    from id3_ds.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+
+    corpus = builtin_data().read_text().splitlines() + [ALPACA_WITH_INPUT, ALPACA_NO_INPUT] * 50
+    bpe.train_from_iterator(corpus, trainer)
     from tokenizers import decoders
 
     bpe.decoder = decoders.ByteLevel()

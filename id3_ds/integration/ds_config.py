@@ -1,0 +1,75 @@
+"""The DeepSpeed config of a run: the user's block, its "auto" values filled from the train section.
+
+ID3 takes over weight decay (DeepSpeed's optimizers decay every entry, masked ones too), so the
+optimizer's own weight_decay is set to 0 here and the rate travels to the hook instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from id3_ds.config import RunConfig
+from id3_ds.errors import ID3Error
+
+SUPPORTED_OPTIMIZERS = ("adam", "adamw")
+
+
+def build_ds_config(cfg: RunConfig, world_size: int) -> tuple[dict, float]:
+    """(DeepSpeed config dict, weight decay for ID3 to apply to chosen entries)."""
+    ds: dict[str, Any] = copy.deepcopy(cfg.deepspeed) if isinstance(cfg.deepspeed, dict) else {}
+    t = cfg.train
+    auto = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.max_grad_norm,
+    }
+    for key, value in auto.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif key != "train_batch_size" and ds[key] != value:
+            raise ID3Error(f'deepspeed.{key}={ds[key]} disagrees with the train section ({value}); set it to "auto"')
+    if ds["train_batch_size"] != auto["train_batch_size"]:
+        raise ID3Error(
+            f"deepspeed.train_batch_size={ds['train_batch_size']} is not micro_batch_size * grad_accum * world "
+            f'size = {auto["train_batch_size"]}; set it to "auto"'
+        )
+    if ds.get("fp16", {}).get("enabled") is True:
+        raise ID3Error("fp16 training is not supported (loss scaling skips steps the mask would count); use bf16")
+    bf16 = cfg.model.dtype == "bf16"
+    ds.setdefault("bf16", {})
+    if ds["bf16"].get("enabled", "auto") not in ("auto", bf16):
+        raise ID3Error(f'deepspeed.bf16.enabled disagrees with model.dtype={cfg.model.dtype}; set it to "auto"')
+    ds["bf16"]["enabled"] = bf16
+    zero = ds.setdefault("zero_optimization", {})
+    stage = zero.setdefault("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ID3Error(f"deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if zero.get("offload_param", {}).get("device", "none") not in ("none", None) and stage != 3:
+        raise ID3Error("deepspeed offload_param needs zero_optimization.stage 3")
+
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if str(opt.get("type", "")).lower() not in SUPPORTED_OPTIMIZERS:
+        raise ID3Error(f"deepspeed.optimizer.type {opt.get('type')!r} is not supported; use Adam or AdamW")
+    params = opt.setdefault("params", {})
+    if params.get("lr", "auto") == "auto":
+        params["lr"] = t.lr
+    wd = params.get("weight_decay", "auto")
+    wd = t.weight_decay if wd == "auto" else float(wd)
+    if str(opt["type"]).lower() == "adam" and wd:
+        params["adam_w_mode"] = True  # decoupled decay, as AdamW: ID3 applies it to chosen entries only
+    if cfg.method == "id3":
+        params["weight_decay"] = 0.0
+    else:
+        params["weight_decay"] = wd
+    _no_auto_left(ds, "deepspeed")
+    return ds, wd
+
+
+def _no_auto_left(node: Any, where: str) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _no_auto_left(v, f"{where}.{k}")
+    elif node == "auto":
+        raise ID3Error(f'{where} is "auto" but id3-ds has no value to fill it with; set it explicitly')

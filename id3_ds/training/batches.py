@@ -1,0 +1,36 @@
+"""Which examples each rank sees at each micro-step: a pure function of (seed, step), so resume is exact.
+
+Every epoch is a fresh permutation seeded by (seed, epoch). A global batch is micro_batch_size *
+grad_accum * world_size consecutive examples of the stream; rank r takes its micro-batches from it. A run
+resumed at step s asks for step s and gets what the uninterrupted run got, on any world size with the
+same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def steps_per_epoch(n_examples: int, global_batch: int) -> int:
+    return max(1, n_examples // global_batch)
+
+
+def total_steps(n_examples: int, global_batch: int, steps: int | None, epochs: float | None) -> int:
+    if steps is not None:
+        return steps
+    return max(1, math.ceil(epochs * steps_per_epoch(n_examples, global_batch)))
+
+
+def micro_batch_indices(
+    n_examples: int, seed: int, step: int, micro: int, rank: int, world: int, micro_batch_size: int, grad_accum: int
+) -> list[int]:
+    """Example indices of one rank's micro-batch `micro` (0..grad_accum-1) at optimizer step `step`."""
+    global_batch = micro_batch_size * grad_accum * world
+    per_epoch = steps_per_epoch(n_examples, global_batch)
+    epoch, in_epoch = divmod(step, per_epoch)
+    perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    # order inside a global batch: micro-step major, then rank, so world size only changes who takes what
+    start = in_epoch * global_batch + (micro * world + rank) * micro_batch_size
+    return perm[start : start + micro_batch_size].tolist()

@@ -1,0 +1,141 @@
+"""Saving and resuming a run: DeepSpeed's engine state plus the ID3 shards, complete only when marked.
+
+Same world size: DeepSpeed's own checkpoint restores weights, optimizer moments and scheduler, and the
+ID3 shards restore the mask, so the run continues bit-for-bit. Another world size: DeepSpeed's
+partitioned optimizer state does not re-partition, but the model does not need it: unchosen entries
+equal the pretrained weights (already loaded) and the shards hold every chosen entry's fp32 value, so
+weights and mask are restored exactly and Adam's moments restart from zero (logged).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from id3_ds.checkpoint import (
+    checkpoint_dir,
+    latest_checkpoint,
+    mark_complete,
+    read_complete,
+    read_id3_state,
+    write_id3_shard,
+)
+from id3_ds.config import RunConfig
+from id3_ds.errors import ID3Error
+
+__all__ = ["check_output_dir", "checkpoint_dir", "resume", "save"]
+DS_TAG = "state"
+
+
+def check_output_dir(output_dir: str, is_main: bool) -> None:
+    """Refuse an unwritable output directory before any work is done."""
+    if not is_main:
+        return
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ID3Error(
+            f"train.output_dir {output_dir} is not writable ({e.strerror}); choose another directory"
+        ) from None
+
+
+def save(engine, hook, cfg: RunConfig, step: int, model_dir: str) -> Path:
+    """Write checkpoint-<step>: every rank its DeepSpeed part and ID3 shard, then rank 0 marks it complete."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ckpt = checkpoint_dir(cfg.train.output_dir, step)
+    if rank == 0 and ckpt.exists():  # an incomplete leftover of a killed run at this very step
+        shutil.rmtree(ckpt)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt / "ds"), tag=DS_TAG, save_latest=False)
+    if hook is not None:
+        write_id3_shard(ckpt, rank, world, hook.id3.mask_state(with_values=True), hook.id3.state_meta())
+    dist.barrier()
+    if rank == 0:
+        mark_complete(
+            ckpt,
+            {
+                "step": step,
+                "world_size": world,
+                "method": cfg.method,
+                "zero_stage": engine.zero_optimization_stage(),
+                "model": {"name_or_path": model_dir, "dtype": cfg.model.dtype},
+                "id3": {**cfg.id3.__dict__, "budget_entries": hook.id3.budget if hook else None},
+                "train": {"steps": hook.id3.schedule.steps if hook else None, "lr": cfg.train.lr},
+            },
+        )
+    dist.barrier()
+    return ckpt
+
+
+def resume(engine, hook, cfg: RunConfig, world: int) -> int:
+    """Restore the latest complete checkpoint (or the one named by train.resume); returns the next step."""
+    target = cfg.train.resume
+    if target in (None, "", "none"):
+        return 0
+    if target == "auto":
+        ckpt = latest_checkpoint(cfg.train.output_dir)
+        if ckpt is None:
+            return 0
+    else:
+        ckpt = Path(target)
+    info = read_complete(ckpt)
+    if info.get("method") != cfg.method:
+        raise ID3Error(f"checkpoint {ckpt} was trained with method={info.get('method')}, this run uses {cfg.method}")
+    same_world = info.get("world_size") == world and info.get("zero_stage") == engine.zero_optimization_stage()
+    if same_world:
+        path, _ = engine.load_checkpoint(str(ckpt / "ds"), tag=DS_TAG, load_lr_scheduler_states=True)
+        if path is None:
+            raise ID3Error(f"DeepSpeed could not load {ckpt / 'ds'}: the checkpoint is incomplete or corrupt")
+    if hook is not None:
+        state, meta = read_id3_state(ckpt)
+        hook.id3.load_state(state, meta)
+        if not same_world:
+            _restore_chosen_values(engine, hook, state)
+    step = int(info["step"])
+    if not same_world:
+        _fast_forward_scheduler(engine, step)
+        if dist.get_rank() == 0:
+            print(
+                f"resumed {ckpt} saved by {info.get('world_size')} ranks at ZeRO-{info.get('zero_stage')} on "
+                f"{world} ranks at ZeRO-{engine.zero_optimization_stage()}: weights and mask restored exactly, "
+                "optimizer moments restart",
+                flush=True,
+            )
+    return step
+
+
+def _restore_chosen_values(engine, hook, state) -> None:
+    """Write every chosen entry's saved fp32 value into this rank's masters and model weights."""
+    params = dict(engine.module.named_parameters())
+    stage = engine.zero_optimization_stage()
+    for h in hook.id3.held:
+        pm = state.params.get(h.info.name)
+        if pm is None or len(h.mask) == 0:
+            continue
+        lo = int(torch.searchsorted(pm.indices, torch.tensor(h.info.start)))
+        vals = pm.value[lo : lo + len(h.mask)]
+        h.access.value()[h.mask.positions] = vals
+        p = params[h.info.name]
+        if stage == 3:  # the model's own low-precision partition starts at the same offset
+            p.ds_tensor.data.view(-1)[h.mask.positions] = vals.to(p.ds_tensor.dtype)
+    if stage != 3:  # replicated model weights: every rank writes every chosen entry
+        for name, pm in state.params.items():
+            p = params[name]
+            if p.data.data_ptr() != 0:
+                p.data.view(-1)[pm.indices] = pm.value.to(p.dtype)
+
+
+def _fast_forward_scheduler(engine, step: int) -> None:
+    sched = engine.lr_scheduler
+    if sched is not None:
+        for _ in range(step):
+            sched.step()
+    engine.global_steps = step

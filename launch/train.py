@@ -1,0 +1,170 @@
+"""Fine-tune a Hugging Face causal LM with ID3 under DeepSpeed.
+
+    deepspeed launch/train.py --config configs/llama7b_id3.json [train.lr=1e-4 id3.budget=0.001 ...]
+    torchrun --nproc_per_node 2 launch/train.py --config configs/tiny_cpu.json
+
+Read top to bottom: config, process group, model, data, DeepSpeed engine, ID3 hook, resume, loop,
+checkpoints. Every step's examples and random seed are functions of the step number, so a resumed run
+continues exactly where the interrupted one was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import timedelta
+
+import torch
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run config JSON (model, data, id3, train, deepspeed)")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 id3.budget=0.001")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    from id3_ds.config import load_config
+
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)  # fails fast, before any process group exists
+
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from id3_ds.builtin import resolve_model
+    from id3_ds.data import TokenizedDataset, collate, load_records, tokenize_records
+    from id3_ds.errors import ID3Error
+    from id3_ds.integration.ds_config import build_ds_config
+    from id3_ds.integration.hook import DeepSpeedID3, freeze_outside
+    from id3_ds.training import checkpoints
+    from id3_ds.training.batches import micro_batch_indices, total_steps
+    from id3_ds.training.logging import RunLogger
+    from id3_ds.training.lr import lr_lambda
+
+    # -- processes ----------------------------------------------------------------------------------
+    accel = get_accelerator()
+    backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
+    timeout = timedelta(seconds=int(os.environ.get("ID3_DS_TIMEOUT", "1800")))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    is_main = rank == 0
+    torch.manual_seed(cfg.train.seed)
+
+    # -- model and data -----------------------------------------------------------------------------
+    checkpoints.check_output_dir(cfg.train.output_dir, is_main)
+    if is_main:
+        model_dir = resolve_model(cfg.model.name_or_path)
+    dist.barrier()
+    model_dir = resolve_model(cfg.model.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = tokenize_records(load_records(cfg.data.path), cfg.data.format, tokenizer, cfg.data.max_length)
+    dataset = TokenizedDataset(examples)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    t = cfg.train
+    steps = total_steps(len(dataset), t.micro_batch_size * t.grad_accum * world, t.steps, t.epochs)
+
+    ds_config, weight_decay = build_ds_config(cfg, world)
+    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (kept alive: makes from_pretrained use zero.Init at stage 3)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    id3_config = cfg.id3.algorithm_config()
+    if cfg.method == "id3":
+        freeze_outside(model, id3_config)
+
+    # -- DeepSpeed engine and the ID3 hook ------------------------------------------------------------
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=trainable,
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(t.lr_scheduler, t.warmup_steps, steps)
+        ),
+    )
+    hook = DeepSpeedID3(engine, id3_config, steps, weight_decay) if cfg.method == "id3" else None
+
+    # -- resume ---------------------------------------------------------------------------------------
+    start = checkpoints.resume(engine, hook, cfg, world)
+    logger = RunLogger(t.output_dir, is_main, steps, start, t.progress_bar, t.tensorboard)
+    if is_main:
+        budget = hook.id3.budget if hook else sum(p.numel() for p in trainable)
+        logger.log(
+            {
+                "event": "start",
+                "step": start,
+                "steps": steps,
+                "world_size": world,
+                "budget": budget,
+                "examples": len(dataset),
+                "zero_stage": engine.zero_optimization_stage(),
+            }
+        )
+
+    # -- the loop -------------------------------------------------------------------------------------
+    device = accel.current_device_name()
+    window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+    for step in range(start, steps):
+        torch.manual_seed(cfg.train.seed * 1_000_003 + step * world + rank)  # dropout etc.: a function of step
+        chosen = 0
+        for micro in range(t.grad_accum):
+            idx = micro_batch_indices(len(dataset), t.seed, step, micro, rank, world, t.micro_batch_size, t.grad_accum)
+            batch = {k: v.to(device) for k, v in collate([dataset[i] for i in idx], pad_id).items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary() and hook is not None:
+                chosen = hook.before_step()
+            engine.step()
+            window_loss += loss.item() / t.grad_accum
+            window_tokens += int(batch["attention_mask"].sum())
+        if not torch.isfinite(torch.tensor(window_loss)):
+            raise ID3Error(f"loss became {window_loss} at step {step}: lower train.lr; the last checkpoint is intact")
+        logger.advance()
+        window_steps += 1
+        done = step + 1
+        if done % t.log_steps == 0 or done == steps:
+            stats = torch.tensor([window_loss, float(window_tokens)], dtype=torch.float64, device=device)
+            dist.all_reduce(stats)
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "step": done,
+                "loss": stats[0].item() / world / window_steps,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "tokens_per_s": stats[1].item() / elapsed,
+            }
+            if hook is not None:
+                record.update(chosen=hook.id3.chosen_total, budget=hook.id3.budget, chosen_this_step=chosen)
+            logger.log(record)
+            window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+        if (t.save_steps and done % t.save_steps == 0) or done == steps:
+            checkpoints.save(engine, hook, cfg, done, model_dir)
+    logger.log({"event": "done", "step": steps})
+    logger.close()
+    if t.export_delta and hook is not None and is_main:
+        from id3_ds.delta.export import export_delta
+
+        out = os.path.join(t.output_dir, "delta")
+        export_delta(checkpoints.checkpoint_dir(t.output_dir, steps), base=model_dir, out=out, overwrite=True)
+        print(f"sparse delta written to {out}", flush=True)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    from id3_ds.errors import ID3Error
+
+    try:
+        main(sys.argv[1:])
+    except ID3Error as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
