@@ -77,6 +77,7 @@ class TrainSection:
     eval_steps: int = 0
     resume: str | None = "auto"
     export_delta: bool = False
+    save_final_model: bool = False
     tensorboard: bool = False
     progress_bar: bool = True
     _choices = {"lr_scheduler": ("constant", "linear", "cosine")}

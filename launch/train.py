@@ -46,10 +46,14 @@ def main(argv: list[str]) -> None:
     from id3_ds.integration.hook import DeepSpeedID3, freeze_outside
     from id3_ds.training import checkpoints
     from id3_ds.training.batches import micro_batch_indices, total_steps
+    from id3_ds.training.faults import maybe_kill
     from id3_ds.training.logging import RunLogger
     from id3_ds.training.lr import lr_lambda
 
     # -- processes ----------------------------------------------------------------------------------
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)  # `python launch/train.py` alone runs one process
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     accel = get_accelerator()
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
     timeout = timedelta(seconds=int(os.environ.get("ID3_DS_TIMEOUT", "1800")))
@@ -149,15 +153,26 @@ def main(argv: list[str]) -> None:
             window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
         if (t.save_steps and done % t.save_steps == 0) or done == steps:
             checkpoints.save(engine, hook, cfg, done, model_dir)
+        maybe_kill("kill_after_step", done, rank)
     logger.log({"event": "done", "step": steps})
     logger.close()
+    if t.save_final_model:
+        checkpoints.save_final_model(engine, model_dir, os.path.join(t.output_dir, "final_model"))
     if t.export_delta and hook is not None and is_main:
         from id3_ds.delta.export import export_delta
 
         out = os.path.join(t.output_dir, "delta")
-        export_delta(checkpoints.checkpoint_dir(t.output_dir, steps), base=model_dir, out=out, overwrite=True)
+        export_delta(checkpoints.checkpoint_dir(t.output_dir, steps), model_dir, out, overwrite=True)
         print(f"sparse delta written to {out}", flush=True)
     dist.barrier()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ DeepSpeed), so every holder grows its mask with the same entries.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class ID3:
         self.held.sort(key=lambda h: (h.info.fully_trainable, h.info.first_key))
         self.step = 0  # optimizer steps done; advances in `select`, so the budget can never overshoot
         self.chosen = 0  # selected entries so far, globally (the same on every holder)
+        self.digest = ""  # hash chain over every step's winners: equal on all holders, checked on save
         self._before: list[torch.Tensor] = []
 
     # -- the per-step API -------------------------------------------------------------------------
@@ -103,6 +105,7 @@ class ID3:
             if len(winners) != k:
                 raise RuntimeError(f"selection produced {len(winners)} winners, expected {k}")
             self._grow(winners.keys, self.step)
+            self.digest = hashlib.sha256(self.digest.encode() + winners.keys.numpy().tobytes()).hexdigest()
             self.chosen += k
         self.step += 1
         return max(k, 0)
@@ -219,7 +222,13 @@ class ID3:
         return MaskState.from_slices([(h.info, h.mask) for h in self.held], values)
 
     def state_meta(self) -> dict:
-        return {"step": self.step, "chosen": self.chosen, "budget": self.budget, "steps": self.schedule.steps}
+        return {
+            "step": self.step,
+            "chosen": self.chosen,
+            "budget": self.budget,
+            "steps": self.schedule.steps,
+            "winners_sha256": self.digest,
+        }
 
     def load_state(self, state: MaskState, meta: dict) -> None:
         """Restore from the union of all shards of a checkpoint, re-sliced onto this holder's slices."""
@@ -232,6 +241,7 @@ class ID3:
             h.mask = state.slice_mask(h.info)
         self.step = int(meta["step"])
         self.chosen = int(meta["chosen"])
+        self.digest = str(meta.get("winners_sha256", ""))
 
 
 def param_kinds(names: Iterable[str], config: ID3Config) -> dict[str, str]:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from id3_ds.algorithm.config import ID3Config
 from id3_ds.algorithm.id3 import ID3, layout, local_reducer
+from id3_ds.algorithm.mask import MaskState
 from id3_ds.errors import ID3Error
 from id3_ds.integration.collectives import allgather_reducer
 from id3_ds.integration.zero_slices import check_deepspeed_version, engine_slices, full_shape, inner_optimizer
@@ -45,8 +46,11 @@ class DeepSpeedID3:
         wanted, selectable, full = trainable_layout(engine.module, config)
         slices = engine_slices(engine, wanted)
         group = getattr(engine.optimizer, "dp_process_group", None)
+        # stage 0 replicates parameters (and BF16_Optimizer's masters) on every rank: each rank already
+        # sees every candidate, so selection stays local; stages 1-3 partition and must all-gather
+        self.replicated = engine.zero_optimization_stage() == 0
         distributed = dist.is_initialized() and dist.get_world_size(group) > 1
-        if distributed:
+        if distributed and not self.replicated:
             from deepspeed.accelerator import get_accelerator
 
             reducer = allgather_reducer(group, get_accelerator().current_device_name())
@@ -58,6 +62,12 @@ class DeepSpeedID3:
             for i, h in enumerate(self.id3.held)
         }
         self.id3.attach(inner_optimizer(engine), decay)
+
+    def shard_state(self) -> MaskState:
+        """What this rank saves: its partition's entries, or (replicated, rank > 0) nothing."""
+        if self.replicated and dist.is_initialized() and dist.get_rank() > 0:
+            return MaskState()
+        return self.id3.mask_state(with_values=True)
 
     def before_step(self) -> int:
         """Grow the mask and mask the gradients; returns the number of entries chosen this step."""

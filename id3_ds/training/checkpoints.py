@@ -26,8 +26,10 @@ from id3_ds.checkpoint import (
 )
 from id3_ds.config import RunConfig
 from id3_ds.errors import ID3Error
+from id3_ds.io import fsync_dir
+from id3_ds.training.faults import maybe_kill
 
-__all__ = ["check_output_dir", "checkpoint_dir", "resume", "save"]
+__all__ = ["check_output_dir", "checkpoint_dir", "resume", "save", "save_final_model"]
 DS_TAG = "state"
 
 
@@ -55,8 +57,9 @@ def save(engine, hook, cfg: RunConfig, step: int, model_dir: str) -> Path:
         shutil.rmtree(ckpt)
     dist.barrier()
     engine.save_checkpoint(str(ckpt / "ds"), tag=DS_TAG, save_latest=False)
+    maybe_kill("kill_during_save", step, rank)
     if hook is not None:
-        write_id3_shard(ckpt, rank, world, hook.id3.mask_state(with_values=True), hook.id3.state_meta())
+        write_id3_shard(ckpt, rank, world, hook.shard_state(), hook.id3.state_meta())
     dist.barrier()
     if rank == 0:
         mark_complete(
@@ -139,3 +142,31 @@ def _fast_forward_scheduler(engine, step: int) -> None:
         for _ in range(step):
             sched.step()
     engine.global_steps = step
+
+
+def save_final_model(engine, model_dir: str, out_dir: str) -> None:
+    """The consolidated trained model as a Hugging Face directory (rank 0 writes; ZeRO-3 gathers per tensor).
+
+    Written to a temp directory and renamed, so a crash never leaves a loadable half model.
+    """
+    import deepspeed
+
+    rank = dist.get_rank()
+    state = {}
+    for name, p in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            if rank == 0:
+                state[name] = p.detach().cpu().clone()
+    if rank == 0:
+        out = Path(out_dir)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        engine.module.save_pretrained(tmp, state_dict=state)
+        for f in Path(model_dir).iterdir():  # tokenizer files travel with the weights
+            if f.is_file() and ("token" in f.name or f.name == "special_tokens_map.json"):
+                shutil.copy2(f, tmp / f.name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    dist.barrier()

@@ -1,0 +1,62 @@
+"""Run launch/train.py as real processes (torchrun, gloo on CPU) and read what they wrote."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "launch" / "train.py")
+TINY_CONFIG = str(ROOT / "configs" / "tiny_cpu.json")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(
+    overrides: list[str], nproc: int = 2, env: dict | None = None, config: str = TINY_CONFIG, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Launch a training run; returns the finished process (stdout and stderr merged)."""
+    if nproc > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            TRAIN,
+        ]
+    else:
+        cmd = [sys.executable, TRAIN]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [*cmd, "--config", config, *overrides, "train.progress_bar=false"],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    return proc
+
+
+def weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face model directory's safetensors files."""
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out

@@ -1,0 +1,173 @@
+"""ID3 under DeepSpeed with 2 CPU processes: exact budget, frozen entries, agreement with plain torch,
+resume after a kill, resume on another world size, and fast config errors."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from id3_ds import ID3Config, from_module
+from id3_ds.builtin import resolve_model
+from id3_ds.checkpoint import checkpoint_dir, is_complete, read_id3_state
+from id3_ds.data import collate, load_records, tokenize_records
+from id3_ds.training.batches import micro_batch_indices
+from tests.launcher import ok, train, weights
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+BUDGET, STEPS, ACCUM, MICRO, LR, WD = 600, 6, 2, 2, 3e-3, 0.01
+COMMON = [
+    f"id3.budget={BUDGET}",
+    f"train.steps={STEPS}",
+    f"train.grad_accum={ACCUM}",
+    f"train.micro_batch_size={MICRO}",
+    f"train.lr={LR}",
+    f"train.weight_decay={WD}",
+    "train.save_steps=3",
+    "train.log_steps=1",
+    "train.save_final_model=true",
+    "model.dtype=fp32",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    return {"ID3_DS_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+@pytest.fixture(scope="module")
+def base_dir(env, monkeypatch_module) -> str:
+    monkeypatch_module.setenv("ID3_DS_CACHE", env["ID3_DS_CACHE"])
+    return resolve_model("builtin:tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, env, base_dir) -> dict:
+    """One uninterrupted 2-rank run per ZeRO stage (shared by the tests below)."""
+    out = {}
+    for stage in (0, 2, 3):
+        d = tmp_path_factory.mktemp(f"stage{stage}")
+        ok(train([*COMMON, f"deepspeed.zero_optimization.stage={stage}", f"train.output_dir={d}"], env=env))
+        out[stage] = d
+    return out
+
+
+def _check_frozen_and_budget(run_dir, base_dir) -> tuple[dict, dict]:
+    state, meta = read_id3_state(checkpoint_dir(run_dir, STEPS))  # also checks every rank's winners digest agrees
+    assert len(state) == BUDGET and meta["chosen"] == BUDGET
+    base, final = weights(base_dir), weights(run_dir / "final_model")
+    for name, b in base.items():
+        b = b.to(final[name].dtype)  # a bf16 run trains the bf16 rounding of an fp32 base
+        moved = (final[name] != b).reshape(-1)
+        chosen = torch.zeros_like(moved)
+        if name in state.params:
+            chosen[state.params[name].indices] = True
+            assert torch.equal(state.params[name].base, b.reshape(-1)[state.params[name].indices].float())
+        assert not bool((moved & ~chosen).any()), f"unchosen entries of {name} moved"
+    return state, final
+
+
+def _plain_torch_reference(base_dir: str, world: int = 2):
+    """The same run in one process on the plain-torch path: per-(rank, micro) losses averaged."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    data = tokenize_records(load_records("id3_ds/resources/tiny_alpaca.jsonl"), "alpaca", tok, 128)
+    config = ID3Config(budget=BUDGET, no_decay=("*bias", "*norm*"))
+    id3 = from_module(model, config, STEPS)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    decay = {
+        i: 0.0 if any(fnmatch.fnmatchcase(h.info.name, p) for p in config.no_decay) else WD
+        for i, h in enumerate(id3.held)
+    }
+    id3.attach(opt, decay)
+    for step in range(STEPS):
+        opt.zero_grad()
+        for micro in range(ACCUM):
+            for rank in range(world):
+                idx = micro_batch_indices(len(data), 42, step, micro, rank, world, MICRO, ACCUM)
+                loss = model(**collate([data[i] for i in idx], tok.pad_token_id)).loss
+                (loss / (ACCUM * world)).backward()
+        id3.select()
+        id3.mask_grads()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    return id3.mask_state(), {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_zero_stage_budget_frozen_entries_and_plain_torch_agreement(stage, runs, base_dir) -> None:
+    state, final = _check_frozen_and_budget(runs[stage], base_dir)
+    ref_state, ref_weights = _plain_torch_reference(base_dir)
+    assert set(state.params) == set(ref_state.params)
+    for name, pm in state.params.items():
+        assert torch.equal(pm.indices, ref_state.params[name].indices), f"mask of {name} differs from plain torch"
+        torch.testing.assert_close(final[name], ref_weights[name], atol=2e-5, rtol=1e-4)
+
+
+def test_bf16_zero3_keeps_unchosen_entries_bit_identical(tmp_path, env, base_dir) -> None:
+    ok(
+        train(
+            [*COMMON, "model.dtype=bf16", "deepspeed.zero_optimization.stage=3", f"train.output_dir={tmp_path}"],
+            env=env,
+        )
+    )
+    _check_frozen_and_budget(tmp_path, base_dir)
+
+
+def test_resume_after_a_killed_rank_reproduces_the_uninterrupted_run(tmp_path, env, runs) -> None:
+    args = [*COMMON, "deepspeed.zero_optimization.stage=2", f"train.output_dir={tmp_path}"]
+    killed = train(args, env={**env, "ID3_DS_FAULT": "kill_after_step:4:1"})
+    assert killed.returncode != 0
+    assert is_complete(checkpoint_dir(tmp_path, 3)) and not checkpoint_dir(tmp_path, 6).exists()
+    ok(train(args, env=env))
+    want, got = weights(runs[2] / "final_model"), weights(tmp_path / "final_model")
+    for name in want:
+        assert torch.equal(want[name], got[name]), f"{name} differs after resume"
+    assert read_id3_state(checkpoint_dir(tmp_path, STEPS))[1] == read_id3_state(checkpoint_dir(runs[2], STEPS))[1]
+
+
+def test_kill_during_checkpoint_write_leaves_it_incomplete_and_resume_skips_it(tmp_path, env, runs) -> None:
+    args = [*COMMON, "deepspeed.zero_optimization.stage=2", f"train.output_dir={tmp_path}"]
+    killed = train(args, env={**env, "ID3_DS_FAULT": "kill_during_save:3:0"})
+    assert killed.returncode != 0
+    assert checkpoint_dir(tmp_path, 3).exists() and not is_complete(checkpoint_dir(tmp_path, 3))
+    ok(train(args, env=env))  # starts over from step 0: no complete checkpoint
+    want, got = weights(runs[2] / "final_model"), weights(tmp_path / "final_model")
+    assert all(torch.equal(want[n], got[n]) for n in want)
+
+
+def test_resume_on_a_different_world_size_keeps_the_mask(tmp_path, env, base_dir) -> None:
+    args = [*COMMON, "deepspeed.zero_optimization.stage=3", f"train.output_dir={tmp_path}"]
+    assert train(args, env={**env, "ID3_DS_FAULT": "kill_after_step:3:0"}).returncode != 0
+    at3, _ = read_id3_state(checkpoint_dir(tmp_path, 3))
+    log = ok(train(args, nproc=1, env=env)).stdout
+    assert "optimizer moments restart" in log
+    final, _ = _check_frozen_and_budget(tmp_path, base_dir)
+    for name, pm in at3.params.items():  # every entry chosen before the stop is still chosen
+        assert bool(torch.isin(pm.indices, final.params[name].indices).all())
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("id3.bugdet=5", "unknown config key 'id3.bugdet'"),
+        ("id3.budget=100000000", "exceeds"),
+        ("model.name_or_path=/nonexistent/model", "not a local Hugging Face model directory"),
+        ("train.lr=fast", "config key 'train.lr' has the wrong type"),
+    ],
+)
+def test_bad_configs_fail_fast_with_one_clear_line(override, message, tmp_path, env) -> None:
+    proc = train([override, f"train.output_dir={tmp_path}"], nproc=1, env=env)
+    assert proc.returncode == 2
+    assert message in proc.stdout and "Traceback" not in proc.stdout, proc.stdout[-3000:]
