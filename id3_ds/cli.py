@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-app = typer.Typer(help="ID3 sparse fine-tuning on DeepSpeed: export, merge and inspect sparse deltas.")
+from id3_ds.errors import ID3Error
+
+EXAMPLES = """\
+Examples:
+
+  id3-ds export-delta runs/llama/checkpoint-00001000 --base ./Llama-3.2-1B --out delta/
+
+  id3-ds export-delta runs/llama --base ./Llama-3.2-1B --out delta/ (latest complete checkpoint)
+
+  id3-ds merge ./Llama-3.2-1B delta/ --out merged/ --dtype bf16
+
+  id3-ds inspect delta/ --json
+"""
+
+app = typer.Typer(
+    help="ID3 sparse fine-tuning on DeepSpeed: export, merge and inspect sparse deltas.",
+    epilog=EXAMPLES,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(e: ID3Error) -> typer.Exit:
+    typer.echo(f"error: {' '.join(str(e).split())}", err=True)
+    return typer.Exit(1)
 
 
 @app.command()
@@ -13,6 +41,64 @@ def version() -> None:
     from id3_ds import __version__
 
     typer.echo(__version__)
+
+
+@app.command("export-delta", epilog="Example: id3-ds export-delta runs/x/checkpoint-00000500 --base ./base --out d/")
+def export_delta_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint-* directory, or an output dir (latest complete).")],
+    base: Annotated[Path, typer.Option("--base", help="The base model directory the run was trained from.")],
+    out: Annotated[Path, typer.Option("--out", help="The delta directory to write.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="Value type of the delta: fp32 or bf16.")] = "fp32",
+    force: Annotated[bool, typer.Option("--force", help="Export even if the base differs from training's.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+) -> None:
+    """Write the sparse delta of a training checkpoint (any ZeRO stage, any world size)."""
+    from id3_ds.delta.export import export_delta
+    from id3_ds.delta.inspect import summarize
+
+    try:
+        path = export_delta(checkpoint, base, out, dtype=dtype, force=force, overwrite=overwrite)
+        s = summarize(path)
+    except ID3Error as e:
+        raise _fail(e) from None
+    typer.echo(f"wrote {path}: {s['total_entries']:,} entries, {s['file_bytes']:,} bytes")
+
+
+@app.command("merge", epilog="Example: id3-ds merge ./base delta/ --out merged/ --dtype bf16")
+def merge_cmd(
+    base: Annotated[Path, typer.Argument(help="The base model directory (safetensors).")],
+    delta: Annotated[Path, typer.Argument(help="The delta directory export-delta wrote.")],
+    out: Annotated[Path, typer.Option("--out", help="The merged model directory to write.")],
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Cast weights to bf16, fp16 or fp32.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Merge even if the base fingerprint differs.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+) -> None:
+    """Add a delta to a base model, one shard at a time, into a from_pretrained-ready directory."""
+    from id3_ds.delta.merge import merge
+
+    try:
+        r = merge(base, delta, out, dtype=dtype, force=force, overwrite=overwrite)
+    except ID3Error as e:
+        raise _fail(e) from None
+    mb = r.bytes_written / 1e6
+    typer.echo(
+        f"wrote {r.out}: {r.files} shard(s), {r.tensors_patched} tensors patched, {mb:.1f} MB in {r.seconds:.1f}s"
+    )
+
+
+@app.command("inspect", epilog="Example: id3-ds inspect delta/ --json")
+def inspect_cmd(
+    delta: Annotated[Path, typer.Argument(help="The delta directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show a delta's entries per parameter and per layer, total, density, size and base fingerprint."""
+    from id3_ds.delta.inspect import render, summarize
+
+    try:
+        s = summarize(delta)
+    except ID3Error as e:
+        raise _fail(e) from None
+    typer.echo(json.dumps(s, indent=2) if as_json else render(s))
 
 
 if __name__ == "__main__":

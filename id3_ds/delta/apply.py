@@ -1,0 +1,110 @@
+"""Add or subtract a delta on a model already in memory, so one loaded base can serve several deltas.
+
+`apply_delta(model, DELTA_DIR)` adds base + delta in place (in fp32, cast back to each parameter's dtype);
+`remove_delta` subtracts it again. Everything is validated before the first parameter changes: names exist
+in the model, shapes agree, and (unless force) each touched parameter, cast to the base dtype recorded in
+the delta, hashes to the recorded fingerprint. remove_delta cannot check the fingerprint (the model then
+holds base + delta, not the base); it checks names and shapes.
+
+Exactness: in fp32, apply then remove restores the base exactly wherever fl(fl(b + d) - d) == b, which is
+nearly always but not guaranteed; in bf16/fp16 each step rounds to the parameter's precision, so a round
+trip can move a touched entry by about one ulp. Keep a pristine copy if you need bit-exact restoration.
+
+ZeRO-3: a parameter with `ds_id` is partitioned; each touched one is gathered with
+`deepspeed.zero.GatheredParameters(param, modifier_rank=0)`, modified on every rank identically, and
+re-partitioned on exit (rank 0's copy wins). Call it on every rank. This path is untested here (it needs a
+multi-process DeepSpeed run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+
+import torch
+
+from id3_ds.delta import st
+from id3_ds.delta.format import Delta, fingerprint_error, load_delta
+from id3_ds.delta.merge import add_delta
+from id3_ds.errors import ID3Error
+
+
+def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by state-dict name, tied aliases included (e.g. lm_head.weight)."""
+    out: dict[str, torch.Tensor] = dict(model.named_buffers(remove_duplicate=False))
+    out.update(model.named_parameters(remove_duplicate=False))
+    return out
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.ds_shape) if hasattr(t, "ds_id") else tuple(t.shape)
+
+
+@contextlib.contextmanager
+def _gathered(t: torch.Tensor, modify: bool):
+    """The full tensor: itself, or under ZeRO-3 gathered for the duration (modifier rank 0 when writing)."""
+    if not hasattr(t, "ds_id"):
+        yield t
+        return
+    import deepspeed  # only a ZeRO-3 model reaches here, and it has DeepSpeed loaded already
+
+    with deepspeed.zero.GatheredParameters(t, modifier_rank=0 if modify else None):
+        yield t
+
+
+def _resolve(model: torch.nn.Module, delta: Delta) -> dict[str, torch.Tensor]:
+    tensors = _tensors(model)
+    found: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for name, p in delta.params.items():
+        t = tensors.get(name)
+        if t is None:
+            raise ID3Error(
+                f"delta {delta.root} touches {name}, which this model does not have: load the base model the "
+                "delta was exported from"
+            )
+        if _shape(t) != p.shape:
+            raise ID3Error(f"delta {delta.root}: {name} has shape {list(p.shape)} but the model has {list(_shape(t))}")
+        if not t.is_floating_point():
+            raise ID3Error(f"delta {delta.root}: model tensor {name} is {t.dtype}, not floating point")
+        if id(t) in seen:
+            raise ID3Error(f"delta {delta.root} touches both {seen[id(t)]} and {name}, which are one tied tensor")
+        seen[id(t)] = name
+        found[name] = t
+    return found
+
+
+def _check_fingerprint(delta: Delta, tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        want = delta.fingerprint["tensors"][name]
+        with _gathered(t, modify=False):
+            data = t.detach().to(st.DTYPES[want["dtype"]])
+            if hashlib.sha256(st.tensor_bytes(data)).hexdigest() != want["sha256"]:
+                raise fingerprint_error(delta, name)
+
+
+def _add(model: torch.nn.Module, delta_dir: str | os.PathLike | Delta, scale: float, force: bool, check: bool) -> Delta:
+    delta = delta_dir if isinstance(delta_dir, Delta) else load_delta(delta_dir)
+    tensors = _resolve(model, delta)
+    if check and not force:
+        _check_fingerprint(delta, tensors)
+    with torch.no_grad():
+        for name, t in tensors.items():
+            with _gathered(t, modify=True):
+                p = delta.params[name]
+                full = t.data
+                merged = add_delta(full, p, full.dtype, scale)  # in place for sparse deltas
+                if merged.data_ptr() != full.data_ptr():
+                    full.copy_(merged)
+    return delta
+
+
+def apply_delta(model: torch.nn.Module, delta_dir: str | os.PathLike | Delta, *, force: bool = False) -> Delta:
+    """Add a delta to `model` in place (validated first; `force` skips the base fingerprint check)."""
+    return _add(model, delta_dir, 1.0, force, check=True)
+
+
+def remove_delta(model: torch.nn.Module, delta_dir: str | os.PathLike | Delta) -> Delta:
+    """Subtract a delta previously applied with `apply_delta`, in place."""
+    return _add(model, delta_dir, -1.0, force=False, check=False)

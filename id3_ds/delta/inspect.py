@@ -1,0 +1,86 @@
+"""What a delta holds, at a glance: entries per parameter and per layer, total, density, size, base.
+
+Reads and validates the delta (no base needed): a delta that `inspect` shows is one `merge` can read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from id3_ds.delta.format import CONFIG_FILE, DELTA_FILE, load_delta
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def layer_of(name: str) -> str:
+    """'layer N' for transformer-block parameters (Llama, GPT-2, BERT naming); 'other' for the rest."""
+    m = _LAYER.search(name)
+    return f"layer {int(m.group(1))}" if m else "other"
+
+
+def summarize(delta_dir: str | os.PathLike) -> dict:
+    """A JSON-ready summary of a delta directory."""
+    delta = load_delta(delta_dir)
+    cfg = delta.config
+    params = {}
+    layers: dict[str, dict] = {}
+    touched_numel = 0
+    for name in sorted(delta.params):
+        p = delta.params[name]
+        touched_numel += p.numel
+        params[name] = {
+            "shape": list(p.shape),
+            "entries": p.entries,
+            "numel": p.numel,
+            "density": p.entries / p.numel if p.numel else 0.0,
+            "storage": "dense" if p.dense else "sparse",
+        }
+        agg = layers.setdefault(layer_of(name), {"entries": 0, "numel": 0})
+        agg["entries"] += p.entries
+        agg["numel"] += p.numel
+    layer_order = sorted(layers, key=lambda k: (k == "other", int(k.split()[1]) if k != "other" else 0))
+    base = cfg["base"]
+    base_numel = base.get("numel") if isinstance(base.get("numel"), int) else None
+    root = Path(delta_dir)
+    total = delta.total_entries
+    return {
+        "path": str(root),
+        "format": f"{cfg['format']} v{cfg['version']}",
+        "dtype": cfg["dtype"],
+        "total_entries": total,
+        "density_touched": total / touched_numel if touched_numel else 0.0,
+        "density_model": total / base_numel if base_numel else None,
+        "file_bytes": sum((root / f).stat().st_size for f in (DELTA_FILE, CONFIG_FILE)),
+        "base": {
+            "name_or_path": base.get("name_or_path"),
+            "numel": base_numel,
+            "fingerprint": base["fingerprint"]["digest"],
+        },
+        "id3": {k: cfg.get("id3", {}).get(k) for k in ("budget", "eps", "exp", "steps")},
+        "params": params,
+        "layers": {k: layers[k] for k in layer_order},
+    }
+
+
+def render(s: dict) -> str:
+    """A plain-text table of `summarize`'s output."""
+    lines = [
+        f"delta      {s['path']}  ({s['format']}, values {s['dtype']})",
+        f"base       {s['base']['name_or_path']}  fingerprint sha256:{s['base']['fingerprint']}",
+        "id3        " + "  ".join(f"{k}={v}" for k, v in s["id3"].items()),
+        f"entries    {s['total_entries']:,}"
+        + (f"  density {s['density_model']:.3e} of {s['base']['numel']:,} base entries" if s["density_model"] else "")
+        + f"  ({s['density_touched']:.3e} of the touched tensors)",
+        f"file size  {s['file_bytes']:,} bytes",
+        "",
+        f"{'parameter':<60} {'entries':>12} {'numel':>12} {'density':>9} storage",
+    ]
+    for name, p in s["params"].items():
+        lines.append(f"{name:<60} {p['entries']:>12,} {p['numel']:>12,} {p['density']:>9.2e} {p['storage']}")
+    lines += ["", f"{'layer':<60} {'entries':>12} {'numel':>12} {'density':>9}"]
+    for name, a in s["layers"].items():
+        d = a["entries"] / a["numel"] if a["numel"] else 0.0
+        lines.append(f"{name:<60} {a['entries']:>12,} {a['numel']:>12,} {d:>9.2e}")
+    return "\n".join(lines)

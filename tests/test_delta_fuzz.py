@@ -1,0 +1,121 @@
+"""Property-based fuzzing of the loader: a mutated delta either loads or raises ID3Error, never anything else."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from id3_ds.delta import export_delta, load_delta
+from id3_ds.delta.base import BaseModel
+from id3_ds.delta.format import CONFIG_FILE, DELTA_FILE
+from id3_ds.errors import ID3Error
+from tests.test_delta_common import shared_case
+
+_GOOD: dict[str, object] = {}
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _good() -> tuple[Path, bytes, dict, BaseModel]:
+    if not _GOOD:
+        c = shared_case()
+        d = Path(tempfile.mkdtemp(prefix="id3-fuzz-")) / "delta"
+        export_delta(c.ckpt, c.base, d)
+        _GOOD.update(dir=d, raw=(d / DELTA_FILE).read_bytes(), cfg=json.loads((d / CONFIG_FILE).read_text()))
+        _GOOD["base"] = BaseModel.open(c.base)
+    return _GOOD["dir"], _GOOD["raw"], _GOOD["cfg"], _GOOD["base"]
+
+
+def _load_or_own_error(raw: bytes, cfg_text: str) -> None:
+    _, _, _, base = _good()
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / DELTA_FILE).write_bytes(raw)
+        (d / CONFIG_FILE).write_text(cfg_text)
+        try:
+            load_delta(d, base)
+        except ID3Error as e:
+            assert str(e) and "\n" not in str(e)
+
+
+edits = st.lists(st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=255)), min_size=1, max_size=8)
+
+
+@FUZZ
+@given(edits=edits, cut=st.one_of(st.none(), st.integers(min_value=0)))
+def test_byte_mutations_of_the_tensor_file(edits, cut) -> None:
+    _, raw, cfg, _ = _good()
+    buf = bytearray(raw)
+    for pos, val in edits:
+        buf[pos % len(buf)] = val
+    if cut is not None:
+        buf = buf[: cut % (len(buf) + 1)]
+    _load_or_own_error(bytes(buf), json.dumps(cfg))
+
+
+@FUZZ
+@given(edits=edits)
+def test_header_mutations_of_the_tensor_file(edits) -> None:
+    """Concentrate edits in the JSON header, where the structure lives."""
+    _, raw, cfg, _ = _good()
+    n = int.from_bytes(raw[:8], "little")
+    buf = bytearray(raw)
+    for pos, val in edits:
+        buf[pos % (n + 8)] = val
+    _load_or_own_error(bytes(buf), json.dumps(cfg))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def _paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, (*prefix, i))
+
+
+@FUZZ
+@given(data=st.data())
+def test_config_mutations(data) -> None:
+    _, raw, cfg, _ = _good()
+    cfg = json.loads(json.dumps(cfg))
+    paths = [p for p in _paths(cfg) if p]
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(paths))
+        node = cfg
+        for k in path[:-1]:
+            node = node[k]
+        if data.draw(st.booleans()) and isinstance(node, dict):
+            node.pop(path[-1], None)
+        else:
+            node[path[-1]] = data.draw(json_values)
+        paths = [p for p in _paths(cfg) if p]
+        if not paths:
+            break
+    _load_or_own_error(raw, json.dumps(cfg))
+
+
+@FUZZ
+@given(text=st.text(max_size=200))
+def test_arbitrary_config_text(text) -> None:
+    _, raw, _, _ = _good()
+    _load_or_own_error(raw, text)
+
+
+def test_the_unmutated_delta_loads() -> None:
+    d, raw, cfg, base = _good()
+    assert load_delta(d, base).total_entries == cfg["total_entries"]
+    shutil.rmtree(d.parent)
+    _GOOD.clear()
