@@ -87,3 +87,24 @@ def test_merge_drops_padding() -> None:
     real = Candidates(torch.tensor([1.0, 2.0]), torch.tensor([3, 9]))
     pad = Candidates(torch.full((2,), float("-inf")), torch.tensor([0, 1]))
     assert merge_candidates([pad, real], 3).keys.tolist() == [3, 9]
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "nan", "zero_grads"])
+@pytest.mark.parametrize("k", [1, 13, 200, 5000])
+def test_block_prefilter_on_large_slices_matches_reference(case: str, k: int) -> None:
+    """Slices large enough for the block-maximum prefilter (k much smaller than the block count)."""
+    g = torch.Generator().manual_seed(k)
+    n = 300_007
+    grad = torch.randn(n, generator=g)
+    if case == "ties":
+        grad = torch.randint(0, 4, (n,), generator=g).float()
+    elif case == "nan":
+        grad[torch.randint(0, n, (50,), generator=g)] = float("nan")
+    elif case == "zero_grads":
+        grad.zero_()
+    value = torch.randn(n, generator=g) if case != "ties" else torch.ones(n)
+    chosen = torch.sort(torch.randperm(n, generator=g)[:1000]).values
+    want = reference_winners([grad], [value], set(chosen.tolist()), k, 1e-3, 1.0)
+    for chunk in (1 << 22, 65_536):
+        got = slice_candidates(grad, value, chosen, 0, k, 1e-3, 1.0, chunk=chunk)
+        assert got.keys.tolist() == want

@@ -15,9 +15,11 @@ DeepSpeed), so every holder grows its mask with the same entries.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -36,6 +38,26 @@ Reducer = Callable[[Candidates, int], Candidates]
 def local_reducer(candidates: Candidates, k: int) -> Candidates:
     """One holder owns every slice: its candidates already are the global ones."""
     return merge_candidates([candidates], k)
+
+
+class PhaseTimer:
+    """Seconds spent per phase (score_topk, merge, grow, mask), for the overhead benchmarks.
+
+    Off unless `enabled`; then each phase costs two perf_counter calls.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if not self.enabled:
+            yield
+            return
+        t0 = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
 
 
 @dataclass
@@ -85,6 +107,7 @@ class ID3:
         self.chosen = 0  # selected entries so far, globally (the same on every holder)
         self.digest = ""  # hash chain over every step's winners: equal on all holders, checked on save
         self._before: list[torch.Tensor] = []
+        self.timer = PhaseTimer()
 
     # -- the per-step API -------------------------------------------------------------------------
 
@@ -101,10 +124,14 @@ class ID3:
                     h.mask.add(torch.arange(h.info.numel), 0, h.access.value())
         k = self.schedule.target_after(self.step) - self.chosen
         if k > 0:
-            winners = self.reducer(self._local_candidates(k), k)
+            with self.timer("score_topk"):
+                local = self._local_candidates(k)
+            with self.timer("merge"):
+                winners = self.reducer(local, k)
             if len(winners) != k:
                 raise RuntimeError(f"selection produced {len(winners)} winners, expected {k}")
-            self._grow(winners.keys, self.step)
+            with self.timer("grow"):
+                self._grow(winners.keys, self.step)
             self.digest = hashlib.sha256(self.digest.encode() + winners.keys.numpy().tobytes()).hexdigest()
             self.chosen += k
         self.step += 1
@@ -112,10 +139,11 @@ class ID3:
 
     def mask_grads(self) -> None:
         """Zero the gradient of every unchosen entry, in place."""
-        for h in self.held:
-            g = h.access.grad()
-            if g is not None:
-                h.mask.zero_unchosen(g)
+        with self.timer("mask"):
+            for h in self.held:
+                g = h.access.grad()
+                if g is not None:
+                    h.mask.zero_unchosen(g)
 
     @property
     def chosen_total(self) -> int:

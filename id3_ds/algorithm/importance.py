@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import torch
 
+NAN_SCORE = -1.0  # below every real score (>= 0): a NaN gradient's entry is chosen only when nothing else is left
 
-def importance(grad: torch.Tensor, value: torch.Tensor, eps: float, exp: float) -> torch.Tensor:
-    """Score every entry of a 1-D slice; returns a fresh fp32 tensor the caller may overwrite.
 
-    NaN scores (from a NaN gradient) become -1: below every real score (>= 0) so they are chosen only
-    when nothing else is left, and never make the ordering depend on how topk treats NaN.
+def importance(
+    grad: torch.Tensor, value: torch.Tensor, eps: float, exp: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Score every entry of a 1-D slice into `out` (or a fresh fp32 tensor), which the caller may overwrite.
+
+    NaN is left in place: `selection` finds it through block maxima (NaN propagates through amax) and
+    replaces it by NAN_SCORE only in the rare chunk that has one, instead of paying a full pass always.
     """
-    score = grad.abs().to(torch.float32)
+    score = torch.abs(grad, out=out) if out is not None and grad.dtype == torch.float32 else None
+    if score is None:
+        score = grad.abs().to(torch.float32)
+        if out is not None:
+            out.copy_(score)
+            score = out
     if exp != 0:
         denom = value.abs().to(torch.float32).add_(eps)
         if exp != 1:
             denom.pow_(exp)
         score.div_(denom)
-    return score.nan_to_num_(nan=-1.0, posinf=float("inf"), neginf=-1.0)
+    return score
+
+
+def sanitize(score: torch.Tensor) -> torch.Tensor:
+    """NaN -> NAN_SCORE in place, so the ordering never depends on how topk treats NaN."""
+    return score.nan_to_num_(nan=NAN_SCORE, posinf=float("inf"), neginf=float("-inf"))

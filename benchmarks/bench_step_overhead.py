@@ -1,0 +1,228 @@
+"""What an ID3 step costs against the same step without ID3: plain torch, DeepSpeed ZeRO-2 and ZeRO-3.
+
+    python benchmarks/bench_step_overhead.py            # ~100M-parameter LLaMA-style model, 2 CPU ranks
+    python benchmarks/bench_step_overhead.py --quick    # ~10M parameters, a minute or two
+
+One model, one engine per mode; optimizer steps alternate between "with ID3" (select + mask between
+backward and step) and "without" (a plain step), the order flipping every pair so drift and warm-up
+cancel. Reported: median step time of each, their ratio, the ID3 phases per step (score + local top-k,
+cross-rank merge, mask growth, gradient masking), mask bytes per rank and all-gather bytes per step.
+The budget is 0.1 % of the model over 1000 steps (k = B/T entries chosen per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {  # hidden, layers, intermediate, vocab
+    "100M": (768, 12, 2048, 8192),
+    "10M": (256, 6, 688, 4096),
+}
+
+
+def build_model(size: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, n, inter, vocab = SIZES[size]
+    cfg = LlamaConfig(
+        hidden_size=h,
+        num_hidden_layers=n,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        num_attention_heads=h // 64,
+        num_key_value_heads=h // 64,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def batch(vocab: int, step: int, rank: int, micro: int = 2, seq: int = 128) -> dict:
+    g = torch.Generator().manual_seed(step * 1000 + rank)
+    ids = torch.randint(0, vocab, (micro, seq), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def summarize(times: dict[str, list[float]], id3, pairs: int, world: int, k: int) -> dict:
+    phases = {p: s / pairs * 1e3 for p, s in id3.timer.seconds.items()}
+    local_chosen = sum(len(h.mask) for h in id3.held)
+    return {
+        "full_ms": statistics.median(times["full"]) * 1e3,
+        "id3_ms": statistics.median(times["id3"]) * 1e3,
+        "ratio": statistics.median(times["id3"]) / statistics.median(times["full"]),
+        "phases_ms": phases,
+        "mask_bytes_per_rank": 16 * local_chosen,
+        "allgather_bytes_per_step": 16 * k * world if world > 1 else 0,
+        "params": sum(h.info.numel for h in id3.held),
+    }
+
+
+def run_plain(size: str, pairs: int) -> dict:
+    """Single process, torch AdamW: the plain-torch path of id3_ds.algorithm."""
+    from id3_ds import ID3Config, from_module
+
+    model = build_model(size)
+    steps = 1000
+    id3 = from_module(model, ID3Config(budget=0.001), steps)
+    id3.timer.enabled = True
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    id3.attach(opt)
+    times = {"full": [], "id3": []}
+    vocab = model.config.vocab_size
+    for i in range(2 * pairs + 2):
+        kind = ("id3", "full")[(i + i // 2) % 2]
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        model(**batch(vocab, i, 0)).loss.backward()
+        if kind == "id3":
+            id3.select()
+            id3.mask_grads()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if i >= 2:  # the first pair warms up
+            times[kind].append(time.perf_counter() - t0)
+        else:
+            id3.timer.seconds.clear()
+    return summarize(times, id3, pairs, 1, id3.schedule.per_step(0))
+
+
+def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    from id3_ds import ID3Config
+    from id3_ds.integration.hook import DeepSpeedID3
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0}},
+    }
+    if stage == 3:
+        import transformers.models.llama.modeling_llama  # noqa: F401  (import torch._dynamo outside zero.Init)
+
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            model = build_model(size)
+    else:
+        model = build_model(size)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    hook = DeepSpeedID3(engine, ID3Config(budget=0.001), steps=1000, weight_decay=0.0)
+    hook.id3.timer.enabled = True
+    times = {"full": [], "id3": []}
+    vocab = model.config.vocab_size
+    for i in range(2 * pairs + 2):
+        kind = ("id3", "full")[(i + i // 2) % 2]
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = engine(**batch(vocab, i, rank)).loss
+        engine.backward(loss)
+        if kind == "id3":
+            hook.before_step()
+        engine.step()
+        dist.barrier()
+        if i >= 2:
+            times[kind].append(time.perf_counter() - t0)
+        else:
+            hook.id3.timer.seconds.clear()
+    result = summarize(times, hook.id3, pairs, world, hook.id3.schedule.per_step(0))
+    result["params"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+
+
+def run_deepspeed(size: str, pairs: int, stage: int) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "result.json")
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29517",
+            __file__,
+            "--worker",
+            "--size",
+            size,
+            "--pairs",
+            str(pairs),
+            "--stage",
+            str(stage),
+            "--out",
+            out,
+        ]
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"ZeRO-{stage} worker failed:\n{proc.stdout[-4000:]}")
+        return json.loads(Path(out).read_text())
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    lines = [
+        "| mode | params | without ID3 (ms) | with ID3 (ms) | ratio | score+topk | merge | grow | mask "
+        "| mask bytes/rank | all-gather bytes/step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in rows:
+        p = r["phases_ms"]
+        lines.append(
+            f"| {name} | {r['params'] / 1e6:.1f}M | {r['full_ms']:.0f} | {r['id3_ms']:.0f} | {r['ratio']:.3f} "
+            f"| {p.get('score_topk', 0):.1f} ms | {p.get('merge', 0):.2f} ms | {p.get('grow', 0):.2f} ms "
+            f"| {p.get('mask', 0):.1f} ms | {r['mask_bytes_per_rank']:,} | {r['allgather_bytes_per_step']:,} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="~10M parameters, 3 pairs: under 2 minutes")
+    ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--size", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--pairs", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--stage", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    size = args.size or ("10M" if args.quick else "100M")
+    pairs = args.pairs or (3 if args.quick else 8)
+    if args.worker:
+        run_deepspeed_worker(size, pairs, args.stage, args.out)
+        return
+    rows = [("plain torch, 1 process", run_plain(size, pairs))]
+    for stage in (2, 3):
+        rows.append((f"DeepSpeed ZeRO-{stage}, 2 ranks", run_deepspeed(size, pairs, stage)))
+    text = table(rows)
+    print(text)
+    if not args.no_record:
+        import deepspeed
+
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+            f.write(
+                f"\n## Step overhead ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU "
+                f"cores, torch {torch.__version__}, deepspeed {deepspeed.__version__}, fp32, micro-batch 2x128 "
+                f"tokens, budget 0.1 % over 1000 steps)\n\n`python benchmarks/bench_step_overhead.py"
+                f"{' --quick' if args.quick else ''}`\n\n{text}\n"
+            )
+
+
+if __name__ == "__main__":
+    main()
