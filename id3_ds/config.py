@@ -66,6 +66,7 @@ class TrainSection:
     lr: float = 1e-4
     weight_decay: float = 0.0
     lr_scheduler: str = "constant"
+    optimizer: str = "deepspeed"
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     micro_batch_size: int = 1
@@ -80,7 +81,7 @@ class TrainSection:
     save_final_model: bool = False
     tensorboard: bool = False
     progress_bar: bool = True
-    _choices = {"lr_scheduler": ("constant", "linear", "cosine")}
+    _choices = {"lr_scheduler": ("constant", "linear", "cosine"), "optimizer": ("deepspeed", "torch_adamw")}
 
 
 @dataclass

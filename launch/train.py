@@ -88,9 +88,14 @@ def main(argv: list[str]) -> None:
 
     # -- DeepSpeed engine and the ID3 hook ------------------------------------------------------------
     trainable = [p for p in model.parameters() if p.requires_grad]
+    client_optimizer = None
+    if t.optimizer == "torch_adamw":  # ID3 applies decay itself: the optimizer's own stays 0
+        wd = 0.0 if cfg.method == "id3" else weight_decay
+        client_optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=wd)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=trainable,
+        optimizer=client_optimizer,
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(t.lr_scheduler, t.warmup_steps, steps)

@@ -79,6 +79,8 @@ def export_delta(
     params: dict[str, ParamDelta] = {}
     prints: dict[str, dict] = {}
     fixes = 0
+    trained_in = (info.get("model") or {}).get("dtype") if isinstance(info.get("model"), dict) else None
+    train_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained_in)
     for name in sorted(state.params):
         pm = state.params[name]
         if pm.indices.numel() == 0:  # a parameter the mask never reached: nothing to ship
@@ -87,14 +89,18 @@ def export_delta(
         t = base.tensors[name].info
         prints[name] = {"shape": list(t.shape), "dtype": t.dtype, "sha256": sha}
         on_disk = tensor.reshape(-1)[pm.indices].to(torch.float32)
-        differs = int((on_disk != pm.base).sum())
+        # a run may train in a lower precision than the base file (bf16 on an fp32 base): its starting
+        # weights are the base rounded to that dtype
+        as_trained = on_disk.to(train_dtype).to(torch.float32) if train_dtype is not None else on_disk
+        differs = int((as_trained != pm.base).sum())
         if differs and not force:
             raise ID3Error(
                 f"{differs} starting weights of {name} in checkpoint {ckpt} differ from base {base.root}: the run "
                 "was trained from another base; pass that one (or --force to export against this base anyway)"
             )
-        del tensor, on_disk
-        d, fix_at, fix = exact_delta(pm.value, pm.base)
+        del tensor
+        # the delta is against the base as stored, so base + delta gives the trained value exactly
+        d, fix_at, fix = exact_delta(pm.value, on_disk)
         fixes += fix_at.numel()
         dense = pm.indices.numel() == t.numel  # fully trainable: dense storage drops the indices
         params[name] = ParamDelta(t.shape, t.dtype, d.reshape(t.shape) if dense else d, None if dense else pm.indices)

@@ -49,6 +49,14 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> tuple[dict, float]:
     if zero.get("offload_param", {}).get("device", "none") not in ("none", None) and stage != 3:
         raise ID3Error("deepspeed offload_param needs zero_optimization.stage 3")
 
+    if t.optimizer == "torch_adamw":  # a client torch.optim.AdamW, built by the launcher from these values
+        if "optimizer" in ds:
+            raise ID3Error("train.optimizer=torch_adamw conflicts with a deepspeed.optimizer block; drop one")
+        ds.setdefault("zero_allow_untested_optimizer", True)
+        if zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
+            ds.setdefault("zero_force_ds_cpu_optimizer", False)
+        _no_auto_left(ds, "deepspeed")
+        return ds, t.weight_decay
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if str(opt.get("type", "")).lower() not in SUPPORTED_OPTIMIZERS:
         raise ID3Error(f"deepspeed.optimizer.type {opt.get('type')!r} is not supported; use Adam or AdamW")

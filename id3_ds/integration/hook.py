@@ -20,7 +20,15 @@ from id3_ds.algorithm.id3 import ID3, layout, local_reducer
 from id3_ds.algorithm.mask import MaskState
 from id3_ds.errors import ID3Error
 from id3_ds.integration.collectives import allgather_reducer
-from id3_ds.integration.zero_slices import check_deepspeed_version, engine_slices, full_shape, inner_optimizer
+from id3_ds.integration.zero_slices import (
+    check_deepspeed_version,
+    check_supported,
+    engine_slices,
+    full_shape,
+    inner_optimizer,
+    offloaded,
+    refresh_offload_norms,
+)
 
 
 def trainable_layout(model: torch.nn.Module, config: ID3Config):
@@ -42,7 +50,9 @@ class DeepSpeedID3:
         check_deepspeed_version()
         if engine.fp16_enabled():
             raise ID3Error("fp16 is not supported with ID3; use bf16")
+        check_supported(engine)
         self.engine = engine
+        self.offloaded = offloaded(engine)
         wanted, selectable, full = trainable_layout(engine.module, config)
         slices = engine_slices(engine, wanted)
         group = getattr(engine.optimizer, "dp_process_group", None)
@@ -73,4 +83,6 @@ class DeepSpeedID3:
         """Grow the mask and mask the gradients; returns the number of entries chosen this step."""
         chosen = self.id3.select()
         self.id3.mask_grads()
+        if self.offloaded:
+            refresh_offload_norms(self.engine, [h.access for h in self.id3.held])
         return chosen

@@ -7,10 +7,16 @@ internals change), between `engine.backward()` at an accumulation boundary and `
   the tail padded. Its fp32 master is a range of `fp32_partitioned_groups_flat[g]` at `grad_position`,
   its reduced gradient the optimizer's per-parameter grad partition (or the flat fp32 grad when the
   optimizer is offloaded). `safe_get_local_grad` returns copies, so the views are taken directly.
-- ZeRO-1/2, and stage 0 with bf16 (BF16_Optimizer): `param._hp_mapping` gives the rank's contiguous
-  fragment (`lp_fragment_address`), its gradient fragment and fp32 master fragment (`get_hp_fragment`).
-  A parameter may straddle two ranks; a rank holding none of it has `_hp_mapping` None.
+- ZeRO-1/2: `param._hp_mapping` gives the rank's contiguous fragment (`lp_fragment_address`), its
+  gradient fragment and fp32 master fragment (`get_hp_fragment`). A parameter may straddle two ranks; a
+  rank holding none of it has `_hp_mapping` None.
+- Stage 0 in bf16 (FP16_Optimizer with DeepSpeed's Adam, FP16_UnfusedOptimizer with a client one): the
+  whole parameter on every rank; its bf16 `param.grad`, its fp32 master in the wrapper's fp32 groups.
 - Stage 0 in fp32: the whole parameter, `param.grad` already averaged over ranks.
+- With the optimizer offloaded to CPU, DeepSpeed clips by per-parameter norms cached during backward:
+  `refresh_offload_norms` recomputes them from the masked gradients.
+- Refused: BF16_Optimizer (ZeRO-1 + bf16 + fp32 gradient accumulation keeps an unpartitioned gradient
+  per rank) and `round_robin_gradients` (its `_hp_mapping` is wrong).
 
 The same views serve scoring (read), masking (write gradient) and weight decay (write master).
 """
@@ -18,6 +24,7 @@ The same views serve scoring (read), masking (write gradient) and weight decay (
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from id3_ds.algorithm.slices import ParamSlice, TensorSliceAccess
 from id3_ds.errors import ID3Error
@@ -49,28 +56,85 @@ class Zero3Access:
 
 
 class FragmentAccess:
-    """The rank's fragment of a parameter in a ZeRO-1/2 (or BF16_Optimizer) flat fp32 partition."""
+    """The rank's fragment of a parameter in a ZeRO-1/2 flat fp32 partition."""
 
-    def __init__(self, param: torch.nn.Parameter, bf16_optimizer: bool) -> None:
-        self.param, self.bf16_optimizer = param, bf16_optimizer
+    def __init__(self, param: torch.nn.Parameter) -> None:
+        self.param = param
         addr = param._hp_mapping.lp_fragment_address
         self.start, self.numel = addr.start, addr.numel
 
     def grad(self) -> torch.Tensor | None:
         p, m = self.param, self.param._hp_mapping
-        if self.bf16_optimizer and getattr(p, "_hp_grad", None) is not None:
-            g = p._hp_grad.view(-1)
-        else:
-            g = m.get_lp_grad_fragment(p._index_in_param_group)
-            if g is None:
-                return None
-            g = g.view(-1)
+        g = m.get_lp_grad_fragment(p._index_in_param_group)
+        if g is None:
+            return None
+        g = g.reshape(-1)
         if g.numel() != self.numel:  # a full-size buffer (bf16): narrow to this rank's fragment
             g = g.narrow(0, self.start, self.numel)
         return g.detach()
 
     def value(self) -> torch.Tensor:
         return self.param._hp_mapping.get_hp_fragment().detach().view(-1)
+
+
+class MasterAccess:
+    """A whole parameter whose fp32 master lives apart from it (stage 0 with bf16)."""
+
+    def __init__(self, param: torch.nn.Parameter, master: torch.Tensor) -> None:
+        self.param, self.master = param, master.detach().view(-1)
+
+    def grad(self) -> torch.Tensor | None:
+        g = self.param.grad
+        return None if g is None else g.view(-1)
+
+    def value(self) -> torch.Tensor:
+        return self.master
+
+
+def stage0_masters(opt) -> dict[int, torch.Tensor] | None:
+    """id(param) -> fp32 master for DeepSpeed's stage-0 bf16 wrappers; None when params are their own masters."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(opt, FP16_Optimizer):  # one flat fp32 buffer per group, parameters back to back
+        out = {}
+        for gi, group in enumerate(opt.fp16_groups):
+            off = 0
+            for p in group:
+                out[id(p)] = opt.fp32_groups_flat[gi].narrow(0, off, p.numel())
+                off += p.numel()
+        return out
+    if isinstance(opt, FP16_UnfusedOptimizer):
+        return {id(p): opt.fp32_groups[gi][j] for gi, g in enumerate(opt.fp16_groups) for j, p in enumerate(g)}
+    return None
+
+
+def check_supported(engine) -> None:
+    """Refuse, at start-up, the DeepSpeed set-ups whose partitions ID3 cannot mask correctly."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    opt = engine.optimizer
+    if isinstance(opt, BF16_Optimizer):
+        raise ID3Error(
+            "DeepSpeed's BF16_Optimizer (ZeRO-1 + bf16 + data_types.grad_accum_dtype=fp32) is not supported by "
+            "ID3: drop grad_accum_dtype or use zero_optimization.stage 2"
+        )
+    if getattr(opt, "round_robin_gradients", False):
+        raise ID3Error("zero_optimization.round_robin_gradients=true is not supported by ID3; set it to false")
+
+
+def offloaded(engine) -> bool:
+    opt = engine.optimizer
+    return bool(getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False))
+
+
+def refresh_offload_norms(engine, accesses: list) -> None:
+    """Offloaded ZeRO clips by per-parameter norms cached in backward: recompute them from masked grads."""
+    opt = engine.optimizer
+    for acc in accesses:
+        g = acc.grad()
+        if g is not None:
+            opt.norm_for_param_grads[opt.get_param_id(acc.param)] = g.float().norm(2)
 
 
 def check_deepspeed_version() -> None:
@@ -90,27 +154,27 @@ def full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
 
 def engine_slices(engine, wanted: list[ParamSlice]) -> list[tuple[ParamSlice, object]]:
     """This rank's (ParamSlice, access) for each wanted whole-parameter slice it holds a piece of."""
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-
     params = dict(engine.module.named_parameters())
     opt = engine.optimizer
     stage = engine.zero_optimization_stage()
+    masters = stage0_masters(opt) if stage == 0 else None
     out = []
     for whole in wanted:
         p = params[whole.name]
         if stage == 3:
             per = p.ds_tensor.ds_numel
-            rank = _dp_rank(opt)
-            start = rank * per
+            start = dist.get_rank(group=p.ds_process_group) * per
             valid = max(0, min(per, p.ds_numel - start))
             if valid:
                 out.append((_piece(whole, start, valid), Zero3Access(opt, p, valid)))
-        elif stage in (1, 2) or isinstance(opt, BF16_Optimizer):
+        elif stage in (1, 2):
             if getattr(p, "_hp_mapping", None) is None:
                 continue  # this rank holds none of it
-            acc = FragmentAccess(p, isinstance(opt, BF16_Optimizer))
+            acc = FragmentAccess(p)
             if acc.numel:
                 out.append((_piece(whole, acc.start, acc.numel), acc))
+        elif masters is not None:
+            out.append((whole, MasterAccess(p, masters[id(p)])))
         else:
             out.append((whole, TensorSliceAccess(p)))
     return out
@@ -118,12 +182,6 @@ def engine_slices(engine, wanted: list[ParamSlice]) -> list[tuple[ParamSlice, ob
 
 def _piece(whole: ParamSlice, start: int, numel: int) -> ParamSlice:
     return ParamSlice(whole.name, whole.shape, whole.key_base, start, numel, whole.fully_trainable)
-
-
-def _dp_rank(opt) -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank(group=getattr(opt, "dp_process_group", None))
 
 
 def inner_optimizer(engine) -> torch.optim.Optimizer:
