@@ -81,6 +81,7 @@ class TrainSection:
     save_final_model: bool = False
     tensorboard: bool = False
     progress_bar: bool = True
+    collective_timeout_s: int = 1800
     _choices = {"lr_scheduler": ("constant", "linear", "cosine"), "optimizer": ("deepspeed", "torch_adamw")}
 
 

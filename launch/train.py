@@ -11,6 +11,7 @@ continues exactly where the interrupted one was.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -41,12 +42,12 @@ def main(argv: list[str]) -> None:
 
     from id3_ds.builtin import resolve_model
     from id3_ds.data import TokenizedDataset, collate, load_records, tokenize_records
-    from id3_ds.errors import ID3Error
     from id3_ds.integration.ds_config import build_ds_config
     from id3_ds.integration.hook import DeepSpeedID3, freeze_outside
     from id3_ds.training import checkpoints
     from id3_ds.training.batches import micro_batch_indices, total_steps
-    from id3_ds.training.faults import maybe_kill
+    from id3_ds.training.faults import maybe_hang, maybe_kill, maybe_poison
+    from id3_ds.training.guards import stop_if_nonfinite
     from id3_ds.training.logging import RunLogger
     from id3_ds.training.lr import lr_lambda
 
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     accel = get_accelerator()
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
-    timeout = timedelta(seconds=int(os.environ.get("ID3_DS_TIMEOUT", "1800")))
+    timeout = timedelta(seconds=cfg.train.collective_timeout_s)  # a hung rank ends the job instead of hanging
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
@@ -125,19 +126,21 @@ def main(argv: list[str]) -> None:
     window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
     for step in range(start, steps):
         torch.manual_seed(cfg.train.seed * 1_000_003 + step * world + rank)  # dropout etc.: a function of step
-        chosen = 0
+        chosen, nonfinite = 0, False
+        maybe_hang(step, rank)
         for micro in range(t.grad_accum):
             idx = micro_batch_indices(len(dataset), t.seed, step, micro, rank, world, t.micro_batch_size, t.grad_accum)
             batch = {k: v.to(device) for k, v in collate([dataset[i] for i in idx], pad_id).items()}
-            loss = engine(**batch).loss
+            loss = maybe_poison(engine(**batch).loss, step, rank)
+            nonfinite |= not math.isfinite(loss.item())
             engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary() and hook is not None:
-                chosen = hook.before_step()
+            if engine.is_gradient_accumulation_boundary():
+                stop_if_nonfinite(nonfinite, step, t.output_dir, device)  # before the step: weights untouched
+                if hook is not None:
+                    chosen = hook.before_step()
             engine.step()
             window_loss += loss.item() / t.grad_accum
             window_tokens += int(batch["attention_mask"].sum())
-        if not torch.isfinite(torch.tensor(window_loss)):
-            raise ID3Error(f"loss became {window_loss} at step {step}: lower train.lr; the last checkpoint is intact")
         logger.advance()
         window_steps += 1
         done = step + 1
@@ -188,3 +191,14 @@ if __name__ == "__main__":
     except ID3Error as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RuntimeError as e:  # gloo/NCCL report a hung or dead peer as a RuntimeError subclass
+        text = str(e)
+        if "timed out" in text.lower() or "timeout" in text.lower() or "connection" in text.lower():
+            print(
+                "error: a collective operation failed or timed out: another rank hung or died "
+                f"(train.collective_timeout_s bounds the wait); resume with train.resume=auto. [{text[:200]}]",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(3)
+        raise

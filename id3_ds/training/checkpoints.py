@@ -28,6 +28,7 @@ from id3_ds.config import RunConfig
 from id3_ds.errors import ID3Error
 from id3_ds.io import fsync_dir
 from id3_ds.training.faults import maybe_kill
+from id3_ds.training.guards import ensure_disk_for_checkpoint
 
 __all__ = ["check_output_dir", "checkpoint_dir", "resume", "save", "save_final_model"]
 DS_TAG = "state"
@@ -52,6 +53,7 @@ def check_output_dir(output_dir: str, is_main: bool) -> None:
 def save(engine, hook, cfg: RunConfig, step: int, model_dir: str) -> Path:
     """Write checkpoint-<step>: every rank its DeepSpeed part and ID3 shard, then rank 0 marks it complete."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    ensure_disk_for_checkpoint(cfg.train.output_dir, engine)
     ckpt = checkpoint_dir(cfg.train.output_dir, step)
     if rank == 0 and ckpt.exists():  # an incomplete leftover of a killed run at this very step
         shutil.rmtree(ckpt)

@@ -1,0 +1,73 @@
+"""Checks that stop a run cleanly, on every rank at once, before it can damage its own state.
+
+Policy for a non-finite loss (bf16/fp32; fp16 is refused): the step is not taken, every rank stops with
+one clear message, and the last complete checkpoint stays the one to resume from. (Skipping the step
+would still move chosen entries: Adam's momentum keeps going with a zero gradient.)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from id3_ds.checkpoint import latest_checkpoint
+from id3_ds.errors import ID3Error
+
+
+def any_rank(flag: bool, device: str | None = None) -> bool:
+    """True on every rank if it is True on any rank (one small all-reduce)."""
+    if device is None:
+        from deepspeed.accelerator import get_accelerator
+
+        device = get_accelerator().current_device_name()
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def stop_if_nonfinite(bad: bool, step: int, output_dir: str, device: str) -> None:
+    if any_rank(bad, device):
+        last = latest_checkpoint(output_dir)
+        where = f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise ID3Error(
+            f"loss became NaN/inf at step {step + 1}; stopped before the optimizer step ({where}): "
+            "lower train.lr or check the data, then resume"
+        )
+
+
+def free_bytes(path: str) -> int:
+    """Free space at `path`; ID3_DS_FAKE_FREE_BYTES overrides it for the disk-full tests."""
+    fake = os.environ.get("ID3_DS_FAKE_FREE_BYTES")
+    return int(fake) if fake else shutil.disk_usage(path).free
+
+
+def checkpoint_bytes_estimate(output_dir: str, engine) -> int:
+    """The last checkpoint's size, or weights + fp32 master + two Adam moments per trainable entry."""
+    last = latest_checkpoint(output_dir)
+    if last is not None:
+        return sum(f.stat().st_size for f in Path(last).rglob("*") if f.is_file())
+    total = 0
+    for p in engine.module.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n * p.element_size() + (12 * n if p.requires_grad else 0)
+    return total
+
+
+def ensure_disk_for_checkpoint(output_dir: str, engine) -> None:
+    """Refuse to start a checkpoint that would not fit (estimate + 10 %), before writing a byte of it."""
+    short = None
+    if dist.get_rank() == 0:
+        need = int(checkpoint_bytes_estimate(output_dir, engine) * 1.1)
+        have = free_bytes(output_dir)
+        if have < need:
+            short = (need, have)
+    if any_rank(short is not None):
+        detail = f"needs about {short[0] / 1e6:,.1f} MB, {short[1] / 1e6:,.1f} MB free" if short else "see rank 0"
+        raise ID3Error(
+            f"not enough disk space for the next checkpoint in {output_dir} ({detail}); free space or set "
+            "train.output_dir elsewhere, then resume: earlier checkpoints are intact"
+        )
