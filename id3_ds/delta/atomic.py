@@ -30,10 +30,29 @@ def check_out(out: Path, overwrite: bool, *, protect: list[Path] = ()) -> None:
         raise ID3Error(f"{out} exists and is not a directory: choose another --out")
 
 
+def remove_orphans(out: Path) -> None:
+    """Delete temp directories that a killed earlier write of `out` left behind (their process is gone)."""
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def staged_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh temp directory; on normal exit it replaces `out`, on error it is deleted."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

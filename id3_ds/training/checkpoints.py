@@ -28,7 +28,7 @@ from id3_ds.config import RunConfig
 from id3_ds.errors import ID3Error
 from id3_ds.io import fsync_dir
 from id3_ds.training.faults import maybe_kill
-from id3_ds.training.guards import ensure_disk_for_checkpoint
+from id3_ds.training.guards import beat, ensure_disk_for_checkpoint, start_watchdog
 
 __all__ = ["check_output_dir", "checkpoint_dir", "resume", "save", "save_final_model"]
 DS_TAG = "state"
@@ -58,11 +58,14 @@ def save(engine, hook, cfg: RunConfig, step: int, model_dir: str) -> Path:
     if rank == 0 and ckpt.exists():  # an incomplete leftover of a killed run at this very step
         shutil.rmtree(ckpt)
     dist.barrier()
+    beat()
     engine.save_checkpoint(str(ckpt / "ds"), tag=DS_TAG, save_latest=False)
+    beat()
     maybe_kill("kill_during_save", step, rank)
     if hook is not None:
         write_id3_shard(ckpt, rank, world, hook.shard_state(), hook.id3.state_meta())
     dist.barrier()
+    beat()
     if rank == 0:
         mark_complete(
             ckpt,
@@ -81,7 +84,12 @@ def save(engine, hook, cfg: RunConfig, step: int, model_dir: str) -> Path:
 
 
 def resume(engine, hook, cfg: RunConfig, world: int) -> int:
-    """Restore the latest complete checkpoint (or the one named by train.resume); returns the next step."""
+    """Restore the latest complete checkpoint (or the one named by train.resume); returns the next step.
+
+    Also starts the progress watchdog: from here on, a rank that waits longer than
+    train.collective_timeout_s for its peers ends the job.
+    """
+    start_watchdog(cfg.train.collective_timeout_s)
     target = cfg.train.resume
     if target in (None, "", "none"):
         return 0

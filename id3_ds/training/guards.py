@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -29,7 +32,55 @@ def any_rank(flag: bool, device: str | None = None) -> bool:
     return bool(t.item() > 0)
 
 
+class Watchdog:
+    """Ends this process when the run makes no progress for `timeout_s` (a peer hung or died).
+
+    Backends differ in whether a collective ever times out (DeepSpeed's shared-memory CPU all-reduce
+    spins forever), so progress is watched here instead: each optimizer step and each checkpoint phase
+    calls `beat()`; a daemon thread exits the process with one clear line if beats stop. The launcher
+    then tears the other ranks down.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.last = time.monotonic()
+        threading.Thread(target=self._watch, daemon=True, name="id3-watchdog").start()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(5.0, self.timeout_s / 4))
+            idle = time.monotonic() - self.last
+            if idle > self.timeout_s:
+                rank = dist.get_rank() if dist.is_initialized() else 0
+                print(
+                    f"error: rank {rank} made no progress for {idle:.0f} s (train.collective_timeout_s="
+                    f"{self.timeout_s:g}): another rank hung or died; the job stops, resume with train.resume=auto",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(3)
+
+
+_watchdog: Watchdog | None = None
+
+
+def start_watchdog(timeout_s: float) -> None:
+    global _watchdog
+    if _watchdog is None:
+        _watchdog = Watchdog(timeout_s)
+
+
+def beat() -> None:
+    if _watchdog is not None:
+        _watchdog.beat()
+
+
 def stop_if_nonfinite(bad: bool, step: int, output_dir: str, device: str) -> None:
+    """Called once per optimizer step on every rank: also the watchdog's heartbeat."""
+    beat()
     if any_rank(bad, device):
         last = latest_checkpoint(output_dir)
         where = f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet"

@@ -1,0 +1,195 @@
+"""Faults injected for real: NaN loss, a hung rank, a full disk, an unwritable output directory, a merge
+killed mid-write, hostile configs, and a long run's memory."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from id3_ds import ID3Config, from_module
+from id3_ds.checkpoint import checkpoint_dir, is_complete, read_id3_state
+from id3_ds.config import apply_overrides, config_from_dict
+from id3_ds.errors import ID3Error
+from tests.launcher import ROOT, ok, train
+from tests.tiny import TinyNet, batches
+
+ARGS = [
+    "id3.budget=600",
+    "train.steps=6",
+    "train.save_steps=2",
+    "train.log_steps=1",
+    "model.dtype=fp32",
+    "deepspeed.zero_optimization.stage=2",
+    "train.export_delta=false",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    return {"ID3_DS_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+@pytest.mark.distributed
+def test_nan_loss_stops_every_rank_before_the_step_and_the_last_checkpoint_resumes(tmp_path, env) -> None:
+    args = [*ARGS, f"train.output_dir={tmp_path}"]
+    proc = train(args, env={**env, "ID3_DS_FAULT": "nan_loss_at_step:3:1"})
+    assert proc.returncode != 0 and "loss became NaN/inf at step 4" in proc.stdout
+    assert is_complete(checkpoint_dir(tmp_path, 2)) and not checkpoint_dir(tmp_path, 4).exists()
+    ok(train(args, env=env))
+    assert read_id3_state(checkpoint_dir(tmp_path, 6))[1]["chosen"] == 600
+
+
+@pytest.mark.distributed
+def test_a_hung_rank_ends_the_job_with_a_clear_error_instead_of_hanging(tmp_path, env) -> None:
+    args = [*ARGS, f"train.output_dir={tmp_path}", "train.collective_timeout_s=10"]
+    proc = train(args, env={**env, "ID3_DS_FAULT": "hang_at_step:2:1"}, timeout=300)  # TimeoutExpired = a hang
+    assert proc.returncode != 0
+    assert "made no progress" in proc.stdout, proc.stdout[-3000:]
+    assert is_complete(checkpoint_dir(tmp_path, 2))
+
+
+@pytest.mark.distributed
+def test_full_disk_refuses_the_checkpoint_before_writing_and_keeps_earlier_ones(tmp_path, env) -> None:
+    args = [*ARGS, f"train.output_dir={tmp_path}"]
+    assert train(args, env={**env, "ID3_DS_FAULT": "kill_after_step:3:0"}).returncode != 0
+    proc = train(args, env={**env, "ID3_DS_FAKE_FREE_BYTES": "1000"})
+    assert proc.returncode != 0 and "not enough disk space for the next checkpoint" in proc.stdout
+    assert is_complete(checkpoint_dir(tmp_path, 2)) and not checkpoint_dir(tmp_path, 4).exists()
+
+
+def test_unwritable_output_dir_is_refused_before_training(tmp_path, env) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = train([*ARGS, f"train.output_dir={blocker / 'out'}"], nproc=1, env=env)
+    assert proc.returncode == 2 and "is not writable" in proc.stdout and "Traceback" not in proc.stdout
+
+
+def test_merge_killed_mid_write_leaves_no_loadable_model_and_rerun_succeeds(tmp_path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_delta import build_base, build_checkpoint
+
+    from id3_ds.delta import export_delta
+
+    base = tmp_path / "base"
+    names = build_base(base, shards=4, shard_mb=16)
+    build_checkpoint(tmp_path / "run", base, names, budget=40_000)
+    export_delta(tmp_path / "run", base, tmp_path / "delta")
+    out = tmp_path / "merged"
+    cmd = [sys.executable, "-m", "id3_ds.cli", "merge", str(base), str(tmp_path / "delta"), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".merged.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if killed:
+        assert not out.exists(), "a killed merge left a model directory behind"
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert (out / "model.safetensors.index.json").is_file()
+    assert not list(tmp_path.glob(".merged.tmp-*")), "the rerun did not clean the killed merge's temp directory"
+
+
+def test_merge_refuses_to_write_into_the_base(tmp_path) -> None:
+    from id3_ds.delta import merge
+    from tests.test_delta_common import shared_case
+
+    case = shared_case()
+    from id3_ds.delta import export_delta
+
+    export_delta(case.run, case.base, tmp_path / "delta")
+    with pytest.raises(ID3Error, match="overlaps"):
+        merge(case.base, tmp_path / "delta", case.base / "merged")
+
+
+# -- hostile configs: load or raise ID3Error, never anything else -----------------------------------------
+
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+_KEYS = {
+    "model": ["name_or_path", "dtype", "gradient_checkpointing", "bogus"],
+    "data": ["path", "format", "max_length", "eval_path"],
+    "id3": ["budget", "eps", "exp", "targets", "fully_trainable", "bias_correction", "no_decay"],
+    "train": ["steps", "epochs", "lr", "weight_decay", "micro_batch_size", "grad_accum", "resume", "optimizer"],
+    "deepspeed": ["zero_optimization", "train_batch_size"],
+    "method": [],
+}
+_SECTION = st.sampled_from(sorted(_KEYS)).flatmap(
+    lambda sec: st.tuples(st.just(sec), st.dictionaries(st.sampled_from(_KEYS[sec] or ["x"]), _VALUES, max_size=4))
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sections=st.lists(_SECTION, max_size=5), top=_VALUES)
+def test_config_loader_never_raises_anything_but_its_own_error(sections, top, tmp_path_factory) -> None:
+    raw: dict = {"model": {"name_or_path": "builtin:tiny-llama"}, "data": {"path": "x.jsonl"}, "train": {"steps": 1}}
+    for name, body in sections:
+        raw[name] = body if name != "method" else top
+    try:
+        config_from_dict(raw, base_dir=".")
+    except ID3Error as e:
+        assert "\n" not in str(e)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=30), max_size=4))
+def test_overrides_never_raise_anything_but_its_own_error(overrides) -> None:
+    raw = {"model": {"name_or_path": "builtin:tiny-llama"}, "data": {"path": "x.jsonl"}, "train": {"steps": 1}}
+    try:
+        config_from_dict(apply_overrides(json.loads(json.dumps(raw)), overrides), base_dir=".")
+    except ID3Error:
+        pass
+
+
+def test_no_pickle_is_loaded_from_user_paths() -> None:
+    """Our own files are safetensors/JSON; a pickle loader in id3_ds would be a hole."""
+    for path in (ROOT / "id3_ds").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"\bpickle\.loads?\(|\btorch\.load\(", text), f"{path} loads pickle"
+
+
+# -- soak: memory stays flat, mask state grows only with chosen entries ----------------------------------
+
+
+def _rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.slow
+def test_thousands_of_steps_keep_memory_flat() -> None:
+    torch.manual_seed(0)
+    model = TinyNet(d_in=32, d_hidden=128)
+    steps = 2000
+    id3 = from_module(model, ID3Config(budget=10_000), steps)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+    id3.attach(opt)
+    data = batches(16, d_in=32)
+    samples = {}
+    for step in range(steps):
+        x, y = data[step % len(data)]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        id3.select()
+        id3.mask_grads()
+        opt.step()
+        if step in (200, steps - 1):
+            samples[step] = _rss()
+    state_bytes = sum(len(h.mask) * 16 for h in id3.held)
+    assert id3.chosen_total == 10_000 and state_bytes == 16 * 10_000
+    # everything beyond the mask state itself (160 KB here) must be flat over 1800 steps
+    assert samples[steps - 1] - samples[200] < state_bytes + 16 * 2**20
