@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -164,11 +165,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small base: a few seconds")
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = ap.parse_args()
     r = run(args.quick)
-    print(table(r))
+    text = table(r)
+    print(text)
     if args.json:
         print(json.dumps(r))
+    if not args.no_record:
+        import platform
+
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+            f.write(
+                f"\n## Delta and merge ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, "
+                f"torch {torch.__version__})\n\n`python benchmarks/bench_delta.py{' --quick' if args.quick else ''}`"
+                f"\n\n{text}\n"
+            )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_quick_stays_within_stated_bounds() -> None:
     res = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_delta.py"), "--quick", "--json"],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_delta.py"), "--quick", "--json", "--no-record"],
         check=True,
         capture_output=True,
         text=True,
