@@ -1,0 +1,176 @@
+"""What ID3 costs at real scale, from the same formulas the code follows: mask memory, all-gather, delta.
+
+Every figure here is exact arithmetic on what the implementation stores and sends, so it can be checked
+against a measured small run (benchmarks/bench_projection.py --validate does, and tests run it):
+
+- mask state: 16 bytes per chosen entry (int64 position + int32 step chosen + fp32 base value;
+  id3_ds.algorithm.mask), held by the rank that owns the entry. ZeRO-3 partitions every parameter evenly,
+  so at the end of training a rank holds about 16 * B / world bytes (exactly 16 * B summed over ranks).
+- all-gather: every rank contributes exactly k (score, key) float64 pairs, k = u_t = entries unmasked at
+  step t (ceil(B / T) during the first B mod T steps, floor after; id3_ds.algorithm.schedule), and
+  receives world * k * 16 bytes (id3_ds.integration.collectives). Summed over the run: world * 16 * B.
+- scoring buffers: selection scores CHUNK entries at a time; the fp32 score buffer and the |theta| + eps
+  temporary are CHUNK * 4 bytes each, plus one fp32 maximum per BLOCK entries: a constant per rank.
+- delta: per tuned tensor an index (int32, int64 for tensors of >= 2^31 entries) and an fp32 value per
+  entry, so about B * 8 bytes, plus a JSON header per tensor (safetensors header + delta_config.json
+  fingerprint) and 8 bytes per fix-up entry (the few updates no fp32 number carries exactly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from id3_ds.algorithm.schedule import UnmaskSchedule, resolve_budget
+from id3_ds.algorithm.selection import BLOCK, CHUNK
+from id3_ds.delta.format import INT32_LIMIT
+from id3_ds.training.batches import total_steps
+
+MASK_BYTES_PER_ENTRY = 16  # int64 position + int32 chosen_at + fp32 base
+PAIR_BYTES = 16  # one (score, key) float64 pair in the all-gather
+VALUE_BYTES = 4  # fp32 delta value
+HEADER_BYTES_PER_TENSOR = 1024  # generous: up to 4 safetensors header entries + 2 delta_config.json entries
+HEADER_BYTES_FIXED = 4096  # delta_config.json's fixed fields and the safetensors preamble
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model as the calculator needs it: parameter count, tensor count, largest tensor's entry count."""
+
+    name: str
+    params: int
+    tensors: int
+    largest_tensor: int
+
+
+def llama(name: str, params: float, layers: int, hidden: int, vocab: int = 32000) -> ModelSpec:
+    """LLaMA: per layer q, k, v, o, gate, up, down + 2 norms; plus embedding, final norm, lm_head."""
+    return ModelSpec(name, int(params), 9 * layers + 3, vocab * hidden)
+
+
+MODELS = (
+    llama("LLaMA-7B", 6.74e9, 32, 4096),
+    llama("LLaMA-13B", 13.0e9, 40, 5120),
+    llama("LLaMA-70B", 69.0e9, 80, 8192),
+)
+
+ALPACA_EXAMPLES = 52002
+
+
+def alpaca_steps(epochs: float = 3, global_batch: int = 128, examples: int = ALPACA_EXAMPLES) -> int:
+    """Optimizer steps T of a run over Alpaca, counted as launch/train.py counts them (3 epochs at 128: 1218)."""
+    return total_steps(examples, global_batch, None, epochs)
+
+
+def budget_entries(selectable: int, budget: int | float) -> int:
+    """B: a count, or a fraction of the selectable entries (rounded down, as the trainer does)."""
+    return resolve_budget(budget, selectable)
+
+
+def per_step(budget: int, steps: int, step: int = 0) -> int:
+    """k = u_t, entries unmasked at 0-based step `step`; step 0 is the largest, ceil(B / T)."""
+    return UnmaskSchedule(budget, steps).per_step(step)
+
+
+def mask_bytes_total(budget: int) -> int:
+    """Mask state summed over ranks once all B entries are chosen."""
+    return MASK_BYTES_PER_ENTRY * budget
+
+
+def mask_bytes_per_rank(budget: int, world: int) -> float:
+    """Expected mask state per rank at the end of a ZeRO-3 run (parameters are partitioned evenly)."""
+    return MASK_BYTES_PER_ENTRY * budget / world
+
+
+def allgather_bytes(budget: int, steps: int, world: int, step: int = 0) -> int:
+    """Bytes each rank receives from the selection all-gather at `step` (0 with one rank: no collective)."""
+    return PAIR_BYTES * world * per_step(budget, steps, step) if world > 1 else 0
+
+
+def allgather_bytes_run(budget: int, world: int) -> int:
+    """Bytes each rank receives from the selection all-gathers over the whole run: sum of u_t is B."""
+    return PAIR_BYTES * world * budget if world > 1 else 0
+
+
+def scoring_buffer_bytes() -> int:
+    """Transient bytes of scoring one chunk: score buffer + |theta| + eps temporary + block maxima."""
+    return 2 * 4 * CHUNK + 4 * (CHUNK // BLOCK)
+
+
+def delta_payload_bytes(budget: int, largest_tensor: int = 0) -> int:
+    """Index + value bytes of a sparse delta of B entries (int64 indices if any tensor has >= 2^31 entries).
+
+    A worst case for int64: it charges every entry 8 index bytes as soon as one tensor needs them.
+    """
+    index = 8 if largest_tensor >= INT32_LIMIT else 4
+    return budget * (index + VALUE_BYTES)
+
+
+def delta_bytes_bound(budget: int, tensors: int, largest_tensor: int = 0, fixups: int = 0) -> int:
+    """Upper bound of the delta directory's size: payload + fix-ups + headers."""
+    return (
+        delta_payload_bytes(budget, largest_tensor)
+        + 8 * fixups
+        + HEADER_BYTES_FIXED
+        + HEADER_BYTES_PER_TENSOR * tensors
+    )
+
+
+@dataclass(frozen=True)
+class Projection:
+    model: str
+    world: int
+    fraction: float
+    steps: int
+    budget: int
+    k: int
+    mask_per_rank: float
+    scoring_buffer: int
+    allgather_per_step: int
+    allgather_run: int
+    delta_bytes: int
+
+
+def project(model: ModelSpec, world: int, fraction: float, steps: int) -> Projection:
+    """Every figure for one (model, world size, budget) at ZeRO-3, all entries selectable."""
+    b = budget_entries(model.params, fraction)
+    return Projection(
+        model=model.name,
+        world=world,
+        fraction=fraction,
+        steps=steps,
+        budget=b,
+        k=per_step(b, steps),
+        mask_per_rank=mask_bytes_per_rank(b, world),
+        scoring_buffer=scoring_buffer_bytes(),
+        allgather_per_step=allgather_bytes(b, steps, world),
+        allgather_run=allgather_bytes_run(b, world),
+        delta_bytes=delta_bytes_bound(b, model.tensors, model.largest_tensor),
+    )
+
+
+def human(n: float) -> str:
+    """Bytes in binary units, 3 significant digits."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n} B"  # unreachable
+
+
+def table(rows: list[Projection]) -> str:
+    lines = [
+        "| model | GPUs | budget | B (entries) | k = ceil(B/T) | mask/rank | scoring buffer/rank "
+        "| all-gather/step/rank | all-gather/run/rank | delta |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in rows:
+        lines.append(
+            f"| {p.model} | {p.world} | {p.fraction * 100:g} % | {p.budget:,} | {p.k:,} | {human(p.mask_per_rank)} "
+            f"| {human(p.scoring_buffer)} | {human(p.allgather_per_step)} | {human(p.allgather_run)} "
+            f"| {human(p.delta_bytes)} |"
+        )
+    return "\n".join(lines)
+
+
+def default_grid(steps: int) -> list[Projection]:
+    return [project(m, w, f, steps) for m in MODELS for w in (8, 64, 512) for f in (0.0001, 0.001, 0.01)]

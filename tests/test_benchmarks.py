@@ -1,0 +1,88 @@
+"""The benchmarks' quick modes run, print their tables, and their byte counts follow the stated formulas.
+
+Behaviour only, never a timing: timings on a shared CI machine prove nothing. The byte counts, however,
+are exact (mask state 16 B per chosen entry, all-gather world x k x 16 B per step, delta B x 8 B), so the
+projection calculator is checked for equality against what real 2-rank runs measured.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from id3_ds import projection as pj
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(name: str, *args: str, timeout: int = 240) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), "--quick", "--no-record", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_selection_scaling_quick_prints_both_tables() -> None:
+    out = run_bench("bench_selection_scaling.py", timeout=120)
+    assert "| selectable entries/rank |" in out
+    for size in ("10^6", "10^7", "10^8"):
+        assert f"| {size} |" in out
+    assert "Fitted exponent" in out
+    assert "| budget | mask bytes per chosen entry |" in out
+    assert "| 0.1 % | 16.0 |" in out  # measured from the selector's own tensors
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_memory_quick_reports_ratio_and_exact_id3_bytes() -> None:
+    out = run_bench("bench_memory.py", "--json")
+    assert "| stage | rank | params | full peak RSS | ID3 peak RSS |" in out
+    assert "| ratio id3/full |" in out
+    rows = json.loads(out.strip().splitlines()[-1])
+    assert {r["stage"] for r in rows} == {2, 3}
+    for stage in (2, 3):
+        ranks = [r for r in rows if r["stage"] == stage]
+        assert sum(r["chosen_local"] for r in ranks) == ranks[0]["budget"]  # every entry held by one rank
+        for r in ranks:
+            assert r["ratio"] > 0 and r["full_peak"] > 0
+            assert r["mask_bytes"] == 16 * r["chosen_local"]
+            assert r["allgather_calls"] == r["steps"]
+            assert r["allgather_bytes"] == pj.allgather_bytes_run(r["budget"], r["world"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_projection_matches_a_measured_tiny_zero3_run() -> None:
+    out = run_bench("bench_projection.py", "--validate", "--json")
+    assert "| model | GPUs | budget |" in out
+    assert "| LLaMA-70B | 512 | 1 % |" in out
+    assert "| quantity | predicted | measured | agrees |" in out
+    res = json.loads(out.strip().splitlines()[-1])
+    m = res["measured"]
+    assert res["agree"], out
+    assert sum(m["mask_bytes"]) == pj.mask_bytes_total(m["budget"])
+    assert [sum(a) for a in m["allgather"]] == [pj.allgather_bytes_run(m["budget"], m["world"])] * m["world"]
+    assert m["delta_payload"] == pj.delta_payload_bytes(m["budget"])
+
+
+def test_projection_formulas_on_known_numbers() -> None:
+    assert pj.alpaca_steps() == 1218  # 52002 // 128 = 406 steps per epoch, 3 epochs
+    b = pj.budget_entries(6_740_000_000, 0.001)
+    assert b == 6_740_000
+    assert pj.per_step(b, 1218) == -(-b // 1218)  # ceil at the first steps
+    assert pj.per_step(b, 1218, 1217) == b // 1218
+    assert pj.allgather_bytes(b, 1218, 8) == 8 * 16 * 5534
+    assert pj.allgather_bytes(b, 1218, 1) == 0
+    assert pj.mask_bytes_per_rank(b, 64) == 16 * b / 64
+    assert pj.delta_payload_bytes(b) == 8 * b
+    assert pj.delta_payload_bytes(b, largest_tensor=2**31) == 12 * b
+    assert pj.scoring_buffer_bytes() == 2 * 16 * 2**20 + 32 * 2**10
