@@ -20,10 +20,12 @@ Examples:
   id3-ds merge ./Llama-3.2-1B delta/ --out merged/ --dtype bf16
 
   id3-ds inspect delta/ --json
+
+  id3-ds preview-data --config configs/tiny_cpu.json --n 3
 """
 
 app = typer.Typer(
-    help="ID3 sparse fine-tuning on DeepSpeed: export, merge and inspect sparse deltas.",
+    help="ID3 sparse fine-tuning on DeepSpeed: preview data; export, merge and inspect sparse deltas.",
     epilog=EXAMPLES,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
@@ -99,6 +101,33 @@ def inspect_cmd(
     except ID3Error as e:
         raise _fail(e) from None
     typer.echo(json.dumps(s, indent=2) if as_json else render(s))
+
+
+@app.command("preview-data", epilog="Example: id3-ds preview-data --config configs/tiny_cpu.json --n 3")
+def preview_data_cmd(
+    config: Annotated[Path, typer.Option("--config", help="The run config whose data section to preview.")],
+    n: Annotated[int, typer.Option("--n", help="How many processed examples to print.")] = 3,
+    eval_set: Annotated[bool, typer.Option("--eval", help="Preview data.eval_path instead of data.path.")] = False,
+) -> None:
+    """Print processed examples with the loss-masked tokens in [[ ]], to check the template before a run."""
+    from id3_ds.config import load_config
+    from id3_ds.data.cache import DataSpec
+    from id3_ds.data.preview import preview
+    from id3_ds.methods.models import resolve_model_dir
+
+    try:
+        cfg = load_config(config)
+        d = cfg.data
+        path = d.eval_path if eval_set else d.path
+        if not path:
+            raise ID3Error("the config has no data.eval_path; drop --eval")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(cfg.model.name_or_path))
+        spec = DataSpec(path, d.format, d.max_length, d.packing, tuple(d.labels) if d.labels else None)
+        typer.echo(preview(spec, tokenizer, n))
+    except ID3Error as e:
+        raise _fail(e) from None
 
 
 if __name__ == "__main__":

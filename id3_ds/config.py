@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from id3_ds.algorithm.config import ID3Config
+from id3_ds.data.formats import FORMATS
 from id3_ds.errors import ID3Error
+from id3_ds.methods.registry import METHODS
 
 
 @dataclass
@@ -33,7 +35,10 @@ class DataSection:
     format: str = "alpaca"
     max_length: int = 512
     eval_path: str | None = None
-    _choices = {"format": ("alpaca", "messages", "text")}
+    packing: bool = False
+    labels: list[str] | None = None
+    cache_dir: str | None = None
+    _choices = {"format": FORMATS}
 
 
 @dataclass
@@ -45,6 +50,7 @@ class ID3Section:
     fully_trainable: list[str] = field(default_factory=list)
     bias_correction: str = "shared"
     no_decay: list[str] = field(default_factory=lambda: ["*bias", "*norm*"])
+    fish_batches: int = 8
     _choices = {"bias_correction": ("shared", "per_entry")}
 
     def algorithm_config(self) -> ID3Config:
@@ -57,6 +63,17 @@ class ID3Section:
             bias_correction=self.bias_correction,
             no_decay=tuple(self.no_decay),
         )
+
+
+@dataclass
+class LoRASection:
+    """PEFT LoRA: rank 0 = off. With method lora it trains densely; with a masked method (id3, ...) the
+    mask is chosen inside the LoRA A/B matrices (plus id3.fully_trainable groups)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
 
 
 @dataclass
@@ -91,9 +108,10 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     id3: ID3Section = field(default_factory=ID3Section)
     train: TrainSection = field(default_factory=TrainSection)
+    lora: LoRASection = field(default_factory=LoRASection)
     deepspeed: dict | str = field(default_factory=dict)
     method: str = "id3"
-    _choices = {"method": ("id3", "full")}
+    _choices = {"method": METHODS}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -198,7 +216,7 @@ def config_from_dict(raw: dict, base_dir: str | Path = ".") -> RunConfig:
             raise ID3Error(f"deepspeed config {ds_path} is not valid JSON (line {e.lineno})") from None
     if not cfg.model.name_or_path:
         raise ID3Error("config key 'model.name_or_path' is required: a local Hugging Face model directory")
-    if not cfg.model.name_or_path.startswith("builtin:"):
+    if not cfg.model.name_or_path.startswith(("builtin:", "package:")):
         cfg.model.name_or_path = _resolve(cfg.model.name_or_path, base_dir)
     if not cfg.data.path:
         raise ID3Error("config key 'data.path' is required: a JSON/JSONL file or a directory of them")
@@ -216,7 +234,36 @@ def config_from_dict(raw: dict, base_dir: str | Path = ".") -> RunConfig:
     if t.weight_decay < 0 or t.lr <= 0:
         raise ID3Error("config keys 'train.lr' must be > 0 and 'train.weight_decay' >= 0")
     cfg.id3.algorithm_config()  # validates budget, eps, bias_correction
+    _check_method(cfg)
     return cfg
+
+
+def _check_method(cfg: RunConfig) -> None:
+    """Combinations of method, lora, data and eval settings that cannot work, refused before any launch."""
+    lora, t = cfg.lora, cfg.train
+    if lora.rank < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+        raise ID3Error("config keys 'lora.rank' must be >= 0, 'lora.alpha' > 0 and 'lora.dropout' in [0, 1)")
+    if cfg.method == "lora" and lora.rank == 0:
+        raise ID3Error("method 'lora' needs lora.rank > 0 (e.g. lora.rank=8)")
+    if cfg.method == "full" and lora.rank > 0:
+        raise ID3Error("method 'full' trains every weight and ignores LoRA; set lora.rank=0 or use method 'lora'")
+    if cfg.id3.fish_batches < 1:
+        raise ID3Error("config key 'id3.fish_batches' must be >= 1 (sample batches for the Fisher estimate)")
+    if t.eval_steps < 0:
+        raise ID3Error("config key 'train.eval_steps' must be >= 0 (0: evaluate only at the end)")
+    if t.eval_steps and not cfg.data.eval_path:
+        raise ID3Error("train.eval_steps is set but data.eval_path is not: give an eval file or set eval_steps=0")
+    if cfg.data.packing and cfg.data.format == "classification":
+        raise ID3Error("data.packing does not apply to classification data; set data.packing=false")
+    if t.export_delta and (cfg.data.format == "classification" or lora.rank):
+        what = "a fresh classification head" if cfg.data.format == "classification" else "LoRA matrices"
+        raise ID3Error(
+            f"train.export_delta: this run trains {what}, which the base model does not hold, so a sparse delta "
+            "against it cannot be written yet; set train.export_delta=false (train.save_final_model=true keeps "
+            "the model)"
+        )
+    if cfg.data.labels is not None and cfg.data.format != "classification":
+        raise ID3Error("data.labels applies only to data.format 'classification'; remove it")
 
 
 def _resolve(p: str, base_dir: Path) -> str:

@@ -1,11 +1,12 @@
-"""Fine-tune a Hugging Face causal LM with ID3 under DeepSpeed.
+"""Fine-tune a Hugging Face causal LM or sequence classifier with ID3 (or a baseline) under DeepSpeed.
 
     deepspeed launch/train.py --config configs/llama7b_id3.json [train.lr=1e-4 id3.budget=0.001 ...]
-    torchrun --nproc_per_node 2 launch/train.py --config configs/tiny_cpu.json
+    torchrun --nproc_per_node 2 launch/train.py --config configs/tiny_cpu.json method=pafi
 
-Read top to bottom: config, process group, model, data, DeepSpeed engine, ID3 hook, resume, loop,
-checkpoints. Every step's examples and random seed are functions of the step number, so a resumed run
-continues exactly where the interrupted one was.
+Read top to bottom: config, process group, data, model (+ LoRA), DeepSpeed engine, mask hook (ID3 or a
+static baseline, `id3_ds.methods`), resume, loop with evaluation, checkpoints. Every step's examples and
+random seed are functions of the step number, so a resumed run continues exactly where the interrupted
+one was.
 """
 
 from __future__ import annotations
@@ -37,13 +38,17 @@ def main(argv: list[str]) -> None:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
-    from id3_ds.builtin import resolve_model
-    from id3_ds.data import TokenizedDataset, collate, load_records, tokenize_records
+    from id3_ds.builtin import cache_dir
+    from id3_ds.data import DataSpec, cached_dataset, collate
+    from id3_ds.data.evaluate import evaluate
     from id3_ds.integration.ds_config import build_ds_config
     from id3_ds.integration.hook import DeepSpeedID3, freeze_outside
+    from id3_ds.methods import MASKED, method_spec
+    from id3_ds.methods.fish import fisher_pass
+    from id3_ds.methods.models import load_model, resolve_model_dir, wrap_lora
     from id3_ds.training import checkpoints
     from id3_ds.training.batches import micro_batch_indices, total_steps
     from id3_ds.training.faults import maybe_hang, maybe_kill, maybe_poison
@@ -66,32 +71,45 @@ def main(argv: list[str]) -> None:
     # -- model and data -----------------------------------------------------------------------------
     checkpoints.check_output_dir(cfg.train.output_dir, is_main)
     if is_main:
-        model_dir = resolve_model(cfg.model.name_or_path)
+        model_dir = resolve_model_dir(cfg.model.name_or_path)
     dist.barrier()
-    model_dir = resolve_model(cfg.model.name_or_path)
+    model_dir = resolve_model_dir(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples = tokenize_records(load_records(cfg.data.path), cfg.data.format, tokenizer, cfg.data.max_length)
-    dataset = TokenizedDataset(examples)
+    d = cfg.data
+    classification = d.format == "classification"
+    cache_root = d.cache_dir or cache_dir()
+    labels = tuple(d.labels) if d.labels else None
+    spec = DataSpec(d.path, d.format, d.max_length, d.packing, labels)
+    dataset, label_names = cached_dataset(spec, tokenizer, model_dir, cache_root, is_main)  # rank 0 builds
+    eval_set = None
+    if d.eval_path:  # classification eval uses the training label ids
+        eval_spec = DataSpec(d.eval_path, d.format, d.max_length, False, tuple(label_names) if label_names else None)
+        eval_set, _ = cached_dataset(eval_spec, tokenizer, model_dir, cache_root, is_main)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t = cfg.train
+    masked = cfg.method in MASKED
     steps = total_steps(len(dataset), t.micro_batch_size * t.grad_accum * world, t.steps, t.epochs)
 
     ds_config, weight_decay = build_ds_config(cfg, world)
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (kept alive: makes from_pretrained use zero.Init at stage 3)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = load_model(model_dir, classification, dtype, label_names, pad_id)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if cfg.lora.rank:
+        lo = cfg.lora
+        model = wrap_lora(model, lo.rank, lo.alpha, lo.dropout, lo.target_modules, classification)
     id3_config = cfg.id3.algorithm_config()
-    if cfg.method == "id3":
-        freeze_outside(model, id3_config)
+    method = method_spec(cfg.method, t.seed) if masked else None
+    if masked:
+        freeze_outside(model, id3_config, method.keep)
 
-    # -- DeepSpeed engine and the ID3 hook ------------------------------------------------------------
+    # -- DeepSpeed engine and the mask hook -----------------------------------------------------------
     trainable = [p for p in model.parameters() if p.requires_grad]
     client_optimizer = None
     if t.optimizer == "torch_adamw":  # ID3 applies decay itself: the optimizer's own stays 0
-        wd = 0.0 if cfg.method == "id3" else weight_decay
+        wd = 0.0 if masked else weight_decay
         client_optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=wd)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
@@ -102,16 +120,30 @@ def main(argv: list[str]) -> None:
             opt, lr_lambda(t.lr_scheduler, t.warmup_steps, steps)
         ),
     )
-    hook = DeepSpeedID3(engine, id3_config, steps, weight_decay) if cfg.method == "id3" else None
+    hook = None
+    if masked:
+        hook = DeepSpeedID3(
+            engine, id3_config, steps, weight_decay, scorer=method.scorer, static=method.static, keep=method.keep
+        )
+    device = accel.current_device_name()
+
+    def micro_batch(step: int, micro: int) -> dict:
+        idx = micro_batch_indices(len(dataset), t.seed, step, micro, rank, world, t.micro_batch_size, t.grad_accum)
+        return {k: v.to(device) for k, v in collate([dataset[i] for i in idx], pad_id).items()}
 
     # -- resume ---------------------------------------------------------------------------------------
     start = checkpoints.resume(engine, hook, cfg, world)
+    if method is not None and method.fisher is not None and hook.id3.step == 0:  # fish: g^2 before step 0
+        fisher_pass(engine, hook.id3, method.fisher, micro_batch, cfg.id3.fish_batches, t.grad_accum)
     logger = RunLogger(t.output_dir, is_main, steps, start, t.progress_bar, t.tensorboard)
     if is_main:
-        budget = hook.id3.budget if hook else sum(p.numel() for p in trainable)
+        budget = (
+            hook.id3.budget if hook else sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
+        )
         logger.log(
             {
                 "event": "start",
+                "method": cfg.method,
                 "step": start,
                 "steps": steps,
                 "world_size": world,
@@ -121,16 +153,32 @@ def main(argv: list[str]) -> None:
             }
         )
 
+    def run_eval(done: int) -> None:
+        if eval_set is None:
+            return
+        engine.eval()
+        metrics = evaluate(
+            engine,
+            eval_set,
+            pad_id,
+            t.micro_batch_size,
+            device,
+            rank,
+            world,
+            len(label_names) if classification else None,
+            all_reduce=lambda x: _all_reduce_cpu(x, device),
+        )
+        engine.train()
+        logger.log({"step": done, **metrics})
+
     # -- the loop -------------------------------------------------------------------------------------
-    device = accel.current_device_name()
     window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
     for step in range(start, steps):
         torch.manual_seed(cfg.train.seed * 1_000_003 + step * world + rank)  # dropout etc.: a function of step
         chosen, nonfinite = 0, False
         maybe_hang(step, rank)
         for micro in range(t.grad_accum):
-            idx = micro_batch_indices(len(dataset), t.seed, step, micro, rank, world, t.micro_batch_size, t.grad_accum)
-            batch = {k: v.to(device) for k, v in collate([dataset[i] for i in idx], pad_id).items()}
+            batch = micro_batch(step, micro)
             loss = maybe_poison(engine(**batch).loss, step, rank)
             nonfinite |= not math.isfinite(loss.item())
             engine.backward(loss)
@@ -159,6 +207,8 @@ def main(argv: list[str]) -> None:
                 record.update(chosen=hook.id3.chosen_total, budget=hook.id3.budget, chosen_this_step=chosen)
             logger.log(record)
             window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+        if (t.eval_steps and done % t.eval_steps == 0) or done == steps:
+            run_eval(done)
         if (t.save_steps and done % t.save_steps == 0) or done == steps:
             checkpoints.save(engine, hook, cfg, done, model_dir)
         maybe_kill("kill_after_step", done, rank)
@@ -173,6 +223,15 @@ def main(argv: list[str]) -> None:
         export_delta(checkpoints.checkpoint_dir(t.output_dir, steps), model_dir, out, overwrite=True)
         print(f"sparse delta written to {out}", flush=True)
     dist.barrier()
+
+
+def _all_reduce_cpu(x: torch.Tensor, device: str) -> None:
+    """Sum a CPU tensor over ranks through the accelerator's backend (NCCL needs device tensors)."""
+    import torch.distributed as dist
+
+    y = x.to(device)
+    dist.all_reduce(y)
+    x.copy_(y.cpu())
 
 
 def _free_port() -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import math
 import time
@@ -30,9 +31,14 @@ from id3_ds.algorithm.mask import MaskState, SliceMask
 from id3_ds.algorithm.schedule import UnmaskSchedule, resolve_budget
 from id3_ds.algorithm.selection import Candidates, _reduce, merge_candidates, slice_candidates
 from id3_ds.algorithm.slices import ParamSlice, SliceAccess, TensorSliceAccess
+from id3_ds.algorithm.static import StaticSchedule
 from id3_ds.errors import ID3Error
 
 Reducer = Callable[[Candidates, int], Candidates]
+# scorer(slice, access, lo, hi, out) -> out filled with the scores of local entries [lo, hi); None = ID3's own
+Scorer = Callable[[ParamSlice, SliceAccess, int, int, torch.Tensor], torch.Tensor]
+# keep(name, shape) -> whether a parameter may be selected at all (e.g. BitFit: 1-D tensors only)
+Keep = Callable[[str, tuple[int, ...]], bool]
 
 
 def local_reducer(candidates: Candidates, k: int) -> Candidates:
@@ -96,11 +102,15 @@ class ID3:
         selectable: int,
         fully_trainable: int = 0,
         reducer: Reducer = local_reducer,
+        scorer: Scorer | None = None,
+        static: bool = False,
     ) -> None:
+        """scorer replaces the ID3 score; static chooses all of B at step 0 (the paper's static baselines)."""
         self.config = config
         self.budget, left = budget_split(config, selectable, fully_trainable)
-        self.schedule = UnmaskSchedule(left, steps)
+        self.schedule = StaticSchedule(left, steps) if static else UnmaskSchedule(left, steps)
         self.reducer = reducer
+        self.scorer = scorer
         self.held = [_Held(info, access, SliceMask()) for info, access in slices]
         self.held.sort(key=lambda h: (h.info.fully_trainable, h.info.first_key))
         self.step = 0  # optimizer steps done; advances in `select`, so the budget can never overshoot
@@ -162,7 +172,14 @@ class ID3:
             grad = h.access.grad()
             if grad is None:  # a parameter the loss did not reach: every score is 0
                 grad = torch.zeros_like(value)
-            parts.append(slice_candidates(grad, value, h.mask.positions, h.info.first_key, k, cfg.eps, cfg.exp))
+            score_chunk = None
+            if self.scorer is not None:
+                score_chunk = functools.partial(self.scorer, h.info, h.access)
+            parts.append(
+                slice_candidates(
+                    grad, value, h.mask.positions, h.info.first_key, k, cfg.eps, cfg.exp, score_chunk=score_chunk
+                )
+            )
             if sum(len(p) for p in parts) > 4 * k:
                 parts = [_reduce(parts, k)]
         return _reduce(parts, k)
@@ -285,13 +302,21 @@ def param_kinds(names: Iterable[str], config: ID3Config) -> dict[str, str]:
     return kinds
 
 
-def layout(named_shapes: list[tuple[str, tuple[int, ...]]], config: ID3Config) -> tuple[list[ParamSlice], int, int]:
+def layout(
+    named_shapes: list[tuple[str, tuple[int, ...]]], config: ID3Config, keep: Keep | None = None
+) -> tuple[list[ParamSlice], int, int]:
     """Whole-parameter slices with global key bases, plus (selectable, fully trainable) entry counts.
 
     Parameters matched by neither id3.targets nor id3.fully_trainable are left out: the caller freezes
-    them. Keys follow model order, the same on every rank.
+    them; so are selectable ones that `keep` rejects (a method narrowing the targets). Keys follow model
+    order, the same on every rank.
     """
     kinds = param_kinds([n for n, _ in named_shapes], config)
+    if keep is not None:
+        kinds = {
+            n: "frozen" if k == "select" and not keep(n, tuple(s)) else k
+            for (n, s), k in zip(named_shapes, kinds.values())
+        }
     slices, key, full = [], 0, 0
     for name, shape in named_shapes:
         n = math.prod(shape)
@@ -308,14 +333,23 @@ def layout(named_shapes: list[tuple[str, tuple[int, ...]]], config: ID3Config) -
     return slices, key, full
 
 
-def from_module(model: torch.nn.Module, config: ID3Config, steps: int) -> ID3:
+def from_module(
+    model: torch.nn.Module,
+    config: ID3Config,
+    steps: int,
+    *,
+    scorer: Scorer | None = None,
+    static: bool = False,
+    keep: Keep | None = None,
+) -> ID3:
     """ID3 over a plain torch module: one whole-tensor slice per trainable parameter.
 
     Parameters outside id3.targets and id3.fully_trainable get requires_grad=False (frozen, as PEFT
-    does), so they cost no gradient memory and can never move.
+    does), so they cost no gradient memory and can never move. scorer/static/keep select a baseline
+    method (see id3_ds.methods); the defaults are ID3 itself.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    slices, selectable, full = layout([(n, tuple(p.shape)) for n, p in params.items()], config)
+    slices, selectable, full = layout([(n, tuple(p.shape)) for n, p in params.items()], config, keep)
     kept = {s.name for s in slices}
     for n, p in params.items():
         if n not in kept:
@@ -326,4 +360,6 @@ def from_module(model: torch.nn.Module, config: ID3Config, steps: int) -> ID3:
         steps,
         selectable=selectable,
         fully_trainable=full,
+        scorer=scorer,
+        static=static,
     )

@@ -9,6 +9,7 @@ for a whole parameter, let alone a model, is ever held.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,10 @@ from id3_ds.algorithm.importance import importance, sanitize
 
 CHUNK = 1 << 22  # entries scored at once: 16 MiB of fp32 scores whatever the model size
 BLOCK = 512  # block size of the block-maximum prefilter
+
+# score_chunk(lo, hi, out): fill `out` (fp32, length hi - lo) with the scores of local entries [lo, hi) and
+# return it. The default is ID3's importance; baselines (id3_ds.methods) plug in their own score here.
+ChunkScorer = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -74,13 +79,15 @@ def slice_candidates(
     eps: float,
     exp: float,
     chunk: int = CHUNK,
+    score_chunk: ChunkScorer | None = None,
 ) -> Candidates:
     """Top-k not-yet-chosen entries of one slice.
 
     grad, value: 1-D views of the slice; chosen: sorted int64 local positions already in the mask (they
-    are never proposed again); first_key: the global key of local position 0.
+    are never proposed again); first_key: the global key of local position 0. score_chunk replaces the
+    ID3 importance (then grad is only used for its length).
     """
-    n = grad.numel()
+    n = value.numel()
     k = min(k, n - chosen.numel())
     if k <= 0:
         return Candidates.empty()
@@ -91,7 +98,13 @@ def slice_candidates(
     for i, c0 in enumerate(range(0, n, chunk)):
         c1 = min(c0 + chunk, n)
         padded = buf[: -(-(c1 - c0) // BLOCK) * BLOCK]
-        score = importance(grad[c0:c1], value[c0:c1], eps, exp, out=padded[: c1 - c0])
+        if score_chunk is None:
+            score = importance(grad[c0:c1], value[c0:c1], eps, exp, out=padded[: c1 - c0])
+        else:
+            out = padded[: c1 - c0]
+            score = score_chunk(c0, c1, out)
+            if score.data_ptr() != out.data_ptr():
+                score = out.copy_(score)
         padded[c1 - c0 :] = float("-inf")
         inside = chosen[bounds[i] : bounds[i + 1]]
         if inside.numel():

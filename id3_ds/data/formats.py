@@ -1,8 +1,9 @@
 """Record formats: each turns one record into (prompt, response) pieces; loss falls on responses only.
 
-alpaca:   {"instruction", "input" (optional), "output"}       the Stanford Alpaca prompt template
-messages: {"messages": [{"role", "content"}, ...]}            the tokenizer's chat template
-text:     {"text"}                                            plain causal LM, loss on every token
+alpaca:         {"instruction", "input" (optional), "output"}  the Stanford Alpaca prompt template
+messages:       {"messages": [{"role", "content"}, ...]}       the tokenizer's chat template
+text:           {"text"}                                       plain causal LM, loss on every token
+classification: {"text", "label"}                              a sequence-classification head; label str or int
 """
 
 from __future__ import annotations
@@ -29,6 +30,20 @@ def _str_field(rec: dict, key: str, where: str, required: bool = True) -> str:
     return v
 
 
+FORMATS = ("alpaca", "messages", "text", "classification")
+
+
+def classification_fields(record: Any, where: str) -> tuple[str, str]:
+    """(text, label as a string) of a classification record; labels may be written as strings or ints."""
+    if not isinstance(record, dict):
+        raise ID3Error(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    text = _str_field(record, "text", where)
+    label = record.get("label")
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise ID3Error(f"{where}: field 'label' must be a string or an integer, got {label!r}")
+    return text, str(label)
+
+
 def segments(record: Any, fmt: str, tokenizer: Any, where: str) -> list[tuple[str, bool]]:
     """Text pieces in order, each flagged True where the loss applies."""
     if not isinstance(record, dict):
@@ -43,6 +58,8 @@ def segments(record: Any, fmt: str, tokenizer: Any, where: str) -> list[tuple[st
         return [(_str_field(record, "text", where), True)]
     if fmt == "messages":
         return _message_segments(record, tokenizer, where)
+    if fmt == "classification":
+        raise ID3Error("data.format 'classification' has no loss segments: use tokenize_records")
     raise ID3Error(f"unknown data.format '{fmt}'")
 
 

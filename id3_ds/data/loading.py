@@ -1,4 +1,4 @@
-"""Load records with their line numbers, tokenize with a loss mask, and pad batches."""
+"""Load records with their line numbers, tokenize with a loss mask (or a class label), pack, and pad batches."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from id3_ds.data.formats import segments
+from id3_ds.data.formats import classification_fields, segments
 from id3_ds.errors import ID3Error
 
 IGNORE = -100
@@ -47,12 +47,37 @@ def load_records(path: str | Path) -> list[tuple[str, Any]]:
 
 @dataclass
 class Example:
+    """LM: labels per token (IGNORE where no loss). Classification: labels empty, label the class id."""
+
     input_ids: list[int]
     labels: list[int]
+    label: int | None = None
 
 
-def tokenize_records(records: list[tuple[str, Any]], fmt: str, tokenizer: Any, max_length: int) -> list[Example]:
-    """Token ids and labels (-100 outside responses), BOS first and EOS after the last response."""
+def label_names(records: list[tuple[str, Any]], given: list[str] | None = None) -> list[str]:
+    """The class names, in id order: `given` (data.labels) as is, else the sorted distinct labels."""
+    found = {classification_fields(rec, where)[1] for where, rec in records}
+    if given:
+        return list(given)
+    if len(found) < 2:
+        raise ID3Error(f"classification data needs at least 2 distinct labels, found {sorted(found)}")
+    return sorted(found, key=lambda x: (len(x), x) if x.lstrip("-").isdigit() else (0, x))
+
+
+def tokenize_records(
+    records: list[tuple[str, Any]],
+    fmt: str,
+    tokenizer: Any,
+    max_length: int,
+    labels: list[str] | None = None,
+) -> list[Example]:
+    """Token ids and labels (-100 outside responses), BOS first and EOS after the last response.
+
+    classification: the tokenizer's own special tokens ([CLS] ... [SEP] for BERT), and the record's label
+    as an id into `labels` (required; see `label_names`).
+    """
+    if fmt == "classification":
+        return _tokenize_classification(records, tokenizer, max_length, labels)
     out = []
     for where, rec in records:
         ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -73,19 +98,75 @@ def tokenize_records(records: list[tuple[str, Any]], fmt: str, tokenizer: Any, m
     return out
 
 
+def _tokenize_classification(
+    records: list[tuple[str, Any]], tokenizer: Any, max_length: int, labels: list[str] | None
+) -> list[Example]:
+    if not labels:
+        raise ID3Error("classification data needs its label names (data.labels, or found in the training data)")
+    ids_of = {name: i for i, name in enumerate(labels)}
+    out = []
+    for where, rec in records:
+        text, label = classification_fields(rec, where)
+        if label not in ids_of:
+            raise ID3Error(f"{where}: label {label!r} is not one of {labels}; fix the record or set data.labels")
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        out.append(Example(ids, [], ids_of[label]))
+    if not out:
+        raise ID3Error("no usable classification example: the data file is empty")
+    return out
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Concatenate LM examples into rows of max_length tokens (the last row may be shorter).
+
+    Loss masks travel with their tokens. Packed rows attend across example boundaries (no block-diagonal
+    mask), as plain packing does in LLaMA-Factory and axolotl; it trades a little cross-talk for no padding.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    out = []
+    for e in examples:
+        ids += e.input_ids
+        labels += e.labels
+        while len(ids) >= max_length:
+            out.append(Example(ids[:max_length], labels[:max_length]))
+            ids, labels = ids[max_length:], labels[max_length:]
+    if any(label != IGNORE for label in labels[1:]):
+        out.append(Example(ids, labels))
+    return out
+
+
 class TokenizedDataset(torch.utils.data.Dataset):
-    def __init__(self, examples: list[Example]) -> None:
+    """Examples from a list, or rows of a (memory-mapped) HF `datasets.Dataset` from the token cache."""
+
+    def __init__(self, examples) -> None:
         self.examples = examples
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> Example:
-        return self.examples[i]
+        e = self.examples[i]
+        if isinstance(e, dict):
+            label = e.get("label")
+            return Example(list(e["input_ids"]), list(e["labels"]), None if label is None or label < 0 else label)
+        return e
+
+    @property
+    def classification(self) -> bool:
+        return len(self) > 0 and self[0].label is not None
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids and attention_mask, plus token labels (LM) or one class id per row."""
     n = max(len(e.input_ids) for e in batch)
+    if batch[0].label is not None:
+        ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, e in enumerate(batch):
+            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            mask[i, : len(e.input_ids)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e.label for e in batch])}
     ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), n), dtype=torch.long)

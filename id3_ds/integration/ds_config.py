@@ -11,6 +11,7 @@ from typing import Any
 
 from id3_ds.config import RunConfig
 from id3_ds.errors import ID3Error
+from id3_ds.methods.registry import MASKED
 
 SUPPORTED_OPTIMIZERS = ("adam", "adamw")
 
@@ -67,7 +68,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> tuple[dict, float]:
     wd = t.weight_decay if wd == "auto" else float(wd)
     if str(opt["type"]).lower() == "adam" and wd:
         params["adam_w_mode"] = True  # decoupled decay, as AdamW: ID3 applies it to chosen entries only
-    if cfg.method == "id3":
+    if cfg.method in MASKED:  # the mask core applies decay to chosen entries only
         params["weight_decay"] = 0.0
     else:
         params["weight_decay"] = wd

