@@ -273,8 +273,9 @@ def main() -> None:
         f"{min(ratios):.1f}-{max(ratios):.1f} x one plain read of grad and value (the read pass column: the "
         "machine's memory floor at each size; a rise in both at one size is the machine, not the algorithm).\n\n"
         f"Cost against k = B / T at 10^{round(math.log10(k_n))} entries (budget {BUDGET * 100:g} %): a chunk's "
-        "block-maximum prefilter keeps up to k blocks of 512, so the cost per entry grows with k, and once "
-        "4k reaches a chunk's 8192 blocks the chunk falls back to a full top-k.\n\n"
+        "block-maximum prefilter keeps about k blocks (512 entries each, shrinking to 16 as k grows) and skips "
+        "blocks that cannot beat the k-th best score found so far; once k exceeds ~1/32 of a 4M-entry chunk the "
+        "chunk falls back to a full top-k.\n\n"
         f"{k_table(k_rows)}\n\n{mask_table(rows[-1]['mask_bytes_per_chosen'])}"
     )
     print(text)

@@ -90,7 +90,7 @@ def test_merge_drops_padding() -> None:
 
 
 @pytest.mark.parametrize("case", ["random", "ties", "nan", "zero_grads"])
-@pytest.mark.parametrize("k", [1, 13, 200, 5000])
+@pytest.mark.parametrize("k", [1, 13, 200, 1500, 5000])
 def test_block_prefilter_on_large_slices_matches_reference(case: str, k: int) -> None:
     """Slices large enough for the block-maximum prefilter (k much smaller than the block count)."""
     g = torch.Generator().manual_seed(k)

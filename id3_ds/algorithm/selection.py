@@ -18,6 +18,7 @@ from id3_ds.algorithm.importance import importance, sanitize
 
 CHUNK = 1 << 22  # entries scored at once: 16 MiB of fp32 scores whatever the model size
 BLOCK = 512  # block size of the block-maximum prefilter
+MIN_BLOCK = 16  # smallest block, for large k
 
 # score_chunk(lo, hi, out): fill `out` (fp32, length hi - lo) with the scores of local entries [lo, hi) and
 # return it. The default is ID3's importance; baselines (id3_ds.methods) plug in their own score here.
@@ -92,7 +93,7 @@ def slice_candidates(
     if k <= 0:
         return Candidates.empty()
     parts: list[Candidates] = []
-    held = 0
+    held, floor = 0, float("-inf")
     bounds = torch.searchsorted(chosen, torch.arange(0, n + chunk, chunk, dtype=torch.int64).clamp_(max=n))
     buf = torch.empty(-(-min(chunk, n) // BLOCK) * BLOCK, dtype=torch.float32)
     for i, c0 in enumerate(range(0, n, chunk)):
@@ -109,37 +110,50 @@ def slice_candidates(
         inside = chosen[bounds[i] : bounds[i + 1]]
         if inside.numel():
             score[inside - c0] = float("-inf")
-        pos = chunk_top_positions(padded, min(k, (c1 - c0) - inside.numel()))
+        pos = chunk_top_positions(padded, min(k, (c1 - c0) - inside.numel()), floor)
         parts.append(Candidates(padded[pos], pos + (first_key + c0)))
         held += pos.numel()
-        if held > 4 * k:
-            parts, held = [_reduce(parts, k)], k
+        if held > k:  # keep the best k so far: its k-th score is the floor later chunks must beat
+            best = _reduce(parts, k)
+            parts, held, floor = [best], len(best), float(best.scores.min())
     return _reduce(parts, k)
 
 
-def chunk_top_positions(score: torch.Tensor, k: int) -> torch.Tensor:
+def chunk_top_positions(score: torch.Tensor, k: int, floor: float = float("-inf")) -> torch.Tensor:
     """top_positions of a chunk whose length is a multiple of BLOCK, in about one pass over it.
 
     A block-maximum prefilter: the k-th largest block maximum tau is a lower bound of the chunk's k-th
     largest score, so every winner lies in a block whose maximum is > tau, or == tau (of those, the k
     lowest blocks suffice: each holds an entry scoring tau, and ties go to the lower position). Exact
-    top_positions then runs on those few blocks. torch.topk over the whole chunk would cost ~10x more.
+    top_positions then runs on those few blocks. Blocks shrink (down to MIN_BLOCK) as k grows, so the
+    prefilter keeps working for large k. `floor` is the k-th best score the caller already holds from
+    lower keys: only blocks whose maximum beats it can contribute (an equal score loses the key tie).
     """
-    blocks = score.view(-1, BLOCK)
-    nb = blocks.shape[0]
     if k <= 0:
         return torch.empty(0, dtype=torch.int64)
+    block = BLOCK
+    while block > MIN_BLOCK and score.numel() // block < 8 * k:
+        block //= 2
+    blocks = score.view(-1, block)
     bmax = blocks.amax(dim=1)
     if bool(bmax.isnan().any()):  # NaN propagates through amax: sanitize only such chunks
         sanitize(score)
         bmax = blocks.amax(dim=1)
-    if 4 * k >= nb:
-        return top_positions(score, k)
-    tau = torch.topk(bmax, k, sorted=False).values.min()
-    above = (bmax > tau).nonzero().squeeze(1)
-    tied = (bmax == tau).nonzero().squeeze(1)[:k]
-    keep = torch.sort(torch.cat([above, tied])).values
-    offsets = (keep * BLOCK).unsqueeze(1) + torch.arange(BLOCK)
+    alive = None
+    if floor > float("-inf"):
+        alive = (bmax > floor).nonzero().squeeze(1)
+        if alive.numel() == 0:
+            return torch.empty(0, dtype=torch.int64)
+        bmax = bmax[alive]
+    if bmax.numel() <= k or 4 * k >= blocks.shape[0]:
+        if alive is None:
+            return top_positions(score, k)
+        keep = alive
+    else:
+        tau = torch.topk(bmax, k, sorted=False).values.min()
+        keep = torch.cat([(bmax > tau).nonzero().squeeze(1), (bmax == tau).nonzero().squeeze(1)[:k]])
+        keep = torch.sort(keep if alive is None else alive[keep]).values
+    offsets = (keep * block).unsqueeze(1) + torch.arange(block)
     sub = top_positions(blocks[keep].reshape(-1), k)
     return offsets.reshape(-1)[sub]
 
