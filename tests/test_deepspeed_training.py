@@ -3,14 +3,11 @@ resume after a kill, resume on another world size, and fast config errors."""
 
 from __future__ import annotations
 
-import fnmatch
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from id3_ds import ID3Config, from_module
-from id3_ds.builtin import resolve_model
 from id3_ds.checkpoint import checkpoint_dir, is_complete, read_id3_state
 from id3_ds.data import collate, load_records, tokenize_records
 from id3_ds.training.batches import micro_batch_indices
@@ -31,24 +28,6 @@ COMMON = [
     "train.save_final_model=true",
     "model.dtype=fp32",
 ]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    return {"ID3_DS_CACHE": str(tmp_path_factory.mktemp("cache"))}
-
-
-@pytest.fixture(scope="module")
-def base_dir(env, monkeypatch_module) -> str:
-    monkeypatch_module.setenv("ID3_DS_CACHE", env["ID3_DS_CACHE"])
-    return resolve_model("builtin:tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +65,7 @@ def _plain_torch_reference(base_dir: str, world: int = 2):
     id3 = from_module(model, config, STEPS)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    decay = {
-        i: 0.0 if any(fnmatch.fnmatchcase(h.info.name, p) for p in config.no_decay) else WD
-        for i, h in enumerate(id3.held)
-    }
-    id3.attach(opt, decay)
+    id3.attach(opt, id3.decay_rates(WD))
     for step in range(STEPS):
         opt.zero_grad()
         for micro in range(ACCUM):

@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from id3_ds import ID3Config
 from id3_ds.algorithm.id3 import layout
-from id3_ds.builtin import resolve_model
 from id3_ds.checkpoint import checkpoint_dir, read_id3_state
 from id3_ds.data import collate, load_records, tokenize_records
 from id3_ds.methods import hash_scores
@@ -33,20 +32,6 @@ COMMON = [
     "model.dtype=fp32",
     "deepspeed.zero_optimization.stage=3",
 ]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    return {"ID3_DS_CACHE": str(tmp_path_factory.mktemp("cache"))}
-
-
-@pytest.fixture(scope="module")
-def base_dir(env) -> str:
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ID3_DS_CACHE", env["ID3_DS_CACHE"])
-    path = resolve_model("builtin:tiny-llama")
-    mp.undo()
-    return path
 
 
 def _keys(state, slices) -> list[int]:

@@ -33,11 +33,6 @@ ARGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    return {"ID3_DS_CACHE": str(tmp_path_factory.mktemp("cache"))}
-
-
 @pytest.mark.distributed
 def test_nan_loss_stops_every_rank_before_the_step_and_the_last_checkpoint_resumes(tmp_path, env) -> None:
     args = [*ARGS, f"train.output_dir={tmp_path}"]

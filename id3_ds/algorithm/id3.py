@@ -215,6 +215,13 @@ class ID3:
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step(opt))
         optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt))
 
+    def decay_rates(self, weight_decay: float) -> dict[int, float]:
+        """`weight_decay` for every held slice, 0 for parameters matching id3.no_decay (biases, norms)."""
+        return {
+            i: 0.0 if any(fnmatch.fnmatchcase(h.info.name, pat) for pat in self.config.no_decay) else weight_decay
+            for i, h in enumerate(self.held)
+        }
+
     def _group_decay(self, optimizer: torch.optim.Optimizer) -> dict[int, float]:
         by_param = {id(p): g.get("weight_decay", 0.0) for g in optimizer.param_groups for p in g["params"]}
         out = {}

@@ -13,6 +13,7 @@ checkpoint written by N ranks re-slices onto M ranks.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -83,10 +84,7 @@ class ParamMask:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 class MaskState:

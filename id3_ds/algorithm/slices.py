@@ -8,6 +8,7 @@ supplies other `SliceAccess` implementations; nothing else changes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,10 +33,7 @@ class ParamSlice:
 
     @property
     def param_numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def first_key(self) -> int:

@@ -10,8 +10,6 @@ fp32 masters, before DeepSpeed copies them back into the model's weights.
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 import torch.distributed as dist
 
@@ -87,11 +85,7 @@ class DeepSpeedID3:
             scorer=scorer,
             static=static,
         )
-        decay = {
-            i: 0.0 if any(fnmatch.fnmatchcase(h.info.name, pat) for pat in config.no_decay) else weight_decay
-            for i, h in enumerate(self.id3.held)
-        }
-        self.id3.attach(inner_optimizer(engine), decay)
+        self.id3.attach(inner_optimizer(engine), self.id3.decay_rates(weight_decay))
 
     def shard_state(self) -> MaskState:
         """What this rank saves: its partition's entries, or (replicated, rank > 0) nothing."""
