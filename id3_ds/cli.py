@@ -124,7 +124,7 @@ def preview_data_cmd(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(cfg.model.name_or_path))
-        spec = DataSpec(path, d.format, d.max_length, d.packing, tuple(d.labels) if d.labels else None)
+        spec = DataSpec(path, d.format, d.max_length, d.packing, tuple(d.labels) if d.labels else None, d.bad_records)
         typer.echo(preview(spec, tokenizer, n))
     except ID3Error as e:
         raise _fail(e) from None

@@ -38,7 +38,8 @@ class DataSection:
     packing: bool = False
     labels: list[str] | None = None
     cache_dir: str | None = None
-    _choices = {"format": FORMATS}
+    bad_records: str = "error"
+    _choices = {"format": FORMATS, "bad_records": ("error", "skip")}
 
 
 @dataclass

@@ -79,11 +79,12 @@ def main(argv: list[str]) -> None:
     classification = d.format == "classification"
     cache_root = d.cache_dir or cache_dir()
     labels = tuple(d.labels) if d.labels else None
-    spec = DataSpec(d.path, d.format, d.max_length, d.packing, labels)
+    spec = DataSpec(d.path, d.format, d.max_length, d.packing, labels, d.bad_records)
     dataset, label_names = cached_dataset(spec, tokenizer, model_dir, cache_root, is_main)  # rank 0 builds
     eval_set = None
     if d.eval_path:  # classification eval uses the training label ids
-        eval_spec = DataSpec(d.eval_path, d.format, d.max_length, False, tuple(label_names) if label_names else None)
+        eval_labels = tuple(label_names) if label_names else None
+        eval_spec = DataSpec(d.eval_path, d.format, d.max_length, False, eval_labels, d.bad_records)
         eval_set, _ = cached_dataset(eval_spec, tokenizer, model_dir, cache_root, is_main)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t = cfg.train

@@ -24,14 +24,8 @@ CHAT = (
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> str:
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ID3_DS_CACHE", str(tmp_path_factory.mktemp("cache")))
-    from id3_ds.builtin import resolve_model
-
-    path = resolve_model("builtin:tiny-llama")
-    mp.undo()
-    return path
+def tok_dir(base_dir) -> str:
+    return base_dir
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +214,35 @@ def test_preview_data_prints_the_loss_masked_tokens(tmp_path) -> None:
     )
     result = CliRunner().invoke(app, ["preview-data", "--config", str(bad)])
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def _bad_file(tmp_path: Path) -> Path:
+    rows = [
+        json.dumps({"instruction": "Add.", "input": "1 + 2", "output": "3"}),
+        "{not json",
+        json.dumps({"instruction": "Add.", "output": 5}),
+        json.dumps({"instruction": "Add.", "input": "2 + 2", "output": ""}),
+        json.dumps({"instruction": "Echo. " * 200, "output": "a"}),
+        json.dumps({"instruction": "Add.", "input": "3 + 3", "output": "6 " * 100}),
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_bad_records_are_rejected_with_their_line_by_default(tok, tmp_path) -> None:
+    path = _bad_file(tmp_path)
+    with pytest.raises(ID3Error, match=r"bad.jsonl:2: invalid JSON"):
+        tokenize_records(load_records(path), "alpaca", tok, 64)
+
+
+def test_bad_records_are_skipped_and_counted_on_request(tok, tmp_path) -> None:
+    from id3_ds.data.loading import RecordPolicy
+
+    policy = RecordPolicy("skip")
+    examples = tokenize_records(load_records(_bad_file(tmp_path), policy), "alpaca", tok, 64, policy=policy)
+    assert len(examples) == 2  # the good record and the over-long one, truncated
+    assert policy.skipped == {"malformed": 2, "empty": 1, "truncated away": 1}
+    assert policy.truncated == 2
+    assert all(len(e.input_ids) <= 64 for e in examples)
+    assert "2 malformed skipped" in policy.summary(len(examples))

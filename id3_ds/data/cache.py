@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from id3_ds.data.loading import Example, TokenizedDataset, label_names, load_records, pack, tokenize_records
+from id3_ds.data.loading import (
+    Example,
+    RecordPolicy,
+    TokenizedDataset,
+    label_names,
+    load_records,
+    pack,
+    tokenize_records,
+)
 from id3_ds.errors import ID3Error
 
 CACHE_VERSION = "1"
@@ -32,6 +40,7 @@ class DataSpec:
     max_length: int
     packing: bool = False
     labels: tuple[str, ...] | None = None  # classification: fixed label names, else found in the data
+    bad_records: str = "error"  # see RecordPolicy
 
 
 def _data_files(path: str) -> list[Path]:
@@ -42,7 +51,9 @@ def _data_files(path: str) -> list[Path]:
 
 
 def cache_key(spec: DataSpec, tokenizer_dir: str, chat_template: str | None) -> str:
-    h = hashlib.sha256(json.dumps([CACHE_VERSION, spec.format, spec.max_length, spec.packing, spec.labels]).encode())
+    h = hashlib.sha256(
+        json.dumps([CACHE_VERSION, spec.format, spec.max_length, spec.packing, spec.labels, spec.bad_records]).encode()
+    )
     for f in _data_files(spec.path):
         h.update(f.name.encode())
         h.update(hashlib.sha256(f.read_bytes()).digest())
@@ -58,11 +69,13 @@ def cache_key(spec: DataSpec, tokenizer_dir: str, chat_template: str | None) -> 
 
 def build_examples(spec: DataSpec, tokenizer: Any) -> tuple[list[Example], list[str] | None]:
     """Read, validate and tokenise (no cache): the examples, and the label names for classification."""
-    records = load_records(spec.path)
+    policy = RecordPolicy(spec.bad_records)
+    records = load_records(spec.path, policy)
     names = None
     if spec.format == "classification":
-        names = label_names(records, list(spec.labels) if spec.labels else None)
-    examples = tokenize_records(records, spec.format, tokenizer, spec.max_length, names)
+        names = label_names(records, list(spec.labels) if spec.labels else None, policy)
+    examples = tokenize_records(records, spec.format, tokenizer, spec.max_length, names, policy)
+    print(f"{spec.path}: {policy.summary(len(examples))}", flush=True)
     if spec.packing:
         if spec.format == "classification":
             raise ID3Error("data.packing does not apply to classification data; set data.packing=false")

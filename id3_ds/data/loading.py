@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +13,44 @@ from id3_ds.data.formats import classification_fields, segments
 from id3_ds.errors import ID3Error
 
 IGNORE = -100
+BAD_RECORD_MODES = ("error", "skip")
 
 
-def load_records(path: str | Path) -> list[tuple[str, Any]]:
+@dataclass
+class RecordPolicy:
+    """data.bad_records: "error" stops at the first malformed or empty record, naming its file and line;
+    "skip" drops such records and counts them. Over-long records are truncated to max_length either way,
+    and one whose response is truncated away entirely is dropped (counted): length is a setting, not a fault.
+    """
+
+    mode: str = "error"
+    skipped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+
+    def reject(self, reason: str, message: str) -> None:
+        if self.mode == "error":
+            raise ID3Error(message if reason != "empty" else f"{message}; fix it or set data.bad_records=skip")
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def drop(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def summary(self, kept: int) -> str:
+        parts = [f"{kept} examples"] + [f"{n} {why} skipped" for why, n in sorted(self.skipped.items())]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated to max_length")
+        return "data: " + ", ".join(parts)
+
+
+def load_records(path: str | Path, policy: RecordPolicy | None = None) -> list[tuple[str, Any]]:
     """(where, record) pairs from a .json array, a .jsonl file, or a directory of them (sorted)."""
+    policy = policy or RecordPolicy()
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
         if not files:
             raise ID3Error(f"data directory {path} holds no .json or .jsonl file")
-        return [r for f in files for r in load_records(f)]
+        return [r for f in files for r in load_records(f, policy)]
     if not path.is_file():
         raise ID3Error(f"data file {path} does not exist; set data.path to a JSON/JSONL file or directory")
     text = path.read_text(encoding="utf-8")
@@ -41,7 +69,7 @@ def load_records(path: str | Path) -> list[tuple[str, Any]]:
         try:
             out.append((f"{path}:{lineno}", json.loads(line)))
         except json.JSONDecodeError as e:
-            raise ID3Error(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            policy.reject("malformed", f"{path}:{lineno}: invalid JSON ({e.msg})")
     return out
 
 
@@ -54,9 +82,20 @@ class Example:
     label: int | None = None
 
 
-def label_names(records: list[tuple[str, Any]], given: list[str] | None = None) -> list[str]:
-    """The class names, in id order: `given` (data.labels) as is, else the sorted distinct labels."""
-    found = {classification_fields(rec, where)[1] for where, rec in records}
+def label_names(
+    records: list[tuple[str, Any]], given: list[str] | None = None, policy: RecordPolicy | None = None
+) -> list[str]:
+    """The class names, in id order: `given` (data.labels) as is, else the sorted distinct labels.
+
+    With a skipping policy, malformed records are left out here (tokenize_records counts them).
+    """
+    found = set()
+    for where, rec in records:
+        try:
+            found.add(classification_fields(rec, where)[1])
+        except ID3Error:
+            if policy is None or policy.mode == "error":
+                raise
     if given:
         return list(given)
     if len(found) < 2:
@@ -70,28 +109,41 @@ def tokenize_records(
     tokenizer: Any,
     max_length: int,
     labels: list[str] | None = None,
+    policy: RecordPolicy | None = None,
 ) -> list[Example]:
     """Token ids and labels (-100 outside responses), BOS first and EOS after the last response.
 
     classification: the tokenizer's own special tokens ([CLS] ... [SEP] for BERT), and the record's label
     as an id into `labels` (required; see `label_names`).
     """
+    policy = policy or RecordPolicy()
     if fmt == "classification":
-        return _tokenize_classification(records, tokenizer, max_length, labels)
+        return _tokenize_classification(records, tokenizer, max_length, labels, policy)
     out = []
     for where, rec in records:
+        try:
+            pieces = segments(rec, fmt, tokenizer, where)
+        except ID3Error as e:
+            policy.reject("malformed", str(e))
+            continue
+        if not any(text.strip() for text, loss in pieces if loss):
+            policy.reject("empty", f"{where}: the response is empty, nothing to learn")
+            continue
         ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         labels: list[int] = [IGNORE] * len(ids)
-        for text, loss in segments(rec, fmt, tokenizer, where):
+        for text, loss in pieces:
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
             labels += piece if loss else [IGNORE] * len(piece)
         if fmt != "messages" and tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
             labels.append(tokenizer.eos_token_id)
-        ids, labels = ids[:max_length], labels[:max_length]
+        if len(ids) > max_length:
+            policy.truncated += 1
+            ids, labels = ids[:max_length], labels[:max_length]
         if all(label == IGNORE for label in labels[1:]):
-            continue  # the response was truncated away: nothing to learn
+            policy.drop("truncated away")  # the response lies beyond max_length: nothing to learn
+            continue
         out.append(Example(ids, labels))
     if not out:
         raise ID3Error("no usable training example: every record was empty or truncated away (raise data.max_length)")
@@ -99,17 +151,27 @@ def tokenize_records(
 
 
 def _tokenize_classification(
-    records: list[tuple[str, Any]], tokenizer: Any, max_length: int, labels: list[str] | None
+    records: list[tuple[str, Any]], tokenizer: Any, max_length: int, labels: list[str] | None, policy: RecordPolicy
 ) -> list[Example]:
     if not labels:
         raise ID3Error("classification data needs its label names (data.labels, or found in the training data)")
     ids_of = {name: i for i, name in enumerate(labels)}
     out = []
     for where, rec in records:
-        text, label = classification_fields(rec, where)
-        if label not in ids_of:
-            raise ID3Error(f"{where}: label {label!r} is not one of {labels}; fix the record or set data.labels")
-        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        try:
+            text, label = classification_fields(rec, where)
+            if label not in ids_of:
+                raise ID3Error(f"{where}: label {label!r} is not one of {labels}; fix the record or set data.labels")
+        except ID3Error as e:
+            policy.reject("malformed", str(e))
+            continue
+        if not text.strip():
+            policy.reject("empty", f"{where}: the text is empty")
+            continue
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(ids) > max_length:
+            policy.truncated += 1
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"] if len(ids) > max_length else ids
         out.append(Example(ids, [], ids_of[label]))
     if not out:
         raise ID3Error("no usable classification example: the data file is empty")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from id3_ds.data.cache import DataSpec
-from id3_ds.data.loading import IGNORE, Example, label_names, load_records, pack, tokenize_records
+from id3_ds.data.loading import IGNORE, Example, RecordPolicy, label_names, load_records, pack, tokenize_records
 
 OPEN, CLOSE = "[[", "]]"  # around the tokens the loss is computed on
 
@@ -36,14 +36,14 @@ def _run(tokenizer: Any, ids: list[int], loss: bool) -> str:
 
 def preview(spec: DataSpec, tokenizer: Any, n: int = 3) -> str:
     """The first n processed examples of a data set, numbered, with token counts (no cache involved)."""
-    records = load_records(spec.path)
-    names = (
-        label_names(records, list(spec.labels) if spec.labels else None) if spec.format == "classification" else None
-    )
-    examples = tokenize_records(records, spec.format, tokenizer, spec.max_length, names)
+    policy = RecordPolicy(spec.bad_records)
+    records = load_records(spec.path, policy)
+    given = list(spec.labels) if spec.labels else None
+    names = label_names(records, given, policy) if spec.format == "classification" else None
+    examples = tokenize_records(records, spec.format, tokenizer, spec.max_length, names, policy)
     if spec.packing:
         examples = pack(examples, spec.max_length)
-    head = [f"{len(examples)} examples from {spec.path} (format {spec.format}, max_length {spec.max_length})"]
+    head = [f"{policy.summary(len(examples))} from {spec.path} (format {spec.format}, max_length {spec.max_length})"]
     if names:
         head.append(f"labels: {', '.join(f'{i}={x}' for i, x in enumerate(names))}")
     else:
