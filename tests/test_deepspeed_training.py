@@ -94,9 +94,10 @@ def test_zero_stage_budget_frozen_entries_and_plain_torch_agreement(stage, runs,
     "variant",
     [
         ["deepspeed.zero_optimization.stage=3", "train.optimizer=torch_adamw", "model.gradient_checkpointing=true"],
-        ["deepspeed.zero_optimization.stage=0"],  # FP16_Optimizer in bf16: masters apart from the weights
+        # FP16_Optimizer in bf16: masters apart from the weights; per-entry bias correction in its inner hooks
+        ["deepspeed.zero_optimization.stage=0", "id3.bias_correction=per_entry"],
     ],
-    ids=["zero3-client-adamw-checkpointing", "zero0-deepspeed-adamw"],
+    ids=["zero3-client-adamw-checkpointing", "zero0-deepspeed-adamw-per-entry"],
 )
 def test_bf16_keeps_unchosen_entries_bit_identical(variant, tmp_path, env, base_dir) -> None:
     ok(train([*COMMON, "model.dtype=bf16", *variant, f"train.output_dir={tmp_path}"], env=env))
