@@ -305,8 +305,9 @@ def main() -> None:
     r0 = rows[0]
     text = (
         f"{table(rows)}\n\nB = {r0['budget']:,} entries over T = {r0['steps']} steps (k = {r0['k_first']:,} per step "
-        f"at first): mask state 16 B x entries held by the rank; all-gather = world x k x 16 B per step, "
-        f"{r0['world'] * 16 * r0['budget']:,} B over the run. 'ratio above imports' divides peak RSS less the RSS "
+        "at first): mask state 16 B x entries held by the rank; all-gather = round A world x ceil(2k/world) "
+        "x 16 B per step plus round B only when one rank holds most winners (id3_ds.integration.collectives). "
+        "'ratio above imports' divides peak RSS less the RSS "
         "after imports (what training adds); 'ratio less mask' removes ID3's B-proportional mask state first. "
         "Peaks are the highest over the repeats; 'spread' is the largest max - min of one rank's peak over them "
         "(the noise level). before_step() RSS growth is the most RSS grew inside one ID3 step: the scoring "

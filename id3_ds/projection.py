@@ -6,9 +6,10 @@ against a measured small run (benchmarks/bench_projection.py --validate does, an
 - mask state: 16 bytes per chosen entry (int64 position + int32 step chosen + fp32 base value;
   id3_ds.algorithm.mask), held by the rank that owns the entry. ZeRO-3 partitions every parameter evenly,
   so at the end of training a rank holds about 16 * B / world bytes (exactly 16 * B summed over ranks).
-- all-gather: every rank contributes exactly k (score, key) float64 pairs, k = u_t = entries unmasked at
-  step t (ceil(B / T) during the first B mod T steps, floor after; id3_ds.algorithm.schedule), and
-  receives world * k * 16 bytes (id3_ds.integration.collectives). Summed over the run: world * 16 * B.
+- all-gather (id3_ds.integration.collectives), k = u_t = entries unmasked at step t (ceil(B / T) during
+  the first B mod T steps, floor after): round A, every step, each rank receives world * ceil(2k / world)
+  (score, key) float64 pairs of 16 bytes, about 32 k bytes whatever the world size; round B adds up to
+  world * k * 16 bytes only when one rank holds most of a step's winners (0 when they are spread).
 - scoring buffers: selection scores CHUNK entries at a time; the fp32 score buffer and the |theta| + eps
   temporary are CHUNK * 4 bytes each, plus one fp32 maximum per BLOCK entries: a constant per rank.
 - delta: per tuned tensor an index (int32, int64 for tensors of >= 2^31 entries) and an fp32 value per
@@ -82,13 +83,31 @@ def mask_bytes_per_rank(budget: int, world: int) -> float:
 
 
 def allgather_bytes(budget: int, steps: int, world: int, step: int = 0) -> int:
-    """Bytes each rank receives from the selection all-gather at `step` (0 with one rank: no collective)."""
-    return PAIR_BYTES * world * per_step(budget, steps, step) if world > 1 else 0
+    """Bytes each rank receives from round A of the selection at `step`: world x ceil(2k / world) pairs.
+
+    This is the whole cost when the winners are spread over the ranks (round B then has nothing to send);
+    `allgather_bytes_worst` adds round B's bound. 0 with one rank: no collective.
+    """
+    if world == 1:
+        return 0
+    return PAIR_BYTES * world * max(1, -(-2 * per_step(budget, steps, step) // world))
 
 
-def allgather_bytes_run(budget: int, world: int) -> int:
-    """Bytes each rank receives from the selection all-gathers over the whole run: sum of u_t is B."""
-    return PAIR_BYTES * world * budget if world > 1 else 0
+def allgather_bytes_worst(budget: int, steps: int, world: int, step: int = 0) -> int:
+    """Round A plus round B at its largest (one rank holds every winner): + world x k pairs."""
+    if world == 1:
+        return 0
+    return allgather_bytes(budget, steps, world, step) + PAIR_BYTES * world * per_step(budget, steps, step)
+
+
+def allgather_bytes_run(budget: int, steps: int, world: int) -> int:
+    """Round A bytes each rank receives over the whole run (winners spread over the ranks)."""
+    return sum(allgather_bytes(budget, steps, world, t) for t in range(steps))
+
+
+def allgather_bytes_run_worst(budget: int, steps: int, world: int) -> int:
+    """All-gather bytes per rank over the run if one rank held every step's winners."""
+    return allgather_bytes_run(budget, steps, world) + (PAIR_BYTES * world * budget if world > 1 else 0)
 
 
 def scoring_buffer_bytes() -> int:
@@ -126,6 +145,7 @@ class Projection:
     mask_per_rank: float
     scoring_buffer: int
     allgather_per_step: int
+    allgather_per_step_worst: int
     allgather_run: int
     delta_bytes: int
 
@@ -143,7 +163,8 @@ def project(model: ModelSpec, world: int, fraction: float, steps: int) -> Projec
         mask_per_rank=mask_bytes_per_rank(b, world),
         scoring_buffer=scoring_buffer_bytes(),
         allgather_per_step=allgather_bytes(b, steps, world),
-        allgather_run=allgather_bytes_run(b, world),
+        allgather_per_step_worst=allgather_bytes_worst(b, steps, world),
+        allgather_run=allgather_bytes_run(b, steps, world),
         delta_bytes=delta_bytes_bound(b, model.tensors, model.largest_tensor),
     )
 
@@ -160,13 +181,14 @@ def human(n: float) -> str:
 def table(rows: list[Projection]) -> str:
     lines = [
         "| model | GPUs | budget | B (entries) | k = ceil(B/T) | mask/rank | scoring buffer/rank "
-        "| all-gather/step/rank | all-gather/run/rank | delta |",
+        "| all-gather/step/rank (spread; one rank wins all) | all-gather/run/rank (spread) | delta |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for p in rows:
         lines.append(
             f"| {p.model} | {p.world} | {p.fraction * 100:g} % | {p.budget:,} | {p.k:,} | {human(p.mask_per_rank)} "
-            f"| {human(p.scoring_buffer)} | {human(p.allgather_per_step)} | {human(p.allgather_run)} "
+            f"| {human(p.scoring_buffer)} | {human(p.allgather_per_step)}; {human(p.allgather_per_step_worst)} "
+            f"| {human(p.allgather_run)} "
             f"| {human(p.delta_bytes)} |"
         )
     return "\n".join(lines)

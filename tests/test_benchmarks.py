@@ -19,7 +19,7 @@ from id3_ds import projection as pj
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_bench(name: str, *args: str, timeout: int = 240) -> str:
+def run_bench(name: str, *args: str, timeout: int = 600) -> str:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / name), "--quick", "--no-record", *args],
         cwd=ROOT,
@@ -55,8 +55,9 @@ def test_memory_quick_reports_ratio_and_exact_id3_bytes() -> None:
         for r in ranks:
             assert r["ratio"] > 0 and r["full_peak"] > 0
             assert r["mask_bytes"] == 16 * r["chosen_local"]
-            assert r["allgather_calls"] == r["steps"]
-            assert r["allgather_bytes"] == pj.allgather_bytes_run(r["budget"], r["world"])
+            assert r["steps"] <= r["allgather_calls"] <= 2 * r["steps"]  # round A every step, round B when needed
+            low = pj.allgather_bytes_run(r["budget"], r["steps"], r["world"])
+            assert low <= r["allgather_bytes"] <= pj.allgather_bytes_run_worst(r["budget"], r["steps"], r["world"])
 
 
 @pytest.mark.slow
@@ -70,7 +71,9 @@ def test_projection_matches_a_measured_tiny_zero3_run() -> None:
     m = res["measured"]
     assert res["agree"], out
     assert sum(m["mask_bytes"]) == pj.mask_bytes_total(m["budget"])
-    assert [sum(a) for a in m["allgather"]] == [pj.allgather_bytes_run(m["budget"], m["world"])] * m["world"]
+    b, t, w = m["budget"], m["steps"], m["world"]
+    for got in m["allgather"]:
+        assert pj.allgather_bytes_run(b, t, w) <= sum(got) <= pj.allgather_bytes_run_worst(b, t, w)
     assert m["delta_payload"] == pj.delta_payload_bytes(m["budget"])
 
 
@@ -80,7 +83,8 @@ def test_projection_formulas_on_known_numbers() -> None:
     assert b == 6_740_000
     assert pj.per_step(b, 1218) == -(-b // 1218)  # ceil at the first steps
     assert pj.per_step(b, 1218, 1217) == b // 1218
-    assert pj.allgather_bytes(b, 1218, 8) == 8 * 16 * 5534
+    assert pj.allgather_bytes(b, 1218, 8) == 8 * 16 * -(-2 * 5534 // 8)  # round A: 2k pairs over 8 ranks
+    assert pj.allgather_bytes_worst(b, 1218, 8) == pj.allgather_bytes(b, 1218, 8) + 8 * 16 * 5534
     assert pj.allgather_bytes(b, 1218, 1) == 0
     assert pj.mask_bytes_per_rank(b, 64) == 16 * b / 64
     assert pj.delta_payload_bytes(b) == 8 * b
