@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,15 +39,23 @@ def train(
     else:
         cmd = [sys.executable, TRAIN]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
+    # own process group: on a timeout every rank dies with the launcher, none is left running
+    proc = subprocess.Popen(
         [*cmd, "--config", config, *overrides, "train.progress_bar=false"],
         cwd=ROOT,
         env=full_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        timeout=timeout,
+        start_new_session=True,
     )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, None)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
