@@ -36,28 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_step_overhead import batch, build_model  # noqa: E402
+from bench_step_overhead import batch, deepspeed_llama  # noqa: E402
+from memstat import proc_status, reset_peak  # noqa: E402
 
 from id3_ds import projection as pj  # noqa: E402
-
-
-def proc_status(key: str) -> int:
-    """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def reset_peak() -> bool:
-    """VmHWM := current RSS (Linux >= 4.0), so the next peak belongs to what runs next."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def fix_mmap_threshold() -> None:
@@ -100,22 +82,7 @@ def run_worker(size: str, steps: int, stage: int, method: str, budget: float, ou
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     rss_imports = proc_status("VmRSS:")
-    ds = {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": stage},
-        "steps_per_print": 10**9,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0}},
-    }
-    if stage == 3:
-        import transformers.models.llama.modeling_llama  # noqa: F401  (import torch._dynamo outside zero.Init)
-
-        with deepspeed.zero.Init(config_dict_or_path=ds):
-            model = build_model(size)
-    else:
-        model = build_model(size)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    engine, model = deepspeed_llama(size, stage)
     hook = DeepSpeedID3(engine, ID3Config(budget=budget), steps=steps, weight_decay=0.0) if method == "id3" else None
     rss_engine = proc_status("VmRSS:")
     vocab = model.config.vocab_size

@@ -31,6 +31,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from memstat import proc_status, reset_peak  # noqa: E402
 
 from id3_ds.algorithm.config import ID3Config  # noqa: E402
 from id3_ds.algorithm.id3 import ID3  # noqa: E402
@@ -53,25 +56,6 @@ class ViewAccess:
 
     def value(self) -> torch.Tensor:
         return self._value
-
-
-def proc_status(key: str) -> int:
-    """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so the next peak belongs to what runs next."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def release_freed_memory() -> bool:

@@ -101,15 +101,10 @@ def run_plain(size: str, pairs: int) -> dict:
     return summarize(times, id3, pairs, 1, id3.schedule.per_step(0))
 
 
-def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
+def deepspeed_llama(size: str, stage: int):
+    """(engine, model): the benchmark model under DeepSpeed AdamW at `stage` (built partitioned at stage 3)."""
     import deepspeed
-    import torch.distributed as dist
 
-    from id3_ds import ID3Config
-    from id3_ds.integration.hook import DeepSpeedID3
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     ds = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
@@ -126,6 +121,19 @@ def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
     else:
         model = build_model(size)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    return engine, model
+
+
+def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    from id3_ds import ID3Config
+    from id3_ds.integration.hook import DeepSpeedID3
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine, model = deepspeed_llama(size, stage)
     hook = DeepSpeedID3(engine, ID3Config(budget=0.001), steps=1000, weight_decay=0.0)
     hook.id3.timer.enabled = True
     times = {"full": [], "id3": []}
