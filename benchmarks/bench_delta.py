@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,9 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results import append_results  # noqa: E402
 
 from id3_ds.algorithm.mask import MaskState, ParamMask  # noqa: E402
 from id3_ds.checkpoint import checkpoint_dir, mark_complete, write_id3_shard  # noqa: E402
@@ -173,14 +175,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(r))
     if not args.no_record:
-        import platform
-
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(
-                f"\n## Delta and merge ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, "
-                f"torch {torch.__version__})\n\n`python benchmarks/bench_delta.py{' --quick' if args.quick else ''}`"
-                f"\n\n{text}\n"
-            )
+        flag = " --quick" if args.quick else ""
+        append_results("Delta and merge", "synthetic bf16 base", f"python benchmarks/bench_delta.py{flag}", text)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,11 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,6 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_step_overhead import batch, deepspeed_llama  # noqa: E402
 from memstat import proc_status, reset_peak  # noqa: E402
+from results import append_results  # noqa: E402
 
 from id3_ds import projection as pj  # noqa: E402
 
@@ -228,17 +225,13 @@ def table(rows: list[dict]) -> str:
 
 
 def record(text: str, args: argparse.Namespace, size: str, steps: int) -> None:
-    import deepspeed
-
     flags = " --quick" if args.quick else ""
     flags += f" --budget {args.budget}" if args.budget != 0.01 else ""
-    with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-        f.write(
-            f"\n## Memory: ID3 vs full fine-tuning ({time.strftime('%Y-%m-%d')}, {platform.machine()}, "
-            f"{os.cpu_count()} CPU cores, torch {torch.__version__}, deepspeed {deepspeed.__version__}, fp32, "
-            f"{size} model, 2 ranks, {steps} steps, budget {args.budget * 100:g} % reached at the last step, "
-            f"AdamW, micro-batch 2x128 tokens)\n\n`python benchmarks/bench_memory.py{flags}`\n\n{text}\n"
-        )
+    details = (
+        f"fp32, {size} model, 2 ranks, {steps} steps, budget {args.budget * 100:g} % reached at the last step, "
+        "AdamW, micro-batch 2x128 tokens"
+    )
+    append_results("Memory: ID3 vs full fine-tuning", details, f"python benchmarks/bench_memory.py{flags}", text)
 
 
 def main() -> None:

@@ -16,17 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import runpy
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results import append_results  # noqa: E402
 
 from id3_ds import projection as pj  # noqa: E402
 
@@ -170,15 +171,7 @@ def validation_table(rows: list[tuple[str, str, str, bool]]) -> str:
 
 
 def record(text: str, cmd: str) -> None:
-    import deepspeed
-    import torch
-
-    with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-        f.write(
-            f"\n## Projection to real scale ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU "
-            f"cores, torch {torch.__version__}, deepspeed {deepspeed.__version__}; ZeRO-3, all entries selectable)"
-            f"\n\n`{cmd}`\n\n{text}\n"
-        )
+    append_results("Projection to real scale", "ZeRO-3, all entries selectable", cmd, text)
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from memstat import proc_status, reset_peak  # noqa: E402
+from results import append_results  # noqa: E402
 
 from id3_ds.algorithm.config import ID3Config  # noqa: E402
 from id3_ds.algorithm.id3 import ID3  # noqa: E402
@@ -206,14 +206,12 @@ def mask_table(bytes_per_chosen: float) -> str:
 def record(text: str, quick: bool, load: tuple[float, float]) -> None:
     """Append a section; the load averages (start, end) tell a reader whether other jobs shared the cores."""
     threads = f" --threads {torch.get_num_threads()}" if torch.get_num_threads() != 1 else ""
-    with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-        f.write(
-            f"\n## Selection scaling ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, fp32, budget {BUDGET * 100:g} % "
-            f"over {STEPS} steps, selector at step {STEPS // 2}, slices of 2^24 entries; 1-minute load average "
-            f"{load[0]:.1f} at start, {load[1]:.1f} at end)\n\n"
-            f"`python benchmarks/bench_selection_scaling.py{' --quick' if quick else ''}{threads}`\n\n{text}\n"
-        )
+    details = (
+        f"{torch.get_num_threads()} torch threads, fp32, budget {BUDGET * 100:g} % over {STEPS} steps, selector at "
+        f"step {STEPS // 2}, slices of 2^24 entries, 1-minute load average {load[0]:.1f} at start, {load[1]:.1f} at end"
+    )
+    flags = f"{' --quick' if quick else ''}{threads}"
+    append_results("Selection scaling", details, f"python benchmarks/bench_selection_scaling.py{flags}", text)
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results import append_results  # noqa: E402
 
 SIZES = {  # hidden, layers, intermediate, vocab
     "100M": (768, 12, 2048, 8192),
@@ -221,15 +223,9 @@ def main() -> None:
     text = table(rows)
     print(text)
     if not args.no_record:
-        import deepspeed
-
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(
-                f"\n## Step overhead ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU "
-                f"cores, torch {torch.__version__}, deepspeed {deepspeed.__version__}, fp32, micro-batch 2x128 "
-                f"tokens, budget 0.1 % over 1000 steps)\n\n`python benchmarks/bench_step_overhead.py"
-                f"{' --quick' if args.quick else ''}`\n\n{text}\n"
-            )
+        details = "fp32, micro-batch 2x128 tokens, budget 0.1 % over 1000 steps"
+        flag = " --quick" if args.quick else ""
+        append_results("Step overhead", details, f"python benchmarks/bench_step_overhead.py{flag}", text)
 
 
 if __name__ == "__main__":
