@@ -134,6 +134,7 @@ def main(argv: list[str]) -> None:
 
     # -- resume ---------------------------------------------------------------------------------------
     start = checkpoints.resume(engine, hook, cfg, world)
+    engine.train()  # from_pretrained returns eval mode (dropout off); an eval pass would otherwise flip it mid-run
     if method is not None and method.fisher is not None and hook.id3.step == 0:  # fish: g^2 before step 0
         fisher_pass(engine, hook.id3, method.fisher, micro_batch, cfg.id3.fish_batches, t.grad_accum)
     logger = RunLogger(t.output_dir, is_main, steps, start, t.progress_bar, t.tensorboard)

@@ -121,6 +121,28 @@ def test_cpu_offload_matches_plain_torch(tmp_path, env, base_dir) -> None:
         torch.testing.assert_close(final[name], ref_weights[name], atol=2e-5, rtol=1e-4)
 
 
+def test_evaluation_does_not_change_training_dropout_is_on_throughout(tmp_path, env, base_dir) -> None:
+    """from_pretrained hands back a model in eval mode: training must switch dropout on from step 1, so a run
+    that evaluates every step ends with the same weights as one that never evaluates."""
+    import json
+    import shutil
+
+    model = tmp_path / "dropout-model"
+    shutil.copytree(base_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    finals = []
+    evaluate_every_step = ["data.eval_path=id3_ds/resources/tiny_alpaca.jsonl", "train.eval_steps=1"]
+    for name, extra in (("plain", []), ("eval", evaluate_every_step)):
+        out = tmp_path / name
+        args = [*COMMON, f"model.name_or_path={model}", "train.steps=3", *extra]
+        ok(train([*args, "train.save_steps=0", f"train.output_dir={out}"], nproc=1, env=env))
+        finals.append(weights(out / "final_model"))
+    assert finals[0].keys() == finals[1].keys()
+    for key in finals[0]:
+        assert torch.equal(finals[0][key], finals[1][key]), key
+
+
 def test_resume_after_a_killed_rank_reproduces_the_uninterrupted_run(tmp_path, env, runs) -> None:
     args = [*COMMON, "deepspeed.zero_optimization.stage=2", f"train.output_dir={tmp_path}"]
     killed = train(args, env={**env, "ID3_DS_FAULT": "kill_after_step:4:1"})
