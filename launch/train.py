@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
     from id3_ds.training import checkpoints
     from id3_ds.training.batches import micro_batch_indices, total_steps
     from id3_ds.training.faults import maybe_hang, maybe_kill, maybe_poison
-    from id3_ds.training.guards import stop_if_nonfinite
+    from id3_ds.training.guards import clear_stale_build_locks, stop_if_nonfinite
     from id3_ds.training.logging import RunLogger
     from id3_ds.training.lr import lr_lambda
 
@@ -60,6 +60,7 @@ def main(argv: list[str]) -> None:
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)  # `python launch/train.py` alone runs one process
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    clear_stale_build_locks()  # before DeepSpeed builds its CPU ops: a dead build's lock would hang us forever
     accel = get_accelerator()
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
     timeout = timedelta(seconds=cfg.train.collective_timeout_s)  # a hung rank ends the job instead of hanging

@@ -68,6 +68,24 @@ def test_unwritable_output_dir_is_refused_before_training(tmp_path, env) -> None
     assert proc.returncode == 2 and "is not writable" in proc.stdout and "Traceback" not in proc.stdout
 
 
+def test_a_dead_builds_torch_extension_lock_is_removed_and_a_live_one_kept(tmp_path, capsys) -> None:
+    """A lock left by a build killed mid-way would make every later DeepSpeed start wait forever."""
+    import os
+
+    from id3_ds.training.guards import clear_stale_build_locks
+
+    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    live = tmp_path / "py311_cpu" / "cpu_adam" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    assert clear_stale_build_locks(root=str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists()
+    assert "stale torch build lock" in capsys.readouterr().err
+
+
 def test_merge_killed_mid_write_leaves_no_loadable_model_and_rerun_succeeds(tmp_path) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_delta import build_base, build_checkpoint

@@ -122,3 +122,29 @@ def ensure_disk_for_checkpoint(output_dir: str, engine) -> None:
             f"not enough disk space for the next checkpoint in {output_dir} ({detail}); free space or set "
             "train.output_dir elsewhere, then resume: earlier checkpoints are intact"
         )
+
+
+def clear_stale_build_locks(max_age_s: float = 900.0, root: str | None = None) -> list[str]:
+    """Remove torch-extension build locks older than `max_age_s`; returns the paths removed.
+
+    DeepSpeed JIT-compiles its CPU ops through torch.utils.cpp_extension, which takes a `lock` file in the
+    op's build directory and makes every other process wait until the file is gone. A run killed during
+    the build leaves the lock behind and every later run waits on it forever, silently. A build takes a
+    minute or two, so a lock untouched for 15 minutes belongs to a dead process.
+    """
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    removed = []
+    now = time.time()
+    for lock in Path(root).glob("*/*/lock"):  # py311_cpu/<op>/lock
+        try:
+            if now - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(str(lock))
+        except FileNotFoundError:  # another rank of this node removed it first
+            pass
+    for path in removed:
+        print(f"note: removed a stale torch build lock left by a killed run: {path}", file=sys.stderr, flush=True)
+    return removed
