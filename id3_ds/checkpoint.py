@@ -4,24 +4,32 @@
         ds/                                   DeepSpeed engine state (optimizer, weights), per rank
         id3/shard-00000-of-00002.safetensors  each rank's chosen entries: global flat indices, step
                                               chosen, base value, current value (see MaskState)
+        id3/lora.safetensors                  LoRA runs only: every LoRA A/B matrix, whole (ZeRO-3
+                                              gathered) and fp32, plus the LoRA settings in its metadata
         COMPLETE                              JSON, written last and atomically by rank 0 after every
                                               rank finished: a checkpoint without it is ignored
 
 The ID3 shards alone make a sparse delta (value - base), so `export-delta` never needs DeepSpeed's
-pickled files nor the processes that wrote them, and any world size can resume from them.
+pickled files nor the processes that wrote them, and any world size can resume from them. A LoRA run's
+delta also needs LoRA A's random init, which no base model holds: `id3/lora.safetensors` gives it (the
+current A with each chosen entry put back to its base value from the shards; unchosen entries never move).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
+
+import torch
 
 from id3_ds.algorithm.mask import MaskState
 from id3_ds.errors import ID3Error
 from id3_ds.io import write_json_atomic
 
 COMPLETE = "COMPLETE"
+LORA_FILE = "lora.safetensors"
 _CKPT = re.compile(r"^checkpoint-(\d{8})$")
 _SHARD = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
 
@@ -38,6 +46,37 @@ def write_id3_shard(ckpt: str | Path, rank: int, world_size: int, state: MaskSta
     path = shard_path(ckpt, rank, world_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     state.save(path, meta={**meta, "rank": rank, "world_size": world_size})
+
+
+def write_lora_state(ckpt: str | Path, tensors: dict[str, torch.Tensor], settings: dict) -> Path:
+    """The run's LoRA matrices (name -> whole fp32 tensor) and settings, written atomically by one rank."""
+    from safetensors.torch import save_file
+
+    path = Path(ckpt) / "id3" / LORA_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    data = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
+    save_file(data, str(tmp), metadata={"lora": json.dumps(settings, sort_keys=True)})
+    os.replace(tmp, path)
+    return path
+
+
+def read_lora_state(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(LoRA matrices, settings) of a LoRA run's checkpoint, or None when it has no id3/lora.safetensors."""
+    from safetensors import safe_open
+
+    path = Path(ckpt) / "id3" / LORA_FILE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            settings = json.loads((f.metadata() or {}).get("lora", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a truncated or garbled file
+        raise ID3Error(f"{path} is unreadable ({str(e)[:120]}): the checkpoint is corrupt") from None
+    if not isinstance(settings, dict):
+        raise ID3Error(f"{path} lacks its LoRA settings metadata: the checkpoint is corrupt")
+    return tensors, settings
 
 
 def mark_complete(ckpt: str | Path, info: dict) -> None:

@@ -256,12 +256,11 @@ def _check_method(cfg: RunConfig) -> None:
         raise ID3Error("train.eval_steps is set but data.eval_path is not: give an eval file or set eval_steps=0")
     if cfg.data.packing and cfg.data.format == "classification":
         raise ID3Error("data.packing does not apply to classification data; set data.packing=false")
-    if t.export_delta and (cfg.data.format == "classification" or lora.rank):
-        what = "a fresh classification head" if cfg.data.format == "classification" else "LoRA matrices"
+    if t.export_delta and cfg.data.format == "classification":  # LoRA runs export (A init + sparse A/B)
         raise ID3Error(
-            f"train.export_delta: this run trains {what}, which the base model does not hold, so a sparse delta "
-            "against it cannot be written yet; set train.export_delta=false (train.save_final_model=true keeps "
-            "the model)"
+            "train.export_delta: this run trains a fresh classification head, which the base model does not "
+            "hold, so a sparse delta against it cannot be written; set train.export_delta=false "
+            "(train.save_final_model=true keeps the model)"
         )
     if cfg.data.labels is not None and cfg.data.format != "classification":
         raise ID3Error("data.labels applies only to data.format 'classification'; remove it")

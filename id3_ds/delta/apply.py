@@ -10,10 +10,12 @@ Exactness: in fp32, apply then remove restores the base exactly wherever fl(fl(b
 nearly always but not guaranteed; in bf16/fp16 each step rounds to the parameter's precision, so a round
 trip can move a touched entry by about one ulp. Keep a pristine copy if you need bit-exact restoration.
 
+A LoRA delta's modules are folded in place, W += (alpha/r)·B·A with the rebuilt A and B (fp32, cast back
+to W's dtype), and subtracted again by remove_delta (exact only up to that rounding).
+
 ZeRO-3: a parameter with `ds_id` is partitioned; each touched one is gathered with
 `deepspeed.zero.GatheredParameters(param, modifier_rank=0)`, modified on every rank identically, and
-re-partitioned on exit (rank 0's copy wins). Call it on every rank. This path is untested here (it needs a
-multi-process DeepSpeed run).
+re-partitioned on exit (rank 0's copy wins). Call it on every rank (tests/test_delta_zero3_apply.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from id3_ds.delta import st
 from id3_ds.delta.format import Delta, fingerprint_error, load_delta
+from id3_ds.delta.lora import fold
 from id3_ds.delta.merge import add_delta
 from id3_ds.errors import ID3Error
 
@@ -57,15 +60,20 @@ def _resolve(model: torch.nn.Module, delta: Delta) -> dict[str, torch.Tensor]:
     tensors = _tensors(model)
     found: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    for name, p in delta.params.items():
+    shapes = {name: p.shape for name, p in delta.params.items()}
+    shapes.update({w: m.shape for w, m in (delta.lora.modules if delta.lora else {}).items()})
+    for name in delta.touched:
         t = tensors.get(name)
         if t is None:
+            hint = " (pass the base model, not a PEFT-wrapped one)" if hasattr(model, "peft_config") else ""
             raise ID3Error(
                 f"delta {delta.root} touches {name}, which this model does not have: load the base model the "
-                "delta was exported from"
+                f"delta was exported from{hint}"
             )
-        if _shape(t) != p.shape:
-            raise ID3Error(f"delta {delta.root}: {name} has shape {list(p.shape)} but the model has {list(_shape(t))}")
+        if _shape(t) != shapes[name]:
+            raise ID3Error(
+                f"delta {delta.root}: {name} has shape {list(shapes[name])} but the model has {list(_shape(t))}"
+            )
         if not t.is_floating_point():
             raise ID3Error(f"delta {delta.root}: model tensor {name} is {t.dtype}, not floating point")
         if id(t) in seen:
@@ -92,9 +100,12 @@ def _add(model: torch.nn.Module, delta_dir: str | os.PathLike | Delta, scale: fl
     with torch.no_grad():
         for name, t in tensors.items():
             with _gathered(t, modify=True):
-                p = delta.params[name]
                 full = t.data
-                merged = add_delta(full, p, full.dtype, scale)  # in place for sparse deltas
+                if name in delta.params:
+                    merged = add_delta(full, delta.params[name], full.dtype, scale)  # in place for sparse deltas
+                else:
+                    a, b = delta.lora.modules[name].matrices()
+                    merged = fold(full, a.to(full.device), b.to(full.device), scale * delta.lora.scale, full.dtype)
                 if merged.data_ptr() != full.data_ptr():
                     full.copy_(merged)
     return delta

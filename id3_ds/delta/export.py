@@ -4,20 +4,33 @@ Every rank's `id3/shard-*.safetensors` carries its chosen entries' global indice
 values, so the delta (value - base) needs neither DeepSpeed's files nor the processes that wrote them, works
 for any ZeRO stage and world size, and costs O(B) memory plus one base tensor at a time (read to check that
 the checkpoint was trained from this base, and to fingerprint it).
+
+A LoRA run (PEFT names, `base_model.model.<module>.lora_A.default.weight`) also needs LoRA A's random
+init, which the base does not hold: the checkpoint's `id3/lora.safetensors` has every A and B whole, so
+A's init is that A with each chosen entry put back to its base value from the shards (unchosen entries
+never move), and B must be zero outside its chosen entries (its init is zero). Modules whose B has no
+chosen entry fold to nothing and are left out.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import torch
 
-from id3_ds.checkpoint import is_complete, latest_checkpoint, read_complete, read_id3_state
+from id3_ds.algorithm.mask import ParamMask
+from id3_ds.checkpoint import LORA_FILE, is_complete, latest_checkpoint, read_complete, read_id3_state, read_lora_state
 from id3_ds.delta import st
 from id3_ds.delta.base import BaseModel
-from id3_ds.delta.format import ParamDelta, write_delta
+from id3_ds.delta.format import LoraDelta, LoraModule, ParamDelta, write_delta
+from id3_ds.delta.lora import split_lora_name
 from id3_ds.errors import ID3Error
+
+PEFT_PREFIX = "base_model.model."
+# LoRA variants whose fold is not W + (alpha / r) * B @ A: refused rather than merged wrongly
+_UNSUPPORTED = ("use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -65,15 +78,18 @@ def export_delta(
     info = read_complete(ckpt)
     state, meta = read_id3_state(ckpt)
     base = BaseModel.open(base_dir)
-    for name, pm in state.params.items():  # cheap header checks first: fail before reading any weight
-        t = base.get(name)
+    lora_names = [name for name in state.params if split_lora_name(name)]
+    plain = {name: _base_name(name, base) for name in state.params if name not in lora_names}
+    for name, bname in plain.items():  # cheap header checks first: fail before reading any weight
+        pm = state.params[name]
+        t = base.get(bname)
         if t.info.shape != tuple(pm.shape):
             raise ID3Error(
                 f"checkpoint {ckpt} has {name} with shape {list(pm.shape)} but the base has {list(t.info.shape)}: "
                 "pass the base model the run was trained from"
             )
         if t.info.dtype not in st.FLOAT_DTYPES:
-            raise ID3Error(f"base tensor {name} is {t.info.dtype}, not floating point: it cannot carry a delta")
+            raise ID3Error(f"base tensor {bname} is {t.info.dtype}, not floating point: it cannot carry a delta")
         if pm.value is None:
             raise ID3Error(f"checkpoint {ckpt} has no current values for {name}: it was not written for export")
     params: dict[str, ParamDelta] = {}
@@ -81,13 +97,13 @@ def export_delta(
     fixes = 0
     trained_in = (info.get("model") or {}).get("dtype") if isinstance(info.get("model"), dict) else None
     train_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained_in)
-    for name in sorted(state.params):
-        pm = state.params[name]
+    for name in sorted(plain):
+        pm, bname = state.params[name], plain[name]
         if pm.indices.numel() == 0:  # a parameter the mask never reached: nothing to ship
             continue
-        tensor, sha = base.read(name)
-        t = base.tensors[name].info
-        prints[name] = {"shape": list(t.shape), "dtype": t.dtype, "sha256": sha}
+        tensor, sha = base.read(bname)
+        t = base.tensors[bname].info
+        prints[bname] = {"shape": list(t.shape), "dtype": t.dtype, "sha256": sha}
         on_disk = tensor.reshape(-1)[pm.indices].to(torch.float32)
         # a run may train in a lower precision than the base file (bf16 on an fp32 base): its starting
         # weights are the base rounded to that dtype
@@ -102,10 +118,17 @@ def export_delta(
         # the delta is against the base as stored, so base + delta gives the trained value exactly
         d, fix_at, fix = exact_delta(pm.value, on_disk)
         fixes += fix_at.numel()
-        dense = pm.indices.numel() == t.numel  # fully trainable: dense storage drops the indices
-        params[name] = ParamDelta(t.shape, t.dtype, d.reshape(t.shape) if dense else d, None if dense else pm.indices)
-        if fix_at.numel() and dtype == "fp32":
-            params[name].fix_at, params[name].fix = fix_at, fix
+        params[bname] = _param(t.shape, t.dtype, pm.indices, d, fix_at, fix, dtype)
+    lora = None
+    if lora_names:
+        lora, lora_fixes = _lora_delta(ckpt, state, base, train_dtype, dtype, prints)
+        fixes += lora_fixes
+        clash = sorted(set(lora.modules) & set(params))
+        if clash:
+            raise ID3Error(
+                f"checkpoint {ckpt} trains {clash[0]} both directly and through LoRA: a delta cannot carry both; "
+                "leave the LoRA-wrapped weights out of id3.fully_trainable"
+            )
     model = info.get("model") if isinstance(info.get("model"), dict) else {}
     id3 = {k: v for k, v in (info.get("id3") or {}).items() if isinstance(k, str)}
     id3.update(budget=meta.get("budget"), steps=meta.get("steps"), step=meta.get("step", info.get("step")))
@@ -118,6 +141,8 @@ def export_delta(
     }
     stats = {"world_size": meta.get("world_size"), "checkpoint": ckpt.name, "fixups": fixes if dtype == "fp32" else 0}
     id3["export"] = stats
+    if lora is not None and not lora.modules:
+        lora = None  # no B entry anywhere: the LoRA part folds to nothing
     return write_delta(
         out,
         params,
@@ -127,4 +152,102 @@ def export_delta(
         fingerprint_tensors=prints,
         overwrite=overwrite,
         protect=[base.root, ckpt],
+        lora=lora,
     )
+
+
+def _param(shape, base_dtype: str, indices, d, fix_at, fix, dtype: str) -> ParamDelta:
+    """A ParamDelta, dense when every entry is chosen (a fully trainable group: no indices needed)."""
+    dense = indices.numel() == math.prod(shape)
+    p = ParamDelta(tuple(shape), base_dtype, d.reshape(shape) if dense else d, None if dense else indices)
+    if fix_at.numel() and dtype == "fp32":
+        p.fix_at, p.fix = fix_at, fix
+    return p
+
+
+def _base_name(name: str, base: BaseModel) -> str:
+    """The base's name of a checkpoint parameter: itself, or a PEFT-wrapped name unwrapped."""
+    if name in base.tensors or not name.startswith(PEFT_PREFIX):
+        return name
+    plain = name[len(PEFT_PREFIX) :].replace(".base_layer.", ".")
+    copy = ".modules_to_save.default."
+    if copy in plain:
+        plain = plain.replace(copy, ".")
+        if plain not in base.tensors:
+            raise ID3Error(
+                f"{name} is PEFT's trainable copy of {plain}, which the base does not hold (a fresh classification "
+                "head): a delta cannot carry it; keep the model with train.save_final_model=true"
+            )
+    return plain
+
+
+def _lora_delta(ckpt: Path, state, base: BaseModel, train_dtype, dtype: str, prints: dict) -> tuple[LoraDelta, int]:
+    """The LoRA part of a checkpoint: per adapted base weight, A's init and A's and B's sparse entries."""
+    found = read_lora_state(ckpt)
+    if found is None:
+        raise ID3Error(
+            f"checkpoint {ckpt} trained LoRA matrices but has no id3/{LORA_FILE} (their init and settings): it "
+            "was written by an id3-ds without LoRA export; use the adapter of train.save_final_model=true instead"
+        )
+    dense, settings = found
+    bad = [k for k in _UNSUPPORTED if settings.get(k)]
+    if bad:
+        raise ID3Error(f"checkpoint {ckpt}: LoRA with {bad[0]} is not W + (alpha/r)·B·A; such a delta is not supported")
+    rank, alpha = settings.get("rank"), settings.get("alpha")
+    if not isinstance(rank, int) or rank <= 0 or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ID3Error(f"checkpoint {ckpt}/id3/{LORA_FILE} has no valid LoRA rank/alpha: the checkpoint is corrupt")
+    pairs: dict[str, dict[str, str]] = {}
+    for name in list(dense) + [n for n in state.params if split_lora_name(n)]:
+        weight, which = split_lora_name(name) or (None, None)
+        if weight is not None:
+            pairs.setdefault(weight, {})[which] = name
+    lora = LoraDelta(rank, float(alpha), settings.get("target_modules"))
+    fixes = 0
+    dts = (torch.int64, torch.int32, torch.float32, torch.float32)
+    empty = ParamMask((0,), *(torch.empty(0, dtype=dt) for dt in dts))
+    for weight in sorted(pairs):
+        a_name, b_name = pairs[weight].get("A"), pairs[weight].get("B")
+        if a_name not in dense or b_name not in dense:
+            raise ID3Error(
+                f"checkpoint {ckpt}/id3/{LORA_FILE} lacks LoRA {'A' if a_name not in dense else 'B'} of {weight}: "
+                "the checkpoint is corrupt"
+            )
+        pm_b = state.params.get(b_name, empty)
+        if pm_b.indices.numel() == 0:
+            continue  # B stays zero: this module folds to nothing
+        pm_a = state.params.get(a_name, empty)
+        a_now, b_now = dense[a_name].to(torch.float32), dense[b_name].to(torch.float32)
+        t = base.get(weight)
+        want = ((rank, t.info.shape[1]), (t.info.shape[0], rank)) if len(t.info.shape) == 2 else None
+        if want is None or tuple(a_now.shape) != want[0] or tuple(b_now.shape) != want[1]:
+            raise ID3Error(
+                f"LoRA A {list(a_now.shape)} / B {list(b_now.shape)} of checkpoint {ckpt} do not fit base weight "
+                f"{weight} {list(t.info.shape)} at rank {rank}: pass the base model the run was trained from"
+            )
+        if t.info.dtype not in st.FLOAT_DTYPES:
+            raise ID3Error(f"base tensor {weight} is {t.info.dtype}, not floating point: it cannot carry a delta")
+        for pm, now, n in ((pm_a, a_now, a_name), (pm_b, b_now, b_name)):
+            if pm.indices.numel() == 0:
+                continue
+            ok = tuple(pm.shape) == tuple(now.shape) and pm.value is not None
+            value = pm.value if train_dtype is None or not ok else pm.value.to(train_dtype).float()
+            if not ok or not torch.equal(now.reshape(-1)[pm.indices], value):
+                raise ID3Error(f"checkpoint {ckpt}: the id3 shards and {LORA_FILE} disagree on {n}: it is corrupt")
+        b_rest = b_now.reshape(-1).clone()
+        b_rest[pm_b.indices] = 0
+        if bool((pm_b.base != 0).any()) or bool((b_rest != 0).any()):
+            raise ID3Error(
+                f"checkpoint {ckpt}: LoRA B of {weight} did not start at zero (a non-default init_lora_weights?); "
+                "its delta is not supported"
+            )
+        init = a_now.reshape(-1).clone()
+        init[pm_a.indices] = pm_a.base  # unchosen entries never moved: the rest of A is its init
+        d_a, fix_at, fix = exact_delta(pm_a.value, pm_a.base)
+        fixes += fix_at.numel()
+        zero = torch.empty(0, dtype=torch.int64)
+        a = _param(want[0], "F32", pm_a.indices, d_a, fix_at, fix, dtype)
+        b = _param(want[1], "F32", pm_b.indices, pm_b.value.to(torch.float32), zero, zero, dtype)
+        lora.modules[weight] = LoraModule(weight, a_name, b_name, init.reshape(want[0]), a, b)
+        _, sha = base.read(weight)
+        prints[weight] = {"shape": list(t.info.shape), "dtype": t.info.dtype, "sha256": sha}
+    return lora, fixes

@@ -2,6 +2,8 @@
 
 A delta directory holds `delta.safetensors` (per tuned parameter NAME: `NAME.indices` + `NAME.values`, or
 `NAME.dense`) and `delta_config.json` (format, base identity and fingerprint, ID3 settings, entry counts).
+A LoRA run's delta adds a `lora` section: per folded base weight its A and B names, A's dense init
+(`A.init`) and A's and B's entries in the same sparse form, folded by `merge` as W + (alpha/r)·B·A.
 `load_delta` validates the whole delta, and against a base when one is given, before anything uses it, so
 a broken delta fails with one message and never half-modifies a model or half-writes a merge.
 """
@@ -81,16 +83,68 @@ class ParamDelta:
             vals[self.fix_at.to(torch.int64)] += self.fix.to(torch.float64)
         return idx, vals
 
+    def add_to(self, start: torch.Tensor) -> torch.Tensor:
+        """start + this update as a new fp32 tensor of `shape` (summed in fp64, rounded once)."""
+        idx, vals = self.flat()
+        out = start.to(torch.float64).reshape(-1).clone()
+        if idx is None:
+            out += vals
+        else:
+            out[idx] += vals
+        return out.to(torch.float32).reshape(self.shape)
+
+
+@dataclass
+class LoraModule:
+    """One LoRA-adapted base weight: W' = W + scale * B @ A, with A = a_init + a and B = 0 + b."""
+
+    weight: str  # the base weight's name
+    a_name: str  # the PEFT parameter names, e.g. base_model.model.<module>.lora_A.default.weight
+    b_name: str
+    a_init: torch.Tensor  # [r, in], fp32
+    a: ParamDelta  # A's update against a_init
+    b: ParamDelta  # B's update against zero (its init)
+
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trained (A [r, in], B [out, r]) in fp32."""
+        return self.a.add_to(self.a_init), self.b.add_to(torch.zeros(self.b.shape))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.b.shape[0], self.a.shape[1]
+
+
+@dataclass
+class LoraDelta:
+    rank: int
+    alpha: float
+    target_modules: list[str] | str | None
+    modules: dict[str, LoraModule] = field(default_factory=dict)  # base weight name -> its LoRA pair
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def entries(self) -> int:
+        return sum(m.a.entries + m.b.entries for m in self.modules.values())
+
 
 @dataclass
 class Delta:
     root: Path
     config: dict
     params: dict[str, ParamDelta] = field(default_factory=dict)
+    lora: LoraDelta | None = None
 
     @property
     def total_entries(self) -> int:
-        return sum(p.entries for p in self.params.values())
+        return sum(p.entries for p in self.params.values()) + (self.lora.entries if self.lora else 0)
+
+    @property
+    def touched(self) -> list[str]:
+        """Every base tensor the delta changes: added to (params) or folded into (LoRA modules)."""
+        return sorted([*self.params, *(self.lora.modules if self.lora else {})])
 
     @property
     def fingerprint(self) -> dict:
@@ -110,27 +164,35 @@ def write_delta(
     fingerprint_tensors: dict[str, dict],
     overwrite: bool = False,
     protect: list[Path] = (),
+    lora: LoraDelta | None = None,
 ) -> Path:
-    """Write a delta directory atomically; `fingerprint_tensors` maps NAME -> {shape, dtype, sha256}."""
+    """Write a delta directory atomically; `fingerprint_tensors` maps NAME -> {shape, dtype, sha256} for
+    every base tensor the delta touches (params and LoRA-folded weights)."""
     if dtype not in VALUE_DTYPES:
         raise ID3Error(f"--dtype {dtype!r} is not a delta value type; use one of {sorted(VALUE_DTYPES)}")
     out = Path(out)
     check_out(out, overwrite, protect=list(protect))
     tensors: dict[str, torch.Tensor] = {}
-    entries: dict[str, dict] = {}
     vdt = st.DTYPES[VALUE_DTYPES[dtype]]
-    for name in sorted(params):
-        p = params[name]
-        if p.dense:
-            tensors[f"{name}.dense"] = p.values.reshape(p.shape).to(vdt).contiguous()
-        else:
-            tensors[f"{name}.indices"] = p.indices.to(index_dtype(p.numel)).contiguous()
-            tensors[f"{name}.values"] = p.values.reshape(-1).to(vdt).contiguous()
-        entries[name] = {"shape": list(p.shape), "storage": "dense" if p.dense else "sparse", "entries": p.entries}
-        if p.fixes and dtype == "fp32":
-            tensors[f"{name}.fix_at"] = p.fix_at.to(index_dtype(p.entries)).contiguous()
-            tensors[f"{name}.fix"] = p.fix.to(torch.float32).contiguous()
-            entries[name]["fixes"] = p.fixes
+    entries = {name: _put(tensors, name, params[name], vdt, dtype) for name in sorted(params)}
+    total = sum(e["entries"] for e in entries.values())
+    extra = {}
+    if lora is not None:
+        lora_entries, modules = {}, {}
+        for weight in sorted(lora.modules):
+            m = lora.modules[weight]
+            tensors[f"{m.a_name}.init"] = m.a_init.reshape(m.a.shape).to(torch.float32).contiguous()
+            lora_entries[m.a_name] = _put(tensors, m.a_name, m.a, vdt, dtype)
+            lora_entries[m.b_name] = _put(tensors, m.b_name, m.b, vdt, dtype)
+            modules[weight] = {"A": m.a_name, "B": m.b_name}
+        total += sum(e["entries"] for e in lora_entries.values())
+        extra["lora"] = {
+            "rank": lora.rank,
+            "alpha": lora.alpha,
+            "target_modules": lora.target_modules,
+            "modules": modules,
+            "params": lora_entries,
+        }
     config = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -145,12 +207,28 @@ def write_delta(
         },
         "id3": id3,
         "params": entries,
-        "total_entries": sum(e["entries"] for e in entries.values()),
+        **extra,
+        "total_entries": total,
     }
     with staged_dir(out, overwrite) as tmp:
         save_file(tensors, str(tmp / DELTA_FILE), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
         write_json_atomic(tmp / CONFIG_FILE, config)
     return out
+
+
+def _put(tensors: dict[str, torch.Tensor], name: str, p: ParamDelta, vdt: torch.dtype, dtype: str) -> dict:
+    """Add one parameter's update tensors to `tensors`; returns its config entry."""
+    if p.dense:
+        tensors[f"{name}.dense"] = p.values.reshape(p.shape).to(vdt).contiguous()
+    else:
+        tensors[f"{name}.indices"] = p.indices.to(index_dtype(p.numel)).contiguous()
+        tensors[f"{name}.values"] = p.values.reshape(-1).to(vdt).contiguous()
+    entry = {"shape": list(p.shape), "storage": "dense" if p.dense else "sparse", "entries": p.entries}
+    if p.fixes and dtype == "fp32":
+        tensors[f"{name}.fix_at"] = p.fix_at.to(index_dtype(p.entries)).contiguous()
+        tensors[f"{name}.fix"] = p.fix.to(torch.float32).contiguous()
+        entry["fixes"] = p.fixes
+    return entry
 
 
 # -- loading and validation ------------------------------------------------------------------------------
@@ -201,24 +279,94 @@ def read_config(root: Path) -> dict:
     if not isinstance(params, dict) or not _int(cfg.get("total_entries")):
         raise _bad(root, f"{CONFIG_FILE} lacks params/total_entries; the delta is corrupt, re-export it")
     for name, e in params.items():
-        ok = isinstance(e, dict) and _shape(e.get("shape")) and _int(e.get("entries"))
-        ok = ok and _int(e.get("fixes", 0)) and (e.get("fixes", 0) == 0 or cfg["dtype"] == "fp32")
-        if not ok or not _isin(e.get("storage"), ("sparse", "dense")):
-            raise _bad(root, f"{CONFIG_FILE} entry for {name!r} is malformed; the delta is corrupt, re-export it")
+        _check_entry(root, cfg, name, e)
+    lora = cfg.get("lora")
+    folded = _check_lora_config(root, cfg, lora) if lora is not None else {}
+    for name, shape in [*((n, e["shape"]) for n, e in params.items()), *folded.items()]:
         t = fp["tensors"].get(name)
-        if not isinstance(t, dict) or t.get("shape") != e["shape"] or not isinstance(t.get("sha256"), str):
+        if name in folded and isinstance(t, dict) and t.get("shape") != shape:
+            raise _bad(
+                root,
+                f"LoRA module {name}: B @ A has shape {shape} but the base weight has {t.get('shape')} (wrong A or "
+                "B shape); the delta is corrupt, re-export it",
+            )
+        if not isinstance(t, dict) or t.get("shape") != shape or not isinstance(t.get("sha256"), str):
             raise _bad(root, f"fingerprint of {name!r} is missing or disagrees with its shape; re-export the delta")
         if not _isin(t.get("dtype"), st.FLOAT_DTYPES):
             raise _bad(root, f"base dtype of {name!r} is {t.get('dtype')!r}, not a floating type")
-    if set(fp["tensors"]) != set(params):
+    if lora is None and set(fp["tensors"]) > set(params):
+        extra = sorted(set(fp["tensors"]) - set(params))[0]
+        raise _bad(
+            root,
+            f"the fingerprint names {extra}, which params does not list: if this is a LoRA delta, its 'lora' "
+            "section (rank, alpha, modules) is missing; the delta is corrupt, re-export it",
+        )
+    if set(fp["tensors"]) != set(params) | set(folded):
         raise _bad(root, "fingerprint and params name different tensors; the delta is corrupt, re-export it")
     if combine(fp["tensors"]) != fp["digest"]:
         raise _bad(root, "fingerprint digest does not match its per-tensor entries; the delta is corrupt")
-    if sum(e["entries"] for e in params.values()) != cfg["total_entries"]:
+    lora_entries = sum(e["entries"] for e in lora["params"].values()) if lora is not None else 0
+    if sum(e["entries"] for e in params.values()) + lora_entries != cfg["total_entries"]:
         raise _bad(root, "total_entries is not the sum of the per-parameter entries; the delta is corrupt")
     if not isinstance(cfg.get("id3", {}), dict):
         raise _bad(root, "id3 settings are not an object; the delta is corrupt")
     return cfg
+
+
+def _check_entry(root: Path, cfg: dict, name: str, e: object) -> None:
+    ok = isinstance(e, dict) and _shape(e.get("shape")) and _int(e.get("entries"))
+    ok = ok and _int(e.get("fixes", 0)) and (e.get("fixes", 0) == 0 or cfg["dtype"] == "fp32")
+    if not ok or not _isin(e.get("storage"), ("sparse", "dense")):
+        raise _bad(root, f"{CONFIG_FILE} entry for {name!r} is malformed; the delta is corrupt, re-export it")
+
+
+def _check_lora_config(root: Path, cfg: dict, lora: object) -> dict[str, list[int]]:
+    """The `lora` section's fields, pairing and shapes; returns folded base weight -> its [out, in]."""
+    if not isinstance(lora, dict):
+        raise _bad(root, "the 'lora' section is not an object; the delta is corrupt, re-export it")
+    rank, alpha, targets = lora.get("rank"), lora.get("alpha"), lora.get("target_modules")
+    if not _int(rank) or rank == 0:
+        raise _bad(root, f"lora.rank {rank!r} is not a positive integer; the delta is corrupt, re-export it")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise _bad(root, f"lora.alpha {alpha!r} is not a positive number; the delta is corrupt, re-export it")
+    names = isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+    if not (targets is None or isinstance(targets, str) or names):
+        raise _bad(root, "lora.target_modules is not a list of module names; the delta is corrupt, re-export it")
+    modules, lparams = lora.get("modules"), lora.get("params")
+    if not isinstance(modules, dict) or not isinstance(lparams, dict):
+        raise _bad(root, "the 'lora' section lacks its modules/params objects; the delta is corrupt, re-export it")
+    for name, e in lparams.items():
+        _check_entry(root, cfg, name, e)
+    used: set[str] = set()
+    folded: dict[str, list[int]] = {}
+    for weight, pair in modules.items():
+        if weight in cfg["params"]:
+            raise _bad(root, f"{weight} is both a LoRA-folded weight and a sparse param; the delta is corrupt")
+        if not isinstance(pair, dict):
+            raise _bad(root, f"lora.modules entry for {weight!r} is malformed; the delta is corrupt, re-export it")
+        for which in ("A", "B"):
+            n = pair.get(which)
+            if not isinstance(n, str) or n not in lparams:
+                raise _bad(
+                    root,
+                    f"LoRA module {weight} lacks its {which} matrix (lora.params has no entry for it); the delta "
+                    "is corrupt, re-export it",
+                )
+            if n in used:
+                raise _bad(root, f"LoRA matrix {n!r} is paired with two base weights; the delta is corrupt")
+            used.add(n)
+        a, b = lparams[pair["A"]]["shape"], lparams[pair["B"]]["shape"]
+        if len(a) != 2 or len(b) != 2 or a[0] != rank or b[1] != rank:
+            raise _bad(
+                root,
+                f"LoRA module {weight}: A {a} and B {b} do not have rank {rank} (A must be [r, in], B [out, r]); "
+                "the rank does not match lora.rank, re-export the delta",
+            )
+        folded[weight] = [b[0], a[1]]
+    stray = sorted(set(lparams) - used)
+    if stray:
+        raise _bad(root, f"lora.params lists {stray[0]!r}, which no lora.modules entry pairs; the delta is corrupt")
+    return folded
 
 
 def load_delta(path: str | os.PathLike, base: BaseModel | None = None, *, force: bool = False) -> Delta:
@@ -231,41 +379,67 @@ def load_delta(path: str | os.PathLike, base: BaseModel | None = None, *, force:
     header = st.read_header(root / DELTA_FILE, "delta file")
     vdt = VALUE_DTYPES[cfg["dtype"]]
     params: dict[str, ParamDelta] = {}
+    lora = None
     expected: set[str] = set()
     with open(root / DELTA_FILE, "rb") as f:
         for name, e in cfg["params"].items():
-            shape, n = tuple(e["shape"]), math.prod(e["shape"])
             bdt = cfg["base"]["fingerprint"]["tensors"][name]["dtype"]
-            if e["storage"] == "dense":
-                expected.add(f"{name}.dense")
-                vals = _tensor(root, f, header, f"{name}.dense", vdt, shape)
-                if e["entries"] != n:
-                    raise _bad(root, f"{name} is dense with {n} entries but the config counts {e['entries']}")
-                params[name] = ParamDelta(shape, bdt, vals)
-            else:
-                expected |= {f"{name}.indices", f"{name}.values"}
-                want_idx = st.ST_NAMES[index_dtype(n)]
-                idx = _tensor(root, f, header, f"{name}.indices", want_idx, None)
-                vals = _tensor(root, f, header, f"{name}.values", vdt, (idx.numel(),))
-                _check_indices(root, name, idx, n, e["entries"])
-                params[name] = ParamDelta(shape, bdt, vals, idx)
-            if e.get("fixes", 0):
-                p = params[name]
-                expected |= {f"{name}.fix_at", f"{name}.fix"}
-                p.fix_at = _tensor(root, f, header, f"{name}.fix_at", st.ST_NAMES[index_dtype(p.entries)], None)
-                p.fix = _tensor(root, f, header, f"{name}.fix", "F32", (p.fix_at.numel(),))
-                _check_indices(root, f"{name}.fix_at", p.fix_at, p.entries, e["fixes"])
-                if not bool(torch.isfinite(p.fix).all()):
-                    raise _bad(root, f"{name}.fix has NaN or infinite values; the delta is corrupt")
-            if not bool(torch.isfinite(params[name].values).all()):
-                raise _bad(root, f"{name} has NaN or infinite values; the training diverged or the file is corrupt")
+            params[name] = _load_param(root, f, header, name, e, vdt, bdt, expected)
+        if cfg.get("lora") is not None:
+            lc = cfg["lora"]
+            lora = LoraDelta(lc["rank"], float(lc["alpha"]), lc.get("target_modules"))
+            for weight, pair in lc["modules"].items():
+                a_name, b_name = pair["A"], pair["B"]
+                a = _load_param(root, f, header, a_name, lc["params"][a_name], vdt, "F32", expected)
+                b = _load_param(root, f, header, b_name, lc["params"][b_name], vdt, "F32", expected)
+                expected.add(f"{a_name}.init")
+                init = _tensor(root, f, header, f"{a_name}.init", "F32", a.shape)
+                if not bool(torch.isfinite(init).all()):
+                    raise _bad(root, f"{a_name}.init has NaN or infinite values; the delta is corrupt, re-export it")
+                lora.modules[weight] = LoraModule(weight, a_name, b_name, init, a, b)
     stray = set(header.tensors) - expected
     if stray:
+        if lora is None and any(n.endswith(".init") or ".lora_" in n for n in stray):
+            raise _bad(
+                root,
+                f"{DELTA_FILE} holds LoRA tensors ({sorted(stray)[0]}) but {CONFIG_FILE} has no 'lora' section "
+                "(rank, alpha, modules); the config is incomplete, re-export the delta",
+            )
         raise _bad(root, f"{DELTA_FILE} holds tensors the config does not list ({sorted(stray)[:3]}); re-export it")
-    delta = Delta(root, cfg, params)
+    delta = Delta(root, cfg, params, lora)
     if base is not None:
         check_against_base(delta, base, force=force)
     return delta
+
+
+def _load_param(
+    root: Path, f, header: st.Header, name: str, e: dict, vdt: str, bdt: str, expected: set[str]
+) -> ParamDelta:
+    """One parameter's update tensors, checked (dtype, shape, indices, counts, finiteness)."""
+    shape, n = tuple(e["shape"]), math.prod(e["shape"])
+    if e["storage"] == "dense":
+        expected.add(f"{name}.dense")
+        vals = _tensor(root, f, header, f"{name}.dense", vdt, shape)
+        if e["entries"] != n:
+            raise _bad(root, f"{name} is dense with {n} entries but the config counts {e['entries']}")
+        p = ParamDelta(shape, bdt, vals)
+    else:
+        expected |= {f"{name}.indices", f"{name}.values"}
+        want_idx = st.ST_NAMES[index_dtype(n)]
+        idx = _tensor(root, f, header, f"{name}.indices", want_idx, None)
+        vals = _tensor(root, f, header, f"{name}.values", vdt, (idx.numel(),))
+        _check_indices(root, name, idx, n, e["entries"])
+        p = ParamDelta(shape, bdt, vals, idx)
+    if e.get("fixes", 0):
+        expected |= {f"{name}.fix_at", f"{name}.fix"}
+        p.fix_at = _tensor(root, f, header, f"{name}.fix_at", st.ST_NAMES[index_dtype(p.entries)], None)
+        p.fix = _tensor(root, f, header, f"{name}.fix", "F32", (p.fix_at.numel(),))
+        _check_indices(root, f"{name}.fix_at", p.fix_at, p.entries, e["fixes"])
+        if not bool(torch.isfinite(p.fix).all()):
+            raise _bad(root, f"{name}.fix has NaN or infinite values; the delta is corrupt")
+    if not bool(torch.isfinite(p.values).all()):
+        raise _bad(root, f"{name} has NaN or infinite values; the training diverged or the file is corrupt")
+    return p
 
 
 def _tensor(root: Path, f, header: st.Header, key: str, dtype: str, shape: tuple[int, ...] | None) -> torch.Tensor:
@@ -296,12 +470,15 @@ def _check_indices(root: Path, name: str, idx: torch.Tensor, numel: int, entries
 def check_against_base(delta: Delta, base: BaseModel, *, force: bool = False, fingerprint: bool = True) -> None:
     """Names exist in the base with the recorded shapes and dtypes; the touched bytes hash as recorded."""
     fp = delta.fingerprint["tensors"]
-    for name, p in delta.params.items():
+    shapes = {name: p.shape for name, p in delta.params.items()}
+    shapes.update({w: m.shape for w, m in (delta.lora.modules if delta.lora else {}).items()})
+    for name, shape in shapes.items():
         t = base.get(name)
-        if t.info.shape != p.shape:
+        if t.info.shape != shape:
+            what = "LoRA B @ A" if name not in delta.params else name
             raise ID3Error(
-                f"delta {delta.root}: {name} has shape {list(p.shape)} but the base has {list(t.info.shape)}: "
-                "this delta belongs to another model"
+                f"delta {delta.root}: {what} has shape {list(shape)} but the base's {name} has "
+                f"{list(t.info.shape)}: this delta belongs to another model"
             )
         if t.info.dtype != fp[name]["dtype"] and not force:
             raise ID3Error(
@@ -309,7 +486,7 @@ def check_against_base(delta: Delta, base: BaseModel, *, force: bool = False, fi
                 f"{t.info.dtype}: use the base it was exported from (or --force)"
             )
     if fingerprint and not force:
-        for name in sorted(delta.params):
+        for name in delta.touched:
             _, sha = base.read(name)
             if sha != fp[name]["sha256"]:
                 raise fingerprint_error(delta, name)

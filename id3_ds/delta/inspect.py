@@ -1,4 +1,5 @@
-"""What a delta holds, at a glance: entries per parameter and per layer, total, density, size, base.
+"""What a delta holds, at a glance: entries per parameter and per layer, total, density, size, base, and
+for a LoRA run's delta its LoRA settings and folded modules.
 
 Reads and validates the delta (no base needed): a delta that `inspect` shows is one `merge` can read.
 """
@@ -27,15 +28,28 @@ def summarize(delta_dir: str | os.PathLike) -> dict:
     params = {}
     layers: dict[str, dict] = {}
     touched_numel = 0
-    for name in sorted(delta.params):
-        p = delta.params[name]
+    items = [(name, p, "dense" if p.dense else "sparse") for name, p in delta.params.items()]
+    lora = None
+    if delta.lora is not None:
+        lo = delta.lora
+        for m in lo.modules.values():
+            items += [(m.a_name, m.a, "lora A"), (m.b_name, m.b, "lora B")]
+        lora = {
+            "rank": lo.rank,
+            "alpha": lo.alpha,
+            "scale": lo.scale,
+            "target_modules": lo.target_modules,
+            "modules": {w: {"A": m.a_name, "B": m.b_name} for w, m in sorted(lo.modules.items())},
+            "init_entries": sum(m.a_init.numel() for m in lo.modules.values()),
+        }
+    for name, p, storage in sorted(items, key=lambda x: x[0]):
         touched_numel += p.numel
         params[name] = {
             "shape": list(p.shape),
             "entries": p.entries,
             "numel": p.numel,
             "density": p.entries / p.numel if p.numel else 0.0,
-            "storage": "dense" if p.dense else "sparse",
+            "storage": storage,
         }
         agg = layers.setdefault(layer_of(name), {"entries": 0, "numel": 0})
         agg["entries"] += p.entries
@@ -59,6 +73,7 @@ def summarize(delta_dir: str | os.PathLike) -> dict:
             "fingerprint": base["fingerprint"]["digest"],
         },
         "id3": {k: cfg.get("id3", {}).get(k) for k in ("budget", "eps", "exp", "steps")},
+        "lora": lora,
         "params": params,
         "layers": {k: layers[k] for k in layer_order},
     }
@@ -74,6 +89,15 @@ def render(s: dict) -> str:
         + (f"  density {s['density_model']:.3e} of {s['base']['numel']:,} base entries" if s["density_model"] else "")
         + f"  ({s['density_touched']:.3e} of the touched tensors)",
         f"file size  {s['file_bytes']:,} bytes",
+    ]
+    lo = s.get("lora")
+    if lo:
+        lines.append(
+            f"lora       rank={lo['rank']} alpha={lo['alpha']} (scale {lo['scale']:g}) "
+            f"target_modules={lo['target_modules']}  {len(lo['modules'])} modules folded as W + scale*B@A, "
+            f"A init {lo['init_entries']:,} entries (dense)"
+        )
+    lines += [
         "",
         f"{'parameter':<60} {'entries':>12} {'numel':>12} {'density':>9} storage",
     ]

@@ -1,9 +1,10 @@
-"""Fold trained LoRA matrices into base weights: W' = W + (alpha / r) * B @ A.
+"""LoRA in a delta: the fold W' = W + (alpha / r) * B @ A, and how PEFT names map to base weights.
 
-The LoRA extension of the delta format is only partly done (see docs/delta-format.md, "LoRA runs"):
-this is the arithmetic `merge` will use, checked against PEFT's own forward pass. ID3 over LoRA changes
-only B entries of A and B, but A starts from a random init the base model does not hold, so a sparse
-A/B delta needs that init (or dense A) next to it; the fold itself takes the final dense A and B.
+ID3 over LoRA chooses entries inside the PEFT matrices A ([r, in], random init) and B ([out, r], zero
+init), so a run's B is exactly sparse and its A is its init plus a sparse change. A delta of such a run
+(docs/delta-format.md, "LoRA runs") therefore stores the dense A init, the sparse A and B entries and the
+LoRA settings; `merge` and `apply_delta` rebuild A and B and fold them into each base weight with
+`fold`, the same arithmetic as `fold_lora` on a dense PEFT state dict (checked against PEFT's forward).
 """
 
 from __future__ import annotations
@@ -17,13 +18,33 @@ from id3_ds.errors import ID3Error
 _LORA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 
+def split_lora_name(name: str) -> tuple[str, str] | None:
+    """(base weight name, 'A' | 'B') for a PEFT LoRA parameter of adapter 'default', else None."""
+    m = _LORA.match(name)
+    if m is None or m["adapter"] != "default":
+        return None
+    return f"{m['module']}.weight", m["which"]
+
+
+def is_lora_param(name: str) -> bool:
+    return split_lora_name(name) is not None
+
+
+def fold(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """cast(w + scale * (b @ a)), computed in fp32; one temporary of w's shape in fp32."""
+    prod = b.to(torch.float32) @ a.to(torch.float32)
+    prod.mul_(scale)
+    prod.add_(w)  # w is promoted exactly to fp32: the same sum as w.float() + prod
+    return prod.to(out_dtype)
+
+
 def lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """base weight name -> (A [r, in], B [out, r]) from a PEFT state dict (adapter name 'default')."""
     found: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in state.items():
-        m = _LORA.match(name)
-        if m and m["adapter"] == "default":
-            found.setdefault(f"{m['module']}.weight", {})[m["which"]] = t
+        hit = split_lora_name(name)
+        if hit:
+            found.setdefault(hit[0], {})[hit[1]] = t
     pairs = {}
     for weight, ab in found.items():
         if set(ab) != {"A", "B"}:
@@ -42,5 +63,5 @@ def fold_lora(
         if weight not in base:
             raise ID3Error(f"LoRA module {weight} is not a weight of the base model: wrong base for this adapter")
         w = base[weight]
-        out[weight] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+        out[weight] = fold(w, a, b, scale, w.dtype)
     return out

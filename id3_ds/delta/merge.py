@@ -1,11 +1,12 @@
 """base + delta -> a Hugging Face model directory, streamed one tensor at a time.
 
 Memory: a tensor the delta does not touch is copied byte for byte in 16 MB chunks; a touched (or cast)
-tensor is read alone, patched in fp32 at its delta entries and written. Peak memory above the interpreter is
-therefore about the largest touched tensor times (1 + output/input bytes per entry), at most one shard, never
-the model. The output mirrors the base: same shard files and tensor placement, an index if the base had
-one, and the base's config, tokenizer and other top-level files. It is built in a temp directory and
-renamed at the end, so an interrupted merge leaves no half model under OUT_DIR.
+tensor is read alone, patched in fp32 at its delta entries (or, for a LoRA module, W + (alpha/r)·B·A
+folded in fp32 with the rebuilt A and B, one fp32 temporary of W's shape) and written. Peak memory above
+the interpreter is therefore about the largest touched tensor times (1 + output/input bytes per entry), at
+most one shard, never the model. The output mirrors the base: same shard files and tensor placement, an
+index if the base had one, and the base's config, tokenizer and other top-level files. It is built in a
+temp directory and renamed at the end, so an interrupted merge leaves no half model under OUT_DIR.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from id3_ds.delta import st
 from id3_ds.delta.atomic import check_out, staged_dir
 from id3_ds.delta.base import INDEX, BaseModel
 from id3_ds.delta.format import Delta, ParamDelta, check_against_base, fingerprint_error, load_delta
+from id3_ds.delta.lora import fold
 from id3_ds.errors import ID3Error
 
 MERGE_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
@@ -78,22 +80,28 @@ def _merge_shard(base: BaseModel, fn: str, delta: Delta, dst: Path, target: str 
     order = header.ordered()
     specs = [(i.name, _out_dtype(i, target), i.shape) for i in order]
     writer = st.StreamWriter(dst, specs, header.metadata)
+    lora = delta.lora.modules if delta.lora else {}
     patched = 0
     try:
         with open(base.root / fn, "rb") as src:
             for info in order:
                 p = delta.params.get(info.name)
+                m = lora.get(info.name)
                 odt = _out_dtype(info, target)
-                if p is None and odt == info.dtype:
+                if p is None and m is None and odt == info.dtype:
                     writer.copy_from(info.name, src, header, info)
                     continue
                 buf = st.read_bytes(src, header, info)
-                if p is not None and not force:
+                if (p is not None or m is not None) and not force:
                     if hashlib.sha256(buf).hexdigest() != delta.fingerprint["tensors"][info.name]["sha256"]:
                         raise fingerprint_error(delta, info.name)
                 t = st.to_tensor(buf, info)
                 if p is not None:
                     t = add_delta(t, p, st.DTYPES[odt])
+                    patched += 1
+                elif m is not None:
+                    a, b = m.matrices()
+                    t = fold(t, a, b, delta.lora.scale, st.DTYPES[odt])
                     patched += 1
                 else:
                     t = t.to(st.DTYPES[odt])

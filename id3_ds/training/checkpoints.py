@@ -23,6 +23,7 @@ from id3_ds.checkpoint import (
     read_complete,
     read_id3_state,
     write_id3_shard,
+    write_lora_state,
 )
 from id3_ds.config import RunConfig
 from id3_ds.errors import ID3Error
@@ -64,6 +65,7 @@ def save(engine, hook, cfg: RunConfig, step: int, model_dir: str) -> Path:
     maybe_kill("kill_during_save", step, rank)
     if hook is not None:
         write_id3_shard(ckpt, rank, world, hook.shard_state(), hook.id3.state_meta())
+        _save_lora(engine.module, ckpt, rank)
     dist.barrier()
     beat()
     if rank == 0:
@@ -81,6 +83,39 @@ def save(engine, hook, cfg: RunConfig, step: int, model_dir: str) -> Path:
         )
     dist.barrier()
     return ckpt
+
+
+def _save_lora(model, ckpt: Path, rank: int) -> None:
+    """A PEFT LoRA model's A/B matrices, whole and fp32, into id3/lora.safetensors (rank 0 writes).
+
+    The delta of a LoRA run needs A's random init, which the base model does not hold; export rebuilds it
+    from these and the shards' base values. Every rank must call this (ZeRO-3 gathers the matrices).
+    """
+    from id3_ds.delta.lora import is_lora_param
+
+    config = (getattr(model, "peft_config", None) or {}).get("default")
+    params = [(n, p) for n, p in model.named_parameters() if is_lora_param(n)]
+    if config is None or not params:
+        return
+    import deepspeed
+
+    tensors = {}
+    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=hasattr(params[0][1], "ds_id")):
+        if rank == 0:
+            tensors = {n: p.detach().to(torch.float32).cpu().clone() for n, p in params}
+    if rank == 0:
+        targets = config.target_modules
+        settings = {
+            "rank": int(config.r),
+            "alpha": float(config.lora_alpha),
+            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+            "use_rslora": bool(config.use_rslora),
+            "use_dora": bool(getattr(config, "use_dora", False)),
+            "fan_in_fan_out": bool(config.fan_in_fan_out),
+            "rank_pattern": dict(config.rank_pattern or {}),
+            "alpha_pattern": dict(config.alpha_pattern or {}),
+        }
+        write_lora_state(ckpt, tensors, settings)
 
 
 def resume(engine, hook, cfg: RunConfig, world: int) -> int:
