@@ -15,13 +15,15 @@ import torch
 
 from id3_ds.errors import ID3Error
 
-_LORA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
+# a live PeftModel names lora_A.<adapter>.weight; a saved adapter file (save_pretrained) drops the adapter name
+_LORA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
 def split_lora_name(name: str) -> tuple[str, str] | None:
-    """(base weight name, 'A' | 'B') for a PEFT LoRA parameter of adapter 'default', else None."""
+    """(base weight name, 'A' | 'B') for a PEFT LoRA parameter of adapter 'default' (or of a saved adapter
+    file, whose names carry no adapter), else None."""
     m = _LORA.match(name)
-    if m is None or m["adapter"] != "default":
+    if m is None or m["adapter"] not in (None, "default"):
         return None
     return f"{m['module']}.weight", m["which"]
 
@@ -39,7 +41,8 @@ def fold(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, out_dt
 
 
 def lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """base weight name -> (A [r, in], B [out, r]) from a PEFT state dict (adapter name 'default')."""
+    """base weight name -> (A [r, in], B [out, r]) from a PEFT state dict (adapter 'default') or a saved
+    adapter_model.safetensors."""
     found: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in state.items():
         hit = split_lora_name(name)
