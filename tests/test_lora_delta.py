@@ -280,3 +280,15 @@ def test_zero3_run_exports_a_lora_delta_that_merges_to_the_trained_model(tmp_pat
     x = tok(["Give three tips for staying healthy.", "What is 2 + 2?"], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(merged(**x).logits, trained(**x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_runs_may_export_and_classification_runs_are_refused_in_one_line() -> None:
+    from id3_ds.config import config_from_dict
+
+    raw = {"model": {"name_or_path": "builtin:tiny-llama"}, "data": {"path": "x.jsonl"}}
+    train_cfg = {"steps": 1, "export_delta": True}
+    assert config_from_dict({**raw, "train": train_cfg, "lora": {"rank": 4}}).train.export_delta
+    data = {"path": "x.jsonl", "format": "classification"}
+    with pytest.raises(ID3Error, match="fresh classification head") as e:
+        config_from_dict({**raw, "data": data, "train": train_cfg, "lora": {"rank": 4}})
+    assert "\n" not in str(e.value)

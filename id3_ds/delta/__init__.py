@@ -2,11 +2,13 @@
 
 from id3_ds.delta.apply import apply_delta, remove_delta
 from id3_ds.delta.export import export_delta
-from id3_ds.delta.format import Delta, ParamDelta, load_delta, write_delta
+from id3_ds.delta.format import Delta, LoraDelta, LoraModule, ParamDelta, load_delta, write_delta
 from id3_ds.delta.merge import merge
 
 __all__ = [
     "Delta",
+    "LoraDelta",
+    "LoraModule",
     "ParamDelta",
     "apply_delta",
     "export_delta",

@@ -242,7 +242,7 @@ def _lora_delta(ckpt: Path, state, base: BaseModel, train_dtype, dtype: str, pri
             )
         init = a_now.reshape(-1).clone()
         init[pm_a.indices] = pm_a.base  # unchosen entries never moved: the rest of A is its init
-        d_a, fix_at, fix = exact_delta(pm_a.value, pm_a.base)
+        d_a, fix_at, fix = exact_delta(pm_a.base if pm_a.value is None else pm_a.value, pm_a.base)
         fixes += fix_at.numel()
         zero = torch.empty(0, dtype=torch.int64)
         a = _param(want[0], "F32", pm_a.indices, d_a, fix_at, fix, dtype)
