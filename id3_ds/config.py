@@ -256,6 +256,11 @@ def _check_method(cfg: RunConfig) -> None:
         raise ID3Error("train.eval_steps is set but data.eval_path is not: give an eval file or set eval_steps=0")
     if cfg.data.packing and cfg.data.format == "classification":
         raise ID3Error("data.packing does not apply to classification data; set data.packing=false")
+    if t.export_delta and cfg.method in ("full", "lora"):
+        raise ID3Error(
+            f"train.export_delta: method '{cfg.method}' trains densely, so there is no sparse delta to export; "
+            "set train.export_delta=false and keep the model with train.save_final_model=true"
+        )
     if t.export_delta and cfg.data.format == "classification":  # LoRA runs export (A init + sparse A/B)
         raise ID3Error(
             "train.export_delta: this run trains a fresh classification head, which the base model does not "

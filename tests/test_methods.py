@@ -173,6 +173,8 @@ def test_method_key_is_validated() -> None:
         config_from_dict({**raw, "method": "lora"})
     with pytest.raises(ID3Error, match="data.eval_path"):
         config_from_dict({**raw, "train": {"steps": 1, "eval_steps": 5}})
+    with pytest.raises(ID3Error, match="trains densely, so there is no sparse delta"):
+        config_from_dict({**raw, "method": "full", "train": {"steps": 1, "export_delta": True}})
 
 
 def test_real_minilm_config_budget_is_exactly_bitfit_plus_head() -> None:
