@@ -74,6 +74,7 @@ def run_worker(size: str, steps: int, stage: int, method: str, budget: float, ou
 
     from id3_ds import ID3Config
     from id3_ds.integration.hook import DeepSpeedID3
+    from id3_ds.training.shutdown import exit_process
 
     counter = GatherCounter()
     deepspeed.init_distributed(dist_backend="gloo")
@@ -132,6 +133,7 @@ def run_worker(size: str, steps: int, stage: int, method: str, budget: float, ou
         )
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
+    exit_process()  # not a normal return: gloo's threads abort finalization at times (id3_ds/training/shutdown.py)
 
 
 def free_port() -> int:

@@ -132,6 +132,7 @@ def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
 
     from id3_ds import ID3Config
     from id3_ds.integration.hook import DeepSpeedID3
+    from id3_ds.training.shutdown import exit_process
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -158,6 +159,8 @@ def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
     result["params"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     if rank == 0:
         Path(out).write_text(json.dumps(result))
+    dist.barrier()
+    exit_process()  # not a normal return: gloo's threads abort finalization at times (id3_ds/training/shutdown.py)
 
 
 def run_deepspeed(size: str, pairs: int, stage: int) -> dict:

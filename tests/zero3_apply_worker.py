@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from id3_ds import apply_delta, remove_delta
+from id3_ds.training.shutdown import exit_process
 
 
 def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -39,6 +40,7 @@ def main(base: str, delta: str, out: str) -> None:
         save_file(applied, f"{out}/applied.safetensors")
         save_file(removed, f"{out}/removed.safetensors")
     dist.barrier()
+    exit_process()  # not a normal return: gloo's threads abort finalization at times (id3_ds/training/shutdown.py)
 
 
 if __name__ == "__main__":
