@@ -165,15 +165,53 @@ def test_kill_during_checkpoint_write_leaves_it_incomplete_and_resume_skips_it(t
     assert all(torch.equal(want[n], got[n]) for n in want)
 
 
-def test_resume_on_a_different_world_size_keeps_the_mask(tmp_path, env, base_dir) -> None:
+def _assert_close_to(reference_dir, run_dir, atol: float) -> float:
+    """Every weight within atol of the reference run's; returns the largest difference."""
+    want, got = weights(reference_dir / "final_model"), weights(run_dir / "final_model")
+    worst = max(float((want[n] - got[n]).abs().max()) for n in want)
+    assert worst <= atol, f"final weights differ from the uninterrupted run by up to {worst:.3g}"
+    return worst
+
+
+def test_resume_on_a_different_world_size_keeps_mask_and_adam_moments(tmp_path, env, base_dir, runs) -> None:
+    """ZeRO-3, killed at step 3 on 2 ranks, resumed on 1 rank with the same global batch (grad_accum x2):
+    DeepSpeed's universal checkpoint brings Adam's moments along, so the run ends where the uninterrupted
+    one does (restarted moments would miss it by ~lr)."""
     args = [*COMMON, "deepspeed.zero_optimization.stage=3", f"train.output_dir={tmp_path}"]
     assert train(args, env={**env, "ID3_DS_FAULT": "kill_after_step:3:0"}).returncode != 0
     at3, _ = read_id3_state(checkpoint_dir(tmp_path, 3))
-    log = ok(train(args, nproc=1, env=env)).stdout
-    assert "optimizer moments restart" in log
+    log = ok(train([*args, f"train.grad_accum={2 * ACCUM}"], nproc=1, env=env)).stdout
+    assert "weights, mask and optimizer moments restored" in log, log[-3000:]
+    assert (checkpoint_dir(tmp_path, 3) / "ds_universal" / "latest_universal").is_file()
     final, _ = _check_frozen_and_budget(tmp_path, base_dir)
     for name, pm in at3.params.items():  # every entry chosen before the stop is still chosen
         assert bool(torch.isin(pm.indices, final.params[name].indices).all())
+    want, _ = read_id3_state(checkpoint_dir(runs[3], STEPS))
+    assert all(torch.equal(final.params[n].indices, want.params[n].indices) for n in want.params)
+    _assert_close_to(runs[3], tmp_path, atol=1e-5)
+
+
+def test_resume_from_1_rank_on_2_ranks_and_another_zero_stage(tmp_path, env, base_dir, runs) -> None:
+    """ZeRO-2 on 1 rank -> ZeRO-1 on 2 ranks keeps the moments (universal checkpoint); from the same
+    checkpoint, ZeRO-3 cannot load it: weights and mask are still exact, the moments restart (and the run
+    visibly leaves the uninterrupted one: the check above would catch lost moments)."""
+    killed = tmp_path / "killed"
+    args = [*COMMON, f"train.output_dir={killed}"]
+    one_rank = [*args, "deepspeed.zero_optimization.stage=2", f"train.grad_accum={2 * ACCUM}"]
+    assert train(one_rank, nproc=1, env={**env, "ID3_DS_FAULT": "kill_after_step:3:0"}).returncode != 0
+    log = ok(train([*args, "deepspeed.zero_optimization.stage=1"], env=env)).stdout
+    assert "weights, mask and optimizer moments restored" in log, log[-3000:]
+    _check_frozen_and_budget(killed, base_dir)
+    _assert_close_to(runs[2], killed, atol=1e-5)
+
+    restarted = tmp_path / "restarted"
+    at3 = f"train.resume={checkpoint_dir(killed, 3)}"
+    zero3 = [*COMMON, at3, "deepspeed.zero_optimization.stage=3", f"train.grad_accum={2 * ACCUM}"]
+    log = ok(train([*zero3, f"train.output_dir={restarted}"], nproc=1, env=env)).stdout
+    assert "optimizer moments restart (DeepSpeed's universal checkpoint does not load across ZeRO-2 -> ZeRO-3)" in log
+    _check_frozen_and_budget(restarted, base_dir)
+    with pytest.raises(AssertionError, match="differ from the uninterrupted run"):
+        _assert_close_to(runs[2], restarted, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,22 @@
 """Saving and resuming a run: DeepSpeed's engine state plus the ID3 shards, complete only when marked.
 
-Same world size: DeepSpeed's own checkpoint restores weights, optimizer moments and scheduler, and the
-ID3 shards restore the mask, so the run continues bit-for-bit. Another world size: DeepSpeed's
-partitioned optimizer state does not re-partition, but the model does not need it: unchosen entries
-equal the pretrained weights (already loaded) and the shards hold every chosen entry's fp32 value, so
-weights and mask are restored exactly and Adam's moments restart from zero (logged).
+Same world size and ZeRO stage: DeepSpeed's own checkpoint restores weights, optimizer moments and
+scheduler, and the ID3 shards restore the mask, so the run continues bit-for-bit. Another world size
+(or ZeRO-1 <-> ZeRO-2): DeepSpeed's partitioned files do not re-partition, so rank 0 converts them once
+into DeepSpeed's universal checkpoint (`ds_universal/`: per-parameter fp32 values, Adam moments and
+step) and every rank loads its new partition of it, scheduler included: the run continues like the
+uninterrupted one up to floating-point reduction order. Stage 0 to stage 0 needs no conversion (its
+optimizer state is whole on every rank). Elsewhere (stage 0 against 1-3, ZeRO-1/2 against ZeRO-3, whose
+universal files DeepSpeed 0.19 cannot cross-load, or a conversion that fails) the model does not need
+DeepSpeed's files: unchosen entries equal the pretrained weights (already loaded) and the shards hold
+every chosen entry's fp32 value, so weights and mask are restored exactly and Adam's moments restart from
+zero (logged with the reason).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 from pathlib import Path
@@ -33,6 +41,7 @@ from id3_ds.training.guards import beat, ensure_disk_for_checkpoint, start_watch
 
 __all__ = ["check_output_dir", "checkpoint_dir", "resume", "save", "save_final_model"]
 DS_TAG = "state"
+UNIVERSAL = "ds_universal"  # DeepSpeed's universal checkpoint of ds/, made on a resume that needs it
 
 
 def check_output_dir(output_dir: str, is_main: bool) -> None:
@@ -137,27 +146,121 @@ def resume(engine, hook, cfg: RunConfig, world: int) -> int:
     info = read_complete(ckpt)
     if info.get("method") != cfg.method:
         raise ID3Error(f"checkpoint {ckpt} was trained with method={info.get('method')}, this run uses {cfg.method}")
-    same_world = info.get("world_size") == world and info.get("zero_stage") == engine.zero_optimization_stage()
+    stage = engine.zero_optimization_stage()
+    same_world = info.get("world_size") == world and info.get("zero_stage") == stage
     if same_world:
-        path, _ = engine.load_checkpoint(str(ckpt / "ds"), tag=DS_TAG, load_lr_scheduler_states=True)
-        if path is None:
-            raise ID3Error(f"DeepSpeed could not load {ckpt / 'ds'}: the checkpoint is incomplete or corrupt")
+        _load_deepspeed(engine, ckpt / "ds")
+        moments = None
+    else:
+        moments = _load_resharded(engine, ckpt, info)
     if hook is not None:
         state, meta = read_id3_state(ckpt)
         hook.id3.load_state(state, meta)
-        if not same_world:
+        if not same_world:  # exact fp32 values of the chosen entries, whatever DeepSpeed restored
             _restore_chosen_values(engine, hook, state)
     step = int(info["step"])
     if not same_world:
-        _fast_forward_scheduler(engine, step)
+        if moments is not None:  # DeepSpeed's optimizer and scheduler state was not loaded
+            _fast_forward_scheduler(engine, step)
         if dist.get_rank() == 0:
+            how = (
+                "weights, mask and optimizer moments restored"
+                if moments is None
+                else f"weights and mask restored exactly, optimizer moments restart ({moments})"
+            )
             print(
                 f"resumed {ckpt} saved by {info.get('world_size')} ranks at ZeRO-{info.get('zero_stage')} on "
-                f"{world} ranks at ZeRO-{engine.zero_optimization_stage()}: weights and mask restored exactly, "
-                "optimizer moments restart",
+                f"{world} ranks at ZeRO-{stage}: {how}",
                 flush=True,
             )
     return step
+
+
+def _load_deepspeed(engine, path: Path) -> None:
+    loaded, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_lr_scheduler_states=True)
+    if loaded is None:
+        raise ID3Error(f"DeepSpeed could not load {path}: the checkpoint is incomplete or corrupt")
+
+
+def _load_resharded(engine, ckpt: Path, info: dict) -> str | None:
+    """Load DeepSpeed's state saved by another world size or stage; None, or why the moments restart.
+
+    ZeRO-1/2 to ZeRO-1/2, or ZeRO-3 to ZeRO-3: DeepSpeed's universal checkpoint, converted once by rank 0
+    and loaded by every rank with the engine's `load_universal_checkpoint` setting (what the config key
+    `checkpoint.load_universal` sets; DeepSpeed reads it only in load_checkpoint) on for this load only.
+    Stage 0 on both sides: its optimizer state is whole in every rank's file, DeepSpeed loads it as is.
+    """
+    src, dst = info.get("zero_stage"), engine.zero_optimization_stage()
+    if src == 0 and dst == 0:
+        _load_deepspeed(engine, ckpt / "ds")
+        return None
+    if src == 0 or dst == 0:
+        return f"DeepSpeed's universal checkpoint needs ZeRO stage 1-3 on both sides, not ZeRO-{src} -> ZeRO-{dst}"
+    if (src == 3) != (dst == 3):  # DeepSpeed 0.19: ZeRO-1/2 and ZeRO-3 universal files differ in names and layout
+        return f"DeepSpeed's universal checkpoint does not load across ZeRO-{src} -> ZeRO-{dst}"
+    reason = _convert_to_universal(ckpt) if dist.get_rank() == 0 else None
+    box = [reason]
+    dist.broadcast_object_list(box, src=0)  # the wait is bounded by train.collective_timeout_s
+    beat()
+    if box[0] is not None:
+        return box[0]
+    config = engine._config
+    config.load_universal_checkpoint = True
+    try:
+        loaded, _ = engine.load_checkpoint(str(ckpt / UNIVERSAL), tag=DS_TAG, load_lr_scheduler_states=True)
+    except Exception as e:  # optimizer state may be half loaded: going on would train from a mix
+        raise ID3Error(
+            f"loading DeepSpeed's universal checkpoint {ckpt / UNIVERSAL} failed ({type(e).__name__}: "
+            f"{str(e)[:200]}); resume on {info.get('world_size')} ranks at ZeRO-{src} instead"
+        ) from e
+    finally:
+        config.load_universal_checkpoint = False
+    beat()
+    if loaded is None:
+        raise ID3Error(f"DeepSpeed could not load {ckpt / UNIVERSAL}: the universal checkpoint is incomplete")
+    return None
+
+
+def _convert_to_universal(ckpt: Path) -> str | None:
+    """Rank 0: ckpt/ds -> ckpt/ds_universal (built aside, then renamed; kept for later resumes).
+
+    Returns None, or why it could not be made. DeepSpeed's converter prints progress: it is kept quiet.
+    """
+    out = ckpt / UNIVERSAL
+    if (out / "latest_universal").is_file():
+        return None
+    source = ckpt / "ds" / DS_TAG
+    if not any(source.glob("*_optim_states.pt")):
+        return f"{source} holds no ZeRO optimizer files to convert"
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = ckpt / f".{UNIVERSAL}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in ckpt.glob(f".{UNIVERSAL}.tmp-*"):  # of a conversion killed midway
+        shutil.rmtree(leftover, ignore_errors=True)
+    args = Namespace(
+        input_folder=str(source),
+        output_folder=str(tmp / DS_TAG),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # engine.save_checkpoint records no universal_checkpoint_info without AutoTP
+    )
+    quiet = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            ds_to_universal(args)
+    except Exception as e:  # DeepSpeed raises assorted errors (AssertionError, KeyError, ...) on layouts it lacks
+        shutil.rmtree(tmp, ignore_errors=True)
+        return f"converting to DeepSpeed's universal checkpoint failed: {type(e).__name__}: {str(e)[:200]}"
+    if out.exists():  # not ours (no latest_universal): replaced
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    fsync_dir(ckpt)
+    return None
 
 
 def _restore_chosen_values(engine, hook, state) -> None:

@@ -99,8 +99,9 @@ def free_bytes(path: str) -> int:
 def checkpoint_bytes_estimate(output_dir: str, engine) -> int:
     """The last checkpoint's size, or weights + fp32 master + two Adam moments per trainable entry."""
     last = latest_checkpoint(output_dir)
-    if last is not None:
-        return sum(f.stat().st_size for f in Path(last).rglob("*") if f.is_file())
+    if last is not None:  # less the universal conversion a resume on another world size may have added
+        files = (f for f in Path(last).rglob("*") if "ds_universal" not in f.relative_to(last).parts[0])
+        return sum(f.stat().st_size for f in files if f.is_file())
     total = 0
     for p in engine.module.parameters():
         n = getattr(p, "ds_numel", p.numel())
