@@ -182,6 +182,7 @@ def test_resume_on_a_different_world_size_keeps_mask_and_adam_moments(tmp_path, 
     at3, _ = read_id3_state(checkpoint_dir(tmp_path, 3))
     log = ok(train([*args, f"train.grad_accum={2 * ACCUM}"], nproc=1, env=env)).stdout
     assert "weights, mask and optimizer moments restored" in log, log[-3000:]
+    assert "global batch was" not in log  # grad_accum doubled on half the ranks: the same run
     assert (checkpoint_dir(tmp_path, 3) / "ds_universal" / "latest_universal").is_file()
     final, _ = _check_frozen_and_budget(tmp_path, base_dir)
     for name, pm in at3.params.items():  # every entry chosen before the stop is still chosen
@@ -212,6 +213,20 @@ def test_resume_from_1_rank_on_2_ranks_and_another_zero_stage(tmp_path, env, bas
     _check_frozen_and_budget(restarted, base_dir)
     with pytest.raises(AssertionError, match="differ from the uninterrupted run"):
         _assert_close_to(runs[2], restarted, atol=1e-4)
+
+
+def test_resume_with_another_global_batch_says_so_and_how_to_match() -> None:
+    from id3_ds.config import config_from_dict
+    from id3_ds.training.checkpoints import global_batch_note
+
+    raw = {"model": {"name_or_path": "builtin:tiny-llama"}, "data": {"path": "x.jsonl"}}
+    cfg = config_from_dict({**raw, "train": {"steps": 6, "micro_batch_size": 2, "grad_accum": 2}})
+    saved = {"train": {"global_batch": 8}}  # 2 x 2 x 2 ranks
+    assert global_batch_note(saved, cfg, world=2) is None
+    note = global_batch_note(saved, cfg, world=1)
+    assert "global batch was 8 examples per step, this run's is 4" in note
+    assert note.endswith("set train.grad_accum=4 to match")
+    assert global_batch_note({"train": {}}, cfg, world=1) is None  # older checkpoints: nothing to compare
 
 
 @pytest.mark.parametrize(

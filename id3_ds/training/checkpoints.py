@@ -87,7 +87,11 @@ def save(engine, hook, cfg: RunConfig, step: int, model_dir: str) -> Path:
                 "zero_stage": engine.zero_optimization_stage(),
                 "model": {"name_or_path": model_dir, "dtype": cfg.model.dtype},
                 "id3": {**cfg.id3.__dict__, "budget_entries": hook.id3.budget if hook else None},
-                "train": {"steps": hook.id3.schedule.steps if hook else None, "lr": cfg.train.lr},
+                "train": {
+                    "steps": hook.id3.schedule.steps if hook else None,
+                    "lr": cfg.train.lr,
+                    "global_batch": global_batch(cfg, world),
+                },
             },
         )
     dist.barrier()
@@ -159,6 +163,9 @@ def resume(engine, hook, cfg: RunConfig, world: int) -> int:
         if not same_world:  # exact fp32 values of the chosen entries, whatever DeepSpeed restored
             _restore_chosen_values(engine, hook, state)
     step = int(info["step"])
+    note = global_batch_note(info, cfg, world)
+    if note and dist.get_rank() == 0:
+        print(note, flush=True)
     if not same_world:
         if moments is not None:  # DeepSpeed's optimizer and scheduler state was not loaded
             _fast_forward_scheduler(engine, step)
@@ -174,6 +181,25 @@ def resume(engine, hook, cfg: RunConfig, world: int) -> int:
                 flush=True,
             )
     return step
+
+
+def global_batch(cfg: RunConfig, world: int) -> int:
+    """Examples per optimizer step over all ranks: what a resume must keep to continue the same run."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum * world
+
+
+def global_batch_note(info: dict, cfg: RunConfig, world: int) -> str | None:
+    """A resume with another global batch is allowed (a deliberate change) but no longer the same run."""
+    saved = (info.get("train") or {}).get("global_batch")
+    now = global_batch(cfg, world)
+    if saved is None or saved == now:
+        return None
+    per_accum = cfg.train.micro_batch_size * world
+    fix = f"; set train.grad_accum={saved // per_accum} to match" if saved % per_accum == 0 else ""
+    return (
+        f"note: the checkpoint's global batch was {saved} examples per step, this run's is {now} "
+        f"(micro_batch_size x grad_accum x {world} ranks): the run continues, but not as the original would{fix}"
+    )
 
 
 def _load_deepspeed(engine, path: Path) -> None:
