@@ -261,7 +261,9 @@ def _check_method(cfg: RunConfig) -> None:
             f"train.export_delta: method '{cfg.method}' trains densely, so there is no sparse delta to export; "
             "set train.export_delta=false and keep the model with train.save_final_model=true"
         )
-    if t.export_delta and cfg.data.format == "classification":  # LoRA runs export (A init + sparse A/B)
+    # a plain classification run exports its fresh head whole (id3.fully_trainable); under LoRA it is PEFT's
+    # trainable copy, which a delta cannot carry
+    if t.export_delta and cfg.data.format == "classification" and lora.rank:
         raise ID3Error(
             "train.export_delta: this run trains a fresh classification head, which the base model does not "
             "hold, so a sparse delta against it cannot be written; set train.export_delta=false "

@@ -282,7 +282,7 @@ def test_zero3_run_exports_a_lora_delta_that_merges_to_the_trained_model(tmp_pat
         torch.testing.assert_close(merged(**x).logits, trained(**x).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_runs_may_export_and_classification_runs_are_refused_in_one_line() -> None:
+def test_lora_runs_may_export_and_lora_classification_runs_are_refused_in_one_line() -> None:
     from id3_ds.config import config_from_dict
 
     raw = {"model": {"name_or_path": "builtin:tiny-llama"}, "data": {"path": "x.jsonl"}}
@@ -292,3 +292,5 @@ def test_lora_runs_may_export_and_classification_runs_are_refused_in_one_line() 
     with pytest.raises(ID3Error, match="fresh classification head") as e:
         config_from_dict({**raw, "data": data, "train": train_cfg, "lora": {"rank": 4}})
     assert "\n" not in str(e.value)
+    # without LoRA the fresh head is exported whole (tests/test_classification_delta.py)
+    assert config_from_dict({**raw, "data": data, "train": train_cfg}).train.export_delta

@@ -62,8 +62,11 @@ def _resolve(model: torch.nn.Module, delta: Delta) -> dict[str, torch.Tensor]:
     seen: dict[int, str] = {}
     shapes = {name: p.shape for name, p in delta.params.items()}
     shapes.update({w: m.shape for w, m in (delta.lora.modules if delta.lora else {}).items()})
+    prefix = getattr(model, "base_model_prefix", "") or ""
     for name in delta.touched:
         t = tensors.get(name)
+        if t is None and prefix:  # a task model over the base (BertForSequenceClassification: bert.<name>)
+            t = tensors.get(f"{prefix}.{name}")
         if t is None:
             hint = " (pass the base model, not a PEFT-wrapped one)" if hasattr(model, "peft_config") else ""
             raise ID3Error(
@@ -83,6 +86,28 @@ def _resolve(model: torch.nn.Module, delta: Delta) -> dict[str, torch.Tensor]:
     return found
 
 
+def _resolve_new(model: torch.nn.Module, delta: Delta) -> dict[str, torch.Tensor]:
+    """The model's parameters a delta's new tensors (a fresh classification head) replace, shape-checked."""
+    tensors = _tensors(model)
+    found: dict[str, torch.Tensor] = {}
+    for name, value in delta.new.items():
+        t = tensors.get(name)
+        if t is None:
+            arch = (delta.config_updates or {}).get("architectures", ["?"])[0]
+            raise ID3Error(
+                f"delta {delta.root} sets the head tensor {name}, which this model does not have: load the base "
+                f"as {arch} (e.g. AutoModelForSequenceClassification with num_labels="
+                f"{(delta.config_updates or {}).get('num_labels')})"
+            )
+        if _shape(t) != tuple(value.shape):
+            raise ID3Error(
+                f"delta {delta.root}: head tensor {name} has shape {list(value.shape)} but the model has "
+                f"{list(_shape(t))} (another num_labels?)"
+            )
+        found[name] = t
+    return found
+
+
 def _check_fingerprint(delta: Delta, tensors: dict[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         want = delta.fingerprint["tensors"][name]
@@ -94,10 +119,19 @@ def _check_fingerprint(delta: Delta, tensors: dict[str, torch.Tensor]) -> None:
 
 def _add(model: torch.nn.Module, delta_dir: str | os.PathLike | Delta, scale: float, force: bool, check: bool) -> Delta:
     delta = delta_dir if isinstance(delta_dir, Delta) else load_delta(delta_dir)
+    if scale < 0 and delta.new:
+        raise ID3Error(
+            f"delta {delta.root} replaces a fresh classification head ({sorted(delta.new)[0]}), whose earlier "
+            "value it does not hold, so remove_delta cannot restore the model: reload the base instead"
+        )
     tensors = _resolve(model, delta)
+    heads = _resolve_new(model, delta)
     if check and not force:
         _check_fingerprint(delta, tensors)
     with torch.no_grad():
+        for name, t in heads.items():
+            with _gathered(t, modify=True):
+                t.data.copy_(delta.new[name].to(device=t.data.device, dtype=t.data.dtype))
         for name, t in tensors.items():
             with _gathered(t, modify=True):
                 full = t.data

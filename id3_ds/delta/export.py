@@ -10,6 +10,10 @@ init, which the base does not hold: the checkpoint's `id3/lora.safetensors` has 
 A's init is that A with each chosen entry put back to its base value from the shards (unchosen entries
 never move), and B must be zero outside its chosen entries (its init is zero). Modules whose B has no
 chosen entry fold to nothing and are left out.
+
+A classification run (no LoRA) records its head, base prefix and config keys in COMPLETE: base weights
+map to the base's names (without the task model's `bert.`-like prefix), and the fully trained head goes
+into the delta whole, as new tensors, with the config.json keys that declare it.
 """
 
 from __future__ import annotations
@@ -79,9 +83,17 @@ def export_delta(
     state, meta = read_id3_state(ckpt)
     base = BaseModel.open(base_dir)
     lora_names = [name for name in state.params if split_lora_name(name)]
-    plain = {name: _base_name(name, base) for name in state.params if name not in lora_names}
+    cls = _classification(ckpt, info, lora_names)
+    head = cls["head"] if cls else {}
+    prefix = cls["base_model_prefix"] if cls else ""
+    new = _new_tensors(ckpt, state, head, base) if cls else {}
+    plain = {
+        name: _base_name(name, base, prefix) for name in state.params if name not in lora_names and name not in head
+    }
     for name, bname in plain.items():  # cheap header checks first: fail before reading any weight
         pm = state.params[name]
+        if cls is None and bname not in base.tensors and not name.startswith(PEFT_PREFIX):
+            raise _old_classification(ckpt, name, base)
         t = base.get(bname)
         if t.info.shape != tuple(pm.shape):
             raise ID3Error(
@@ -153,7 +165,55 @@ def export_delta(
         overwrite=overwrite,
         protect=[base.root, ckpt],
         lora=lora,
+        new=new,
+        config_updates=cls["config_updates"] if cls else None,
     )
+
+
+def _classification(ckpt: Path, info: dict, lora_names: list[str]) -> dict | None:
+    """A classification run's record in COMPLETE (architecture, base prefix, head, config updates), or None."""
+    cls = info.get("classification")
+    if cls is None:
+        return None
+    if lora_names:
+        raise ID3Error(
+            f"checkpoint {ckpt} trains LoRA over a classification model: its fresh head is PEFT's trainable copy, "
+            "which a delta cannot carry; keep the model with train.save_final_model=true"
+        )
+    ok = isinstance(cls, dict) and isinstance(cls.get("head"), dict) and isinstance(cls.get("config_updates"), dict)
+    if not ok or not isinstance(cls.get("base_model_prefix"), str):
+        raise ID3Error(f"checkpoint {ckpt}/COMPLETE has a malformed classification record: the checkpoint is corrupt")
+    return cls
+
+
+def _old_classification(ckpt: Path, name: str, base: BaseModel) -> ID3Error:
+    return ID3Error(
+        f"checkpoint {ckpt} has {name}, which base {base.root} lacks: if it is a classification run, it was written "
+        "by an id3-ds that did not record its head (no 'classification' in COMPLETE), so re-run it with this id3-ds "
+        "or keep train.save_final_model=true; otherwise pass the base model the run was trained from"
+    )
+
+
+def _new_tensors(ckpt: Path, state, head: dict, base: BaseModel) -> dict[str, torch.Tensor]:
+    """The fresh head's final values, whole: every head parameter must be fully trainable (all entries chosen),
+    since its random init is in no base and the shards hold only chosen entries."""
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in sorted(head.items()):
+        if name in base.tensors:
+            raise ID3Error(
+                f"checkpoint {ckpt}: the head parameter {name} also exists in base {base.root}: a delta cannot tell "
+                "a fresh head from that base weight; pass the base model (e.g. a BertModel) the run started from"
+            )
+        pm = state.params.get(name)
+        if pm is None or pm.value is None or pm.indices.numel() != math.prod(shape) or list(pm.shape) != shape:
+            raise ID3Error(
+                f"checkpoint {ckpt}: the fresh head parameter {name} was not fully trained, so its random init is "
+                f'lost and no delta can rebuild it: add it to id3.fully_trainable (e.g. ["{name.split(".")[0]}.*"])'
+            )
+        full = torch.empty(math.prod(shape), dtype=torch.float32)
+        full[pm.indices.to(torch.int64)] = pm.value.to(torch.float32)
+        out[name] = full.reshape(shape)
+    return out
 
 
 def _param(shape, base_dtype: str, indices, d, fix_at, fix, dtype: str) -> ParamDelta:
@@ -165,9 +225,14 @@ def _param(shape, base_dtype: str, indices, d, fix_at, fix, dtype: str) -> Param
     return p
 
 
-def _base_name(name: str, base: BaseModel) -> str:
-    """The base's name of a checkpoint parameter: itself, or a PEFT-wrapped name unwrapped."""
-    if name in base.tensors or not name.startswith(PEFT_PREFIX):
+def _base_name(name: str, base: BaseModel, prefix: str = "") -> str:
+    """The base's name of a checkpoint parameter: itself, without the task model's base prefix (`bert.` of a
+    BertForSequenceClassification over a BertModel base), or a PEFT-wrapped name unwrapped."""
+    if name in base.tensors:
+        return name
+    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in base.tensors:
+        return name[len(prefix) + 1 :]
+    if not name.startswith(PEFT_PREFIX):
         return name
     plain = name[len(PEFT_PREFIX) :].replace(".base_layer.", ".")
     copy = ".modules_to_save.default."

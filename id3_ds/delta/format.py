@@ -4,8 +4,10 @@ A delta directory holds `delta.safetensors` (per tuned parameter NAME: `NAME.ind
 `NAME.dense`) and `delta_config.json` (format, base identity and fingerprint, ID3 settings, entry counts).
 A LoRA run's delta adds a `lora` section: per folded base weight its A and B names, A's dense init
 (`A.init`) and A's and B's entries in the same sparse form, folded by `merge` as W + (alpha/r)·B·A.
-`load_delta` validates the whole delta, and against a base when one is given, before anything uses it, so
-a broken delta fails with one message and never half-modifies a model or half-writes a merge.
+A classification run's delta adds `new` (its fresh head, `NAME.new`, whole final values) and the
+`config_updates` a merge writes into config.json. `load_delta` validates the whole delta, and against a
+base when one is given, before anything uses it, so a broken delta fails with one message and never
+half-modifies a model or half-writes a merge.
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ class Delta:
     config: dict
     params: dict[str, ParamDelta] = field(default_factory=dict)
     lora: LoraDelta | None = None
+    new: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors the base lacks (a fresh head), fp32
+    config_updates: dict | None = None  # config.json keys a merge sets (architectures, num_labels, ...)
 
     @property
     def total_entries(self) -> int:
@@ -165,6 +169,8 @@ def write_delta(
     overwrite: bool = False,
     protect: list[Path] = (),
     lora: LoraDelta | None = None,
+    new: dict[str, torch.Tensor] | None = None,
+    config_updates: dict | None = None,
 ) -> Path:
     """Write a delta directory atomically; `fingerprint_tensors` maps NAME -> {shape, dtype, sha256} for
     every base tensor the delta touches (params and LoRA-folded weights)."""
@@ -193,6 +199,12 @@ def write_delta(
             "modules": modules,
             "params": lora_entries,
         }
+    if new:
+        extra["new"] = {}
+        for name in sorted(new):
+            tensors[f"{name}.new"] = new[name].detach().to(torch.float32).contiguous()
+            extra["new"][name] = {"shape": list(new[name].shape), "dtype": "F32"}
+        extra["config_updates"] = config_updates
     config = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -310,7 +322,50 @@ def read_config(root: Path) -> dict:
         raise _bad(root, "total_entries is not the sum of the per-parameter entries; the delta is corrupt")
     if not isinstance(cfg.get("id3", {}), dict):
         raise _bad(root, "id3 settings are not an object; the delta is corrupt")
+    _check_new_config(root, cfg, set(folded))
     return cfg
+
+
+CONFIG_UPDATE_KEYS = ("architectures", "num_labels", "id2label", "label2id", "pad_token_id", "problem_type")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+def _check_new_config(root: Path, cfg: dict, folded: set[str]) -> None:
+    """The `new` tensors (a fresh head) and the `config_updates` a merge writes: both or neither."""
+    new, upd = cfg.get("new"), cfg.get("config_updates")
+    if new is None and upd is None:
+        return
+    if not isinstance(new, dict) or not new:
+        raise _bad(
+            root, "config_updates without new tensors (the 'new' object is missing or empty); the delta is corrupt"
+        )
+    if not isinstance(upd, dict):
+        raise _bad(
+            root,
+            "new tensors without a valid config_updates object (architectures, num_labels, id2label, label2id): "
+            "a merged model could not load its head; the delta is corrupt, re-export it",
+        )
+    for name, e in new.items():
+        if not isinstance(e, dict) or not _shape(e.get("shape")) or e.get("dtype") != "F32":
+            raise _bad(root, f"new-tensor entry for {name!r} is malformed (needs shape and dtype F32); re-export it")
+        if name in cfg["params"] or name in folded or name in cfg["base"]["fingerprint"]["tensors"]:
+            raise _bad(root, f"{name} is both a new tensor and an update of a base tensor; the delta is corrupt")
+    unknown = sorted(set(upd) - set(CONFIG_UPDATE_KEYS))
+    arch, n, i2l, l2i = (upd.get(k) for k in ("architectures", "num_labels", "id2label", "label2id"))
+    ok = not unknown and isinstance(arch, list) and len(arch) == 1 and isinstance(arch[0], str) and arch[0]
+    ok = ok and _int(n) and n > 0 and isinstance(i2l, dict) and isinstance(l2i, dict) and len(i2l) == len(l2i) == n
+    ok = ok and all(isinstance(v, str) for v in i2l.values()) and all(_int(v) and v < n for v in l2i.values())
+    ok = ok and all(k.isdigit() and int(k) < n for k in i2l) and all(isinstance(k, str) for k in l2i)
+    pad = upd.get("pad_token_id")
+    problem = upd.get("problem_type")
+    ok = ok and (pad is None or _int(pad)) and (problem is None or _isin(problem, PROBLEM_TYPES))
+    if not ok:
+        what = f"has unknown key {unknown[0]!r}" if unknown else "is malformed"
+        raise _bad(
+            root,
+            f"config_updates {what} (allowed: {', '.join(CONFIG_UPDATE_KEYS)}; architectures one class name, "
+            "num_labels > 0 and id2label/label2id with that many labels); the delta is corrupt, re-export it",
+        )
 
 
 def _check_entry(root: Path, cfg: dict, name: str, e: object) -> None:
@@ -397,6 +452,12 @@ def load_delta(path: str | os.PathLike, base: BaseModel | None = None, *, force:
                 if not bool(torch.isfinite(init).all()):
                     raise _bad(root, f"{a_name}.init has NaN or infinite values; the delta is corrupt, re-export it")
                 lora.modules[weight] = LoraModule(weight, a_name, b_name, init, a, b)
+        new = {}
+        for name, e in (cfg.get("new") or {}).items():
+            expected.add(f"{name}.new")
+            new[name] = _tensor(root, f, header, f"{name}.new", "F32", tuple(e["shape"]))
+            if not bool(torch.isfinite(new[name]).all()):
+                raise _bad(root, f"new tensor {name} has NaN or infinite values; training diverged or it is corrupt")
     stray = set(header.tensors) - expected
     if stray:
         if lora is None and any(n.endswith(".init") or ".lora_" in n for n in stray):
@@ -406,7 +467,7 @@ def load_delta(path: str | os.PathLike, base: BaseModel | None = None, *, force:
                 "(rank, alpha, modules); the config is incomplete, re-export the delta",
             )
         raise _bad(root, f"{DELTA_FILE} holds tensors the config does not list ({sorted(stray)[:3]}); re-export it")
-    delta = Delta(root, cfg, params, lora)
+    delta = Delta(root, cfg, params, lora, new, cfg.get("config_updates"))
     if base is not None:
         check_against_base(delta, base, force=force)
     return delta
@@ -484,6 +545,12 @@ def check_against_base(delta: Delta, base: BaseModel, *, force: bool = False, fi
             raise ID3Error(
                 f"delta {delta.root}: {name} was exported against a {fp[name]['dtype']} base but this base is "
                 f"{t.info.dtype}: use the base it was exported from (or --force)"
+            )
+    for name in delta.new:
+        if name in base.tensors:
+            raise ID3Error(
+                f"delta {delta.root}: new tensor {name} already exists in the base {base.root}: this delta's head "
+                "would replace a base weight; it belongs to another base (or is corrupt)"
             )
     if fingerprint and not force:
         for name in delta.touched:

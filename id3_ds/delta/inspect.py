@@ -1,5 +1,6 @@
 """What a delta holds, at a glance: entries per parameter and per layer, total, density, size, base, and
-for a LoRA run's delta its LoRA settings and folded modules.
+for a LoRA run's delta its LoRA settings and folded modules, for a classification run's its new head tensors
+and config updates.
 
 Reads and validates the delta (no base needed): a delta that `inspect` shows is one `merge` can read.
 """
@@ -74,6 +75,8 @@ def summarize(delta_dir: str | os.PathLike) -> dict:
         },
         "id3": {k: cfg.get("id3", {}).get(k) for k in ("budget", "eps", "exp", "steps")},
         "lora": lora,
+        "new": {n: {"shape": list(t.shape), "numel": t.numel()} for n, t in sorted(delta.new.items())},
+        "config_updates": delta.config_updates,
         "params": params,
         "layers": {k: layers[k] for k in layer_order},
     }
@@ -97,6 +100,10 @@ def render(s: dict) -> str:
             f"target_modules={lo['target_modules']}  {len(lo['modules'])} modules folded as W + scale*B@A, "
             f"A init {lo['init_entries']:,} entries (dense)"
         )
+    for name, e in (s.get("new") or {}).items():
+        lines.append(f"new        {name} {e['shape']} ({e['numel']:,} entries, full value: a fresh head)")
+    if s.get("config_updates"):
+        lines.append("config     " + "  ".join(f"{k}={v}" for k, v in s["config_updates"].items()))
     lines += [
         "",
         f"{'parameter':<60} {'entries':>12} {'numel':>12} {'density':>9} storage",

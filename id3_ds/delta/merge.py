@@ -62,11 +62,20 @@ def merge(
     check_against_base(delta, base, force=force, fingerprint=False)
     out = Path(out)
     check_out(out, overwrite, protect=[base.root, delta.root])
+    if delta.new:  # the head is declared in config.json: check it is there and an object before writing
+        try:
+            ok = isinstance(json.loads((base.root / "config.json").read_text()), dict)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            ok = False
+        if not ok:
+            raise ID3Error(f"base {base.root} has no readable config.json to declare the delta's new head in")
+    new_dtype = target or _main_dtype(base)
     patched = 0
     with staged_dir(out, overwrite) as tmp:
         for fn in base.files:
-            patched += _merge_shard(base, fn, delta, tmp / fn, target, force)
-        _copy_side_files(base, tmp, target)
+            extra = delta.new if fn == base.files[-1] else {}  # a fresh head goes into the last shard
+            patched += _merge_shard(base, fn, delta, tmp / fn, target, force, extra, new_dtype)
+        _copy_side_files(base, tmp, target, delta)
     written = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return MergeReport(out, len(base.files), patched, written, time.perf_counter() - t0)
 
@@ -75,10 +84,30 @@ def _out_dtype(info: st.TensorInfo, target: str | None) -> str:
     return target if target and info.dtype in st.FLOAT_DTYPES else info.dtype
 
 
-def _merge_shard(base: BaseModel, fn: str, delta: Delta, dst: Path, target: str | None, force: bool) -> int:
+def _main_dtype(base: BaseModel) -> str:
+    """The floating dtype holding most of the base's entries: the dtype a fresh head is written in."""
+    counts: dict[str, int] = {}
+    for t in base.tensors.values():
+        if t.info.dtype in st.FLOAT_DTYPES:
+            counts[t.info.dtype] = counts.get(t.info.dtype, 0) + t.info.numel
+    return max(counts, key=counts.get) if counts else "F32"
+
+
+def _merge_shard(
+    base: BaseModel,
+    fn: str,
+    delta: Delta,
+    dst: Path,
+    target: str | None,
+    force: bool,
+    new: dict[str, torch.Tensor] | None = None,
+    new_dtype: str = "F32",
+) -> int:
     header = base.headers[fn]
     order = header.ordered()
+    new = new or {}
     specs = [(i.name, _out_dtype(i, target), i.shape) for i in order]
+    specs += [(name, new_dtype, tuple(new[name].shape)) for name in sorted(new)]
     writer = st.StreamWriter(dst, specs, header.metadata)
     lora = delta.lora.modules if delta.lora else {}
     patched = 0
@@ -107,6 +136,8 @@ def _merge_shard(base: BaseModel, fn: str, delta: Delta, dst: Path, target: str 
                     t = t.to(st.DTYPES[odt])
                 writer.write(info.name, st.tensor_bytes(t))
                 del buf, t
+        for name in sorted(new):
+            writer.write(name, st.tensor_bytes(new[name].to(st.DTYPES[new_dtype]).contiguous()))
         writer.close()
     except BaseException:
         writer.abort()
@@ -134,7 +165,7 @@ def add_delta(t: torch.Tensor, p: ParamDelta, out_dtype: torch.dtype, scale: flo
     return out
 
 
-def _copy_side_files(base: BaseModel, tmp: Path, target: str | None) -> None:
+def _copy_side_files(base: BaseModel, tmp: Path, target: str | None, delta: Delta | None = None) -> None:
     """Config, tokenizer, generation config...: every top-level file that is not a weight file."""
     weights = set(base.files)
     for p in sorted(base.root.iterdir()):
@@ -142,8 +173,9 @@ def _copy_side_files(base: BaseModel, tmp: Path, target: str | None) -> None:
             continue
         if p.name.endswith(".index.json") or p.name.startswith("."):
             continue
-        if p.name == "config.json" and target:
-            _write_config(p, tmp / p.name, target)
+        updates = delta.config_updates if delta is not None else None
+        if p.name == "config.json" and (target or updates):
+            _write_config(p, tmp / p.name, target, updates)
         else:
             shutil.copyfile(p, tmp / p.name)
     if base.sharded:
@@ -151,18 +183,26 @@ def _copy_side_files(base: BaseModel, tmp: Path, target: str | None) -> None:
         meta = dict(index.get("metadata") or {})
         meta["total_size"] = sum((tmp / fn).stat().st_size - st.read_header(tmp / fn).data_start for fn in base.files)
         index["metadata"] = meta
+        if delta is not None and delta.new:
+            index["weight_map"] = {**index.get("weight_map", {}), **dict.fromkeys(delta.new, base.files[-1])}
         (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _write_config(src: Path, dst: Path, target: str) -> None:
-    """The base's config.json with its dtype field naming the merged dtype (from_pretrained reads it)."""
+def _write_config(src: Path, dst: Path, target: str | None, updates: dict | None = None) -> None:
+    """The base's config.json with its dtype field naming the merged dtype (from_pretrained reads it) and a
+    classification delta's `config_updates` (architectures, num_labels, id2label, label2id, ...) set."""
     try:
         cfg = json.loads(src.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):
+        if updates:
+            raise ID3Error(f"{src} is not valid JSON, so the delta's head cannot be declared in it") from None
         shutil.copyfile(src, dst)
         return
+    if updates and not isinstance(cfg, dict):
+        raise ID3Error(f"{src} is not a JSON object, so the delta's head cannot be declared in it")
     if isinstance(cfg, dict):
         for key in ("dtype", "torch_dtype"):
-            if key in cfg or key == "dtype":
+            if target and (key in cfg or key == "dtype"):
                 cfg[key] = _HF_DTYPE[target]
+        cfg.update(updates or {})
     dst.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -77,6 +77,7 @@ def save(engine, hook, cfg: RunConfig, step: int, model_dir: str) -> Path:
         _save_lora(engine.module, ckpt, rank)
     dist.barrier()
     beat()
+    classify = cfg.data.format == "classification" and not cfg.lora.rank
     if rank == 0:
         mark_complete(
             ckpt,
@@ -86,6 +87,7 @@ def save(engine, hook, cfg: RunConfig, step: int, model_dir: str) -> Path:
                 "method": cfg.method,
                 "zero_stage": engine.zero_optimization_stage(),
                 "model": {"name_or_path": model_dir, "dtype": cfg.model.dtype},
+                **({"classification": classification_info(engine.module)} if classify else {}),
                 "id3": {**cfg.id3.__dict__, "budget_entries": hook.id3.budget if hook else None},
                 "train": {
                     "steps": hook.id3.schedule.steps if hook else None,
@@ -96,6 +98,30 @@ def save(engine, hook, cfg: RunConfig, step: int, model_dir: str) -> Path:
         )
     dist.barrier()
     return ckpt
+
+
+def classification_info(model) -> dict:
+    """What export needs to turn a classification run into a delta against its base (a plain, non-PEFT model):
+    the architecture, the prefix that base parameter names lose in the base file (`bert.` for a BertModel
+    base), the fresh head's parameters (those outside that prefix) and the config.json keys a merge must set."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    c = model.config
+    updates = {
+        "architectures": [type(model).__name__],
+        "num_labels": int(c.num_labels),
+        "id2label": {str(k): v for k, v in c.id2label.items()},
+        "label2id": {str(k): int(v) for k, v in c.label2id.items()},
+    }
+    if getattr(c, "pad_token_id", None) is not None:
+        updates["pad_token_id"] = int(c.pad_token_id)
+    if getattr(c, "problem_type", None) is not None:
+        updates["problem_type"] = c.problem_type
+    head = {
+        n: list(getattr(p, "ds_shape", p.shape))
+        for n, p in model.named_parameters()
+        if not (prefix and n.startswith(prefix + "."))
+    }
+    return {"architecture": type(model).__name__, "base_model_prefix": prefix, "head": head, "config_updates": updates}
 
 
 def _save_lora(model, ckpt: Path, rank: int) -> None:
