@@ -188,3 +188,22 @@ def test_export_refuses_an_unrecorded_or_partly_trained_head(llama_run, tmp_path
     with pytest.raises(ID3Error, match=match) as e:
         export_delta(ckpt, base, tmp_path / "delta")
     assert "\n" not in str(e.value) and not (tmp_path / "delta").exists()
+
+
+def test_sharded_base_gets_the_head_in_its_last_shard_and_index(llama_run, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    run, base = llama_run
+    sharded = tmp_path / "base"
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).save_pretrained(sharded, max_shard_size="100KB")
+    for f in base.iterdir():  # tokenizer files
+        if f.is_file() and "token" in f.name:
+            shutil.copy2(f, sharded / f.name)
+    b = BaseModel.open(sharded)
+    assert b.sharded and len(b.files) > 1
+    merge(sharded, run / "delta", tmp_path / "merged")
+    index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"]["score.weight"] == b.files[-1]
+    data = sum(f.stat().st_size for f in (tmp_path / "merged").glob("*.safetensors"))
+    assert 0 < index["metadata"]["total_size"] < data
+    assert torch.equal(_logits(tmp_path / "merged", base), _logits(run / "final_model", base))
