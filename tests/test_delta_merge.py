@@ -6,6 +6,7 @@ import copy
 import importlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +183,18 @@ def test_cli_export_merge_inspect_and_one_line_errors(exported, tmp_path) -> Non
     assert res.exit_code == 1 and res.output.startswith("error: ") and res.output.count("\n") == 1
     help_text = r.invoke(app, ["--help"]).output
     assert all(cmd in help_text for cmd in ("export-delta", "merge", "inspect", "Examples"))
+
+
+def test_cli_base_may_be_given_as_in_a_config(exported, tmp_path, monkeypatch) -> None:
+    """`builtin:`/`package:` resolve to the model directory, as model.name_or_path does; a missing package is
+    one line naming the pip install."""
+    from id3_ds.builtin import resolve_model
+    from id3_ds.cli import _base_dir
+
+    monkeypatch.setenv("ID3_DS_CACHE", str(tmp_path / "cache"))
+    assert _base_dir("builtin:tiny-llama") == Path(resolve_model("builtin:tiny-llama"))
+    c, _ = exported
+    assert _base_dir(str(c.base)) == Path(c.base)
+    res = CliRunner().invoke(app, ["merge", "package:no_such_model_pkg", str(c.ckpt), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 1 and res.output.count("\n") == 1
+    assert "pip install no-such-model-pkg" in res.output
