@@ -4,6 +4,7 @@
     python benchmarks/bench_quality.py              # budget 31,874 (BitFit's size), 2 seeds, 60 steps, 16 runs
     python benchmarks/bench_quality.py --budgets 10000 100000 --methods id3 random pafi fish lora  # 20 runs
     python benchmarks/bench_quality.py --quick      # id3 and dense LoRA, 4 steps, 1 seed (< 2 min)
+    python benchmarks/bench_quality.py --combine a.log b.log   # one table from earlier `--json` outputs
     python benchmarks/bench_quality.py --budgets 31874 --seeds 1 2 3 --methods id3 fish --nproc 2
 
 Each variant runs `launch/train.py --config configs/minilm_sentiment.json method=...` (DeepSpeed ZeRO-2),
@@ -155,7 +156,21 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="id3 and dense LoRA, 4 steps, one seed and budget")
     p.add_argument("--json", action="store_true", help="also print every result as one JSON line")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    p.add_argument(
+        "--combine", nargs="+", metavar="LOG", help="summarise the JSON lines of earlier --json runs instead of running"
+    )
     a = p.parse_args()
+    if a.combine:
+        rows = [json.loads(line) for f in a.combine for line in Path(f).read_text().splitlines() if line[:1] == "{"]
+        table = summary(rows)
+        print(table)
+        if not a.no_record:
+            seeds = sorted({r["seed"] for r in rows})
+            steps = sorted({r["steps"] for r in rows})
+            details = f"combined from {len(rows)} runs of earlier --json logs; steps {steps}, seeds {seeds}"
+            cmd = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
+            append_results("Quality: eval accuracy by method and budget", details, cmd.strip(), table)
+        return
     if a.quick:
         a.steps, a.seeds, a.budgets, a.methods = 4, a.seeds[:1], [BITFIT_BUDGET], ["id3", "lora"]
     runs = plan(a.methods, a.budgets)

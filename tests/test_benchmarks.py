@@ -107,3 +107,23 @@ def test_quality_quick_trains_each_method_at_its_size_and_tabulates_the_spread()
         assert 0.0 <= r["eval_accuracy"] <= 1.0
     assert "| budget B | method | trained entries | eval accuracy (mean ± std) |" in out
     assert "| 31,874 | lora (dense, r=3) | 28,418 |" in out
+
+
+def test_quality_combine_summarises_earlier_json_logs_per_budget_and_method(tmp_path) -> None:
+    """Seeds run in separate commands add up to one table: mean ± std over every seed of a (budget, method)."""
+    row = {"method": "id3", "group": 10_000, "trained_entries": 10_000, "eval_f1": 0.5, "steps": 60}
+    logs = []
+    for seed, acc in ((42, 0.9), (43, 0.8), (44, 0.7)):
+        log = tmp_path / f"{seed}.log"
+        log.write_text("some progress line\n" + json.dumps({**row, "seed": seed, "eval_accuracy": acc}) + "\n")
+        logs.append(str(log))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), "--no-record", "--combine", *logs],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| 10,000 | id3 | 10,000 | 0.800 ± 0.100 | 0.700..0.900 |" in proc.stdout
+    assert "42: 0.900, 43: 0.800, 44: 0.700" in proc.stdout
