@@ -22,7 +22,6 @@ import argparse
 import ctypes
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from memstat import proc_status, reset_peak  # noqa: E402
 from results import append_results  # noqa: E402
 
 from id3_ds import projection as pj  # noqa: E402
+from id3_ds.processes import torchrun_command  # noqa: E402
 
 
 def fix_mmap_threshold() -> None:
@@ -136,30 +136,11 @@ def run_worker(size: str, steps: int, stage: int, method: str, budget: float, ou
     exit_process()  # not a normal return: gloo's threads abort finalization at times (id3_ds/training/shutdown.py)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(size: str, steps: int, stage: int, method: str, budget: float) -> list[dict]:
     """One torchrun launch of 2 ranks; returns each rank's numbers."""
     with tempfile.TemporaryDirectory(prefix="id3-mem-") as d:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            __file__,
-            "--worker",
-            f"--size={size}",
-            f"--steps={steps}",
-            f"--stage={stage}",
-            f"--method={method}",
-            f"--budget={budget}",
-            f"--out={d}",
-        ]
+        flags = [f"--size={size}", f"--steps={steps}", f"--stage={stage}", f"--method={method}", f"--budget={budget}"]
+        cmd = torchrun_command(2, __file__, "--worker", *flags, f"--out={d}")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:

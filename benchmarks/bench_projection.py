@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import runpy
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from results import append_results  # noqa: E402
 
 from id3_ds import projection as pj  # noqa: E402
+from id3_ds.processes import torchrun_command  # noqa: E402
 
 VALIDATE_STEPS = 4
 
@@ -60,12 +60,6 @@ def train_wrapper(out: str, train_args: list[str]) -> None:
     Path(out, f"allgather-rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(counting.received))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tiny_run(tmp: Path, steps: int = VALIDATE_STEPS, world: int = 2) -> dict:
     """Train the builtin tiny LLaMA with ZeRO-3 on `world` ranks and measure what the calculator predicts."""
     import torch
@@ -85,8 +79,7 @@ def tiny_run(tmp: Path, steps: int = VALIDATE_STEPS, world: int = 2) -> dict:
         "train.progress_bar=false",
         "train.export_delta=true",
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={free_port()}"]
-    cmd += [__file__, "--train-wrapper", str(tmp), "--", *overrides]
+    cmd = torchrun_command(world, __file__, "--train-wrapper", str(tmp), "--", *overrides)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:

@@ -32,6 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import append_results  # noqa: E402
 
+from id3_ds.processes import torchrun_command  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "minilm_sentiment.json"
 HEAD = "*classifier.modules_to_save*"  # PEFT's trainable copy of the classification head
@@ -65,9 +67,8 @@ def variant(method: str, budget: int) -> tuple[list[str], int | None]:
 
 
 def run(name: str, extra: list[str], steps: int, seed: int, nproc: int, out: Path) -> dict:
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py")]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *cmd[1:]]
+    script = str(ROOT / "launch" / "train.py")
+    cmd = torchrun_command(nproc, script) if nproc > 1 else [sys.executable, script]
     args = [
         "--config",
         str(CONFIG),

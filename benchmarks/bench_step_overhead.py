@@ -30,6 +30,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from results import append_results  # noqa: E402
 
+from id3_ds.processes import torchrun_command  # noqa: E402
+
 SIZES = {  # hidden, layers, intermediate, vocab
     "100M": (768, 12, 2048, 8192),
     "10M": (256, 6, 688, 4096),
@@ -166,23 +168,8 @@ def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
 def run_deepspeed(size: str, pairs: int, stage: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_port=29517",
-            __file__,
-            "--worker",
-            "--size",
-            size,
-            "--pairs",
-            str(pairs),
-            "--stage",
-            str(stage),
-            "--out",
-            out,
-        ]
+        flags = ["--size", size, "--pairs", str(pairs), "--stage", str(stage), "--out", out]
+        cmd = torchrun_command(2, __file__, "--worker", *flags)
         proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"ZeRO-{stage} worker failed:\n{proc.stdout[-4000:]}")

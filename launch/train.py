@@ -49,6 +49,7 @@ def main(argv: list[str]) -> None:
     from id3_ds.methods import MASKED, method_spec
     from id3_ds.methods.fish import fisher_pass
     from id3_ds.methods.models import load_model, resolve_model_dir, wrap_lora
+    from id3_ds.processes import free_port
     from id3_ds.training import checkpoints
     from id3_ds.training.batches import micro_batch_indices, total_steps
     from id3_ds.training.faults import maybe_hang, maybe_kill, maybe_poison
@@ -59,7 +60,7 @@ def main(argv: list[str]) -> None:
     # -- processes ----------------------------------------------------------------------------------
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)  # `python launch/train.py` alone runs one process
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     clear_stale_build_locks()  # before DeepSpeed builds its CPU ops: a dead build's lock would hang us forever
     accel = get_accelerator()
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
@@ -235,14 +236,6 @@ def _all_reduce_cpu(x: torch.Tensor, device: str) -> None:
     y = x.to(device)
     dist.all_reduce(y)
     x.copy_(y.cpu())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,32 +11,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from id3_ds.processes import torchrun_command
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
 TINY_CONFIG = str(ROOT / "configs" / "tiny_cpu.json")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(
     overrides: list[str], nproc: int = 2, env: dict | None = None, config: str = TINY_CONFIG, timeout: int = 600
 ) -> subprocess.CompletedProcess:
     """Launch a training run; returns the finished process (stdout and stderr merged)."""
-    if nproc > 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}",
-            TRAIN,
-        ]
-    else:
-        cmd = [sys.executable, TRAIN]
+    cmd = torchrun_command(nproc, TRAIN) if nproc > 1 else [sys.executable, TRAIN]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     # own process group: on a timeout every rank dies with the launcher, none is left running
     proc = subprocess.Popen(

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from id3_ds.delta import export_delta
-from tests.launcher import ROOT, free_port
+from id3_ds.processes import torchrun_command
+from tests.launcher import ROOT
 from tests.test_delta_common import make_case
 
 pytestmark = [pytest.mark.distributed]
@@ -19,17 +19,8 @@ pytestmark = [pytest.mark.distributed]
 def test_apply_and_remove_on_a_zero3_partitioned_model(tmp_path) -> None:
     case = make_case(tmp_path)
     export_delta(case.run, case.base, tmp_path / "delta")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(ROOT / "tests" / "zero3_apply_worker.py"),
-        str(case.base),
-        str(tmp_path / "delta"),
-        str(tmp_path),
-    ]
+    worker = ROOT / "tests" / "zero3_apply_worker.py"
+    cmd = torchrun_command(2, worker, str(case.base), str(tmp_path / "delta"), str(tmp_path))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     applied, removed = load_file(tmp_path / "applied.safetensors"), load_file(tmp_path / "removed.safetensors")
