@@ -124,6 +124,19 @@ def classification_info(model) -> dict:
     return {"architecture": type(model).__name__, "base_model_prefix": prefix, "head": head, "config_updates": updates}
 
 
+def _whole_on_rank0(named: list, rank: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """CPU copies of whole parameters on rank 0 ({} elsewhere); every rank must call it. Under ZeRO-3 each
+    parameter is gathered alone, so memory holds one whole parameter above the partitions at a time."""
+    import deepspeed
+
+    out = {}
+    for name, p in named:
+        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            if rank == 0:
+                out[name] = p.detach().to(dtype or p.dtype).cpu().clone()
+    return out
+
+
 def _save_lora(model, ckpt: Path, rank: int) -> None:
     """A PEFT LoRA model's A/B matrices, whole and fp32, into id3/lora.safetensors (rank 0 writes).
 
@@ -136,12 +149,7 @@ def _save_lora(model, ckpt: Path, rank: int) -> None:
     params = [(n, p) for n, p in model.named_parameters() if is_lora_param(n)]
     if config is None or not params:
         return
-    import deepspeed
-
-    tensors = {}
-    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=hasattr(params[0][1], "ds_id")):
-        if rank == 0:
-            tensors = {n: p.detach().to(torch.float32).cpu().clone() for n, p in params}
+    tensors = _whole_on_rank0(params, rank, torch.float32)
     if rank == 0:
         targets = config.target_modules
         settings = {
@@ -349,14 +357,8 @@ def save_final_model(engine, model_dir: str, out_dir: str) -> None:
 
     Written to a temp directory and renamed, so a crash never leaves a loadable half model.
     """
-    import deepspeed
-
     rank = dist.get_rank()
-    state = {}
-    for name, p in engine.module.named_parameters():
-        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
-            if rank == 0:
-                state[name] = p.detach().cpu().clone()
+    state = _whole_on_rank0(list(engine.module.named_parameters()), rank)
     if rank == 0:
         out = Path(out_dir)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
