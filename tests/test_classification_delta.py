@@ -207,3 +207,18 @@ def test_sharded_base_gets_the_head_in_its_last_shard_and_index(llama_run, tmp_p
     data = sum(f.stat().st_size for f in (tmp_path / "merged").glob("*.safetensors"))
     assert 0 < index["metadata"]["total_size"] < data
     assert torch.equal(_logits(tmp_path / "merged", base), _logits(run / "final_model", base))
+
+
+@pytest.mark.parametrize("config_text", ["[1, 2]", "{not json", None])
+def test_base_without_a_config_object_is_refused_before_writing(llama_run, tmp_path, config_text) -> None:
+    """The head is declared in config.json: a base whose config is not a JSON object cannot take it."""
+    run, base = llama_run
+    copy = tmp_path / "base"
+    shutil.copytree(base, copy)
+    if config_text is None:
+        (copy / "config.json").unlink()
+    else:
+        (copy / "config.json").write_text(config_text)
+    with pytest.raises(ID3Error, match="is not a readable JSON object, so the delta's new head cannot be declared"):
+        merge(copy, run / "delta", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

@@ -62,13 +62,8 @@ def merge(
     check_against_base(delta, base, force=force, fingerprint=False)
     out = Path(out)
     check_out(out, overwrite, protect=[base.root, delta.root])
-    if delta.new:  # the head is declared in config.json: check it is there and an object before writing
-        try:
-            ok = isinstance(json.loads((base.root / "config.json").read_text()), dict)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            ok = False
-        if not ok:
-            raise ID3Error(f"base {base.root} has no readable config.json to declare the delta's new head in")
+    if delta.new and _config_object(base.root / "config.json") is None:  # checked before anything is written
+        raise _no_config_for_head(base.root / "config.json")
     new_dtype = target or _main_dtype(base)
     patched = 0
     with staged_dir(out, overwrite) as tmp:
@@ -191,18 +186,27 @@ def _copy_side_files(base: BaseModel, tmp: Path, target: str | None, delta: Delt
 def _write_config(src: Path, dst: Path, target: str | None, updates: dict | None = None) -> None:
     """The base's config.json with its dtype field naming the merged dtype (from_pretrained reads it) and a
     classification delta's `config_updates` (architectures, num_labels, id2label, label2id, ...) set."""
-    try:
-        cfg = json.loads(src.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    cfg = _config_object(src)
+    if cfg is None:  # not a JSON object: copied as is, unless a head must be declared in it
         if updates:
-            raise ID3Error(f"{src} is not valid JSON, so the delta's head cannot be declared in it") from None
+            raise _no_config_for_head(src)
         shutil.copyfile(src, dst)
         return
-    if updates and not isinstance(cfg, dict):
-        raise ID3Error(f"{src} is not a JSON object, so the delta's head cannot be declared in it")
-    if isinstance(cfg, dict):
-        for key in ("dtype", "torch_dtype"):
-            if target and (key in cfg or key == "dtype"):
-                cfg[key] = _HF_DTYPE[target]
-        cfg.update(updates or {})
+    for key in ("dtype", "torch_dtype"):
+        if target and (key in cfg or key == "dtype"):
+            cfg[key] = _HF_DTYPE[target]
+    cfg.update(updates or {})
     dst.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _config_object(path: Path) -> dict | None:
+    """config.json as a dict, or None when it is unreadable, not JSON or not a JSON object."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _no_config_for_head(path: Path) -> ID3Error:
+    return ID3Error(f"{path} is not a readable JSON object, so the delta's new head cannot be declared in it")
