@@ -60,8 +60,7 @@ def _resolve(model: torch.nn.Module, delta: Delta) -> dict[str, torch.Tensor]:
     tensors = _tensors(model)
     found: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    shapes = {name: p.shape for name, p in delta.params.items()}
-    shapes.update({w: m.shape for w, m in (delta.lora.modules if delta.lora else {}).items()})
+    shapes = delta.touched_shapes
     prefix = getattr(model, "base_model_prefix", "") or ""
     for name in delta.touched:
         t = tensors.get(name)

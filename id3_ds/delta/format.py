@@ -146,9 +146,15 @@ class Delta:
         return sum(p.entries for p in self.params.values()) + (self.lora.entries if self.lora else 0)
 
     @property
+    def touched_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every base tensor the delta changes, added to (params) or folded into (LoRA modules), and its shape."""
+        shapes = {name: p.shape for name, p in self.params.items()}
+        shapes.update({w: m.shape for w, m in (self.lora.modules if self.lora else {}).items()})
+        return shapes
+
+    @property
     def touched(self) -> list[str]:
-        """Every base tensor the delta changes: added to (params) or folded into (LoRA modules)."""
-        return sorted([*self.params, *(self.lora.modules if self.lora else {})])
+        return sorted(self.touched_shapes)
 
     @property
     def fingerprint(self) -> dict:
@@ -531,9 +537,7 @@ def _check_indices(root: Path, name: str, idx: torch.Tensor, numel: int, entries
 def check_against_base(delta: Delta, base: BaseModel, *, force: bool = False, fingerprint: bool = True) -> None:
     """Names exist in the base with the recorded shapes and dtypes; the touched bytes hash as recorded."""
     fp = delta.fingerprint["tensors"]
-    shapes = {name: p.shape for name, p in delta.params.items()}
-    shapes.update({w: m.shape for w, m in (delta.lora.modules if delta.lora else {}).items()})
-    for name, shape in shapes.items():
+    for name, shape in delta.touched_shapes.items():
         t = base.get(name)
         if t.info.shape != shape:
             what = "LoRA B @ A" if name not in delta.params else name
