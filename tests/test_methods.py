@@ -183,10 +183,10 @@ def test_real_minilm_config_budget_is_exactly_bitfit_plus_head() -> None:
     from transformers import AutoModelForSequenceClassification
 
     from id3_ds.config import load_config
-    from id3_ds.methods.models import resolve_model_dir
+    from id3_ds.models import resolve_model
 
     cfg = load_config("configs/minilm_sentiment.json")
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_dir(cfg.model.name_or_path), num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model(cfg.model.name_or_path), num_labels=2)
     one_d = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1 and not n.startswith("classifier"))
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("classifier"))
     assert cfg.id3.budget == one_d + head

@@ -18,11 +18,10 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from id3_ds.algorithm.slices import ParamSlice
 from id3_ds.errors import ID3Error
+from id3_ds.files.safetensors_io import load_tensors, save_tensors
 
 MASK_FORMAT = "id3-mask"
 MASK_VERSION = 1
@@ -181,36 +180,29 @@ class MaskState:
             shapes[name] = list(pm.shape)
         header = {"format": MASK_FORMAT, "version": str(MASK_VERSION), "shapes": json.dumps(shapes)}
         header["meta"] = json.dumps(meta or {})
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
+        save_tensors(path, tensors, header)
 
     @staticmethod
     def load(path: str | os.PathLike) -> tuple[MaskState, dict]:
         """Read and validate a mask file; returns the state and the caller's `meta`."""
+        tensors, header = load_tensors(path, "mask file")
+        if header.get("format") != MASK_FORMAT:
+            raise ID3Error(f"{path} is not an id3-ds mask file (format={header.get('format')!r})")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                if header.get("format") != MASK_FORMAT:
-                    raise ID3Error(f"{path} is not an id3-ds mask file (format={header.get('format')!r})")
-                shapes = json.loads(header["shapes"])
-                meta = json.loads(header.get("meta", "{}"))
-                keys = set(f.keys())
-                params = {}
-                for name, shape in shapes.items():
-                    params[name] = ParamMask(
-                        shape=tuple(int(d) for d in shape),
-                        indices=f.get_tensor(f"{name}.indices"),
-                        chosen_at=f.get_tensor(f"{name}.chosen_at"),
-                        base=f.get_tensor(f"{name}.base"),
-                        value=f.get_tensor(f"{name}.value") if f"{name}.value" in keys else None,
-                    )
-        except ID3Error:
-            raise
-        except FileNotFoundError:
-            raise ID3Error(f"mask file {path} does not exist: point resume at a complete checkpoint") from None
-        except Exception as e:  # safetensors raises several types for a corrupt file
-            raise ID3Error(f"mask file {path} is unreadable ({type(e).__name__}: {e}); it is corrupt") from None
+            shapes = json.loads(header["shapes"])
+            meta = json.loads(header.get("meta", "{}"))
+            params = {
+                name: ParamMask(
+                    shape=tuple(int(d) for d in shape),
+                    indices=tensors[f"{name}.indices"],
+                    chosen_at=tensors[f"{name}.chosen_at"],
+                    base=tensors[f"{name}.base"],
+                    value=tensors.get(f"{name}.value"),
+                )
+                for name, shape in shapes.items()
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # missing tensor, garbled JSON metadata
+            raise ID3Error(f"mask file {path} is inconsistent ({type(e).__name__}: {e}); it is corrupt") from None
         state = MaskState(params)
         state.validate(str(path))
         return state, meta

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from id3_ds.data.loading import (
     tokenize_records,
 )
 from id3_ds.errors import ID3Error
+from id3_ds.files.atomic import staged_dir
 
 CACHE_VERSION = "1"
 
@@ -88,20 +87,14 @@ def _save(examples: list[Example], names: list[str] | None, target: Path) -> Non
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     table = {
         "input_ids": [e.input_ids for e in examples],
         "labels": [e.labels for e in examples],
         "label": [-1 if e.label is None else e.label for e in examples],
     }
-    Dataset.from_dict(table).save_to_disk(str(tmp))
-    (tmp / "id3_ds_meta.json").write_text(json.dumps({"labels": names, "examples": len(examples)}))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, target)
-    except OSError:  # a concurrent job built the same key first: identical content
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_dir(target, exists="keep") as tmp:  # a concurrent job building the same key writes the same
+        Dataset.from_dict(table).save_to_disk(str(tmp))
+        (tmp / "id3_ds_meta.json").write_text(json.dumps({"labels": names, "examples": len(examples)}))
 
 
 def _open(target: Path) -> tuple[TokenizedDataset, list[str] | None]:

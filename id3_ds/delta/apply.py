@@ -26,11 +26,11 @@ import os
 
 import torch
 
-from id3_ds.delta import st
 from id3_ds.delta.format import Delta, fingerprint_error, load_delta
 from id3_ds.delta.lora import fold
 from id3_ds.delta.merge import add_delta
 from id3_ds.errors import ID3Error
+from id3_ds.files import safetensors_io as st
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from id3_ds.delta import st
 from id3_ds.errors import ID3Error
+from id3_ds.files import safetensors_io as st
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

@@ -26,11 +26,11 @@ import torch
 
 from id3_ds.algorithm.mask import ParamMask
 from id3_ds.checkpoint import LORA_FILE, is_complete, latest_checkpoint, read_complete, read_id3_state, read_lora_state
-from id3_ds.delta import st
 from id3_ds.delta.base import BaseModel
 from id3_ds.delta.format import LoraDelta, LoraModule, ParamDelta, write_delta
 from id3_ds.delta.lora import split_lora_name
 from id3_ds.errors import ID3Error
+from id3_ds.files import safetensors_io as st
 
 PEFT_PREFIX = "base_model.model."
 # LoRA variants whose fold is not W + (alpha / r) * B @ A: refused rather than merged wrongly

@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from id3_ds.delta import st
-from id3_ds.delta.atomic import check_out, staged_dir
 from id3_ds.delta.base import BaseModel, combine
 from id3_ds.errors import ID3Error
-from id3_ds.io import write_json_atomic
+from id3_ds.files import safetensors_io as st
+from id3_ds.files.atomic import check_out, staged_dir, write_json_atomic
 
 FORMAT_NAME = "id3-delta"
 FORMAT_VERSION = 1
@@ -228,7 +227,7 @@ def write_delta(
         **extra,
         "total_entries": total,
     }
-    with staged_dir(out, overwrite) as tmp:
+    with staged_dir(out, "replace" if overwrite else "error") as tmp:
         save_file(tensors, str(tmp / DELTA_FILE), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
         write_json_atomic(tmp / CONFIG_FILE, config)
     return out

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from id3_ds.delta import st
-from id3_ds.delta.atomic import check_out, staged_dir
 from id3_ds.delta.base import INDEX, BaseModel
 from id3_ds.delta.format import Delta, ParamDelta, check_against_base, fingerprint_error, load_delta
 from id3_ds.delta.lora import fold
 from id3_ds.errors import ID3Error
+from id3_ds.files import safetensors_io as st
+from id3_ds.files.atomic import check_out, staged_dir
 
 MERGE_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 _HF_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -66,7 +66,7 @@ def merge(
         raise _no_config_for_head(base.root / "config.json")
     new_dtype = target or _main_dtype(base)
     patched = 0
-    with staged_dir(out, overwrite) as tmp:
+    with staged_dir(out, "replace" if overwrite else "error") as tmp:
         for fn in base.files:
             extra = delta.new if fn == base.files[-1] else {}  # a fresh head goes into the last shard
             patched += _merge_shard(base, fn, delta, tmp / fn, target, force, extra, new_dtype)

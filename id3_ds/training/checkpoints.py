@@ -35,7 +35,7 @@ from id3_ds.checkpoint import (
 )
 from id3_ds.config import RunConfig
 from id3_ds.errors import ID3Error
-from id3_ds.io import fsync_dir
+from id3_ds.files.atomic import fsync_dir
 from id3_ds.training.faults import maybe_kill
 from id3_ds.training.guards import beat, ensure_disk_for_checkpoint, start_watchdog
 

