@@ -67,7 +67,7 @@ def export_delta_cmd(
 ) -> None:
     """Write the sparse delta of a training checkpoint (any ZeRO stage, any world size)."""
     from id3_ds.delta.export import export_delta
-    from id3_ds.delta.inspect import summarize
+    from id3_ds.delta.summary import summarize
 
     try:
         path = export_delta(checkpoint, _base_dir(base), out, dtype=dtype, force=force, overwrite=overwrite)
@@ -105,7 +105,7 @@ def inspect_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show a delta's entries per parameter and per layer, total, density, size and base fingerprint."""
-    from id3_ds.delta.inspect import render, summarize
+    from id3_ds.delta.summary import render, summarize
 
     try:
         s = summarize(delta)

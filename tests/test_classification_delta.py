@@ -15,7 +15,7 @@ import torch
 from id3_ds.delta import apply_delta, load_delta, merge, remove_delta
 from id3_ds.delta.base import BaseModel
 from id3_ds.delta.format import CONFIG_FILE
-from id3_ds.delta.inspect import render, summarize
+from id3_ds.delta.summary import render, summarize
 from id3_ds.errors import ID3Error
 from tests.launcher import ok, train, weights
 from tests.test_delta_common import rewrite
