@@ -54,8 +54,8 @@ def main(argv: list[str]) -> None:
     from id3_ds.training.batches import micro_batch_indices, total_steps
     from id3_ds.training.faults import maybe_hang, maybe_kill, maybe_poison
     from id3_ds.training.guards import clear_stale_build_locks, stop_if_nonfinite
-    from id3_ds.training.run_log import RunLogger
     from id3_ds.training.lr import lr_lambda
+    from id3_ds.training.run_log import RunLogger
 
     # -- processes ----------------------------------------------------------------------------------
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
