@@ -357,7 +357,8 @@ def _check_version(root: Path, where: str, version: object) -> int:
     if version is None:
         raise _bad(root, f"{where} declares no format version; the delta is corrupt, re-export it")
     if not _int(version) or version == 0:
-        raise _bad(root, f"{where} declares format version {version!r}, not an integer >= 1; the delta is corrupt")
+        what = f"declares format version {version!r}, not an integer >= 1"
+        raise _bad(root, f"{where} {what}; the delta is corrupt, re-export it")
     if version > FORMAT_VERSION:
         raise _bad(
             root,
