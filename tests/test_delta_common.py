@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from id3_ds import ID3Config, MaskState, from_module
@@ -96,9 +97,11 @@ def make_case(tmp: Path, budget: int = 600, steps: int = 8, world: int = 1, full
 def rewrite(delta: Path, tensors=None, config=None) -> None:
     """Hand-break a delta: `tensors(dict)` / `config(dict)` edit the loaded contents in place."""
     if tensors is not None:
+        with safe_open(str(delta / DELTA_FILE), "pt") as f:
+            meta = f.metadata()  # the format/version record load_delta checks; kept so only `tensors` changes
         t = load_file(str(delta / DELTA_FILE))
         tensors(t)
-        save_file(t, str(delta / DELTA_FILE))
+        save_file(t, str(delta / DELTA_FILE), metadata=meta)
     if config is not None:
         c = json.loads((delta / CONFIG_FILE).read_text())
         config(c)

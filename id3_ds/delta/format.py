@@ -8,6 +8,10 @@ A classification run's delta adds `new` (its fresh head, `NAME.new`, whole final
 `config_updates` a merge writes into config.json. `load_delta` validates the whole delta, and against a
 base when one is given, before anything uses it, so a broken delta fails with one message and never
 half-modifies a model or half-writes a merge.
+
+Versions (docs/delta-format.md, "Versions"): a writer declares the lowest format version that describes what
+it wrote, so a plain delta stays version 1 and readable by every id3-ds; a reader tells a delta from a newer
+id3-ds (upgrade) apart from a corrupt one, in both places the version is recorded.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +33,12 @@ from id3_ds.files import safetensors_io as st
 from id3_ds.files.atomic import check_out, staged_dir, write_json_atomic
 
 FORMAT_NAME = "id3-delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this id3-ds reads (and the highest it writes)
+# The version that introduced each optional section of delta_config.json. The previous id3-ds wrote these
+# sections under version 1, so a reader accepts them there too; a writer declares the highest version among
+# the sections it wrote (see written_version).
+SECTION_VERSIONS = {"lora": 2, "new": 2, "config_updates": 2}
+UPGRADE = "pip install -U id3-ds"
 DELTA_FILE = "delta.safetensors"
 CONFIG_FILE = "delta_config.json"
 VALUE_DTYPES = {"fp32": "F32", "bf16": "BF16"}  # --dtype of export -> safetensors dtype of NAME.values
@@ -163,6 +174,15 @@ class Delta:
 # -- writing ----------------------------------------------------------------------------------------
 
 
+def written_version(sections: Iterable[str]) -> int:
+    """The lowest format version that describes a delta with these optional sections.
+
+    Why not always FORMAT_VERSION: a plain delta is unchanged since version 1, and declaring 1 keeps it
+    readable by an id3-ds that reads only version 1; only a delta that needs a newer reader says so.
+    """
+    return max([1, *(SECTION_VERSIONS[s] for s in sections)])
+
+
 def write_delta(
     out: str | os.PathLike,
     params: dict[str, ParamDelta],
@@ -210,9 +230,10 @@ def write_delta(
             tensors[f"{name}.new"] = new[name].detach().to(torch.float32).contiguous()
             extra["new"][name] = {"shape": list(new[name].shape), "dtype": "F32"}
         extra["config_updates"] = config_updates
+    version = written_version(extra)
     config = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": version,
         "dtype": dtype,
         "base": {
             **base,
@@ -228,7 +249,7 @@ def write_delta(
         "total_entries": total,
     }
     with staged_dir(out, "replace" if overwrite else "error") as tmp:
-        save_file(tensors, str(tmp / DELTA_FILE), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
+        save_file(tensors, str(tmp / DELTA_FILE), metadata={"format": FORMAT_NAME, "version": str(version)})
         write_json_atomic(tmp / CONFIG_FILE, config)
     return out
 
@@ -283,8 +304,7 @@ def read_config(root: Path) -> dict:
         raise _bad(root, f"{CONFIG_FILE} is not valid JSON; the delta is corrupt, re-export it") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT_NAME:
         raise _bad(root, f"{CONFIG_FILE} does not declare format {FORMAT_NAME!r}; it is not an id3-ds delta")
-    if cfg.get("version") != FORMAT_VERSION:
-        raise _bad(root, f"format version {cfg.get('version')!r} is not supported (this id3-ds reads version 1)")
+    _check_version(root, CONFIG_FILE, cfg.get("version"))  # before any field whose meaning it decides
     if not _isin(cfg.get("dtype"), VALUE_DTYPES):
         raise _bad(root, f"dtype {cfg.get('dtype')!r} is not one of {sorted(VALUE_DTYPES)}")
     base, params = cfg.get("base"), cfg.get("params")
@@ -329,6 +349,46 @@ def read_config(root: Path) -> dict:
         raise _bad(root, "id3 settings are not an object; the delta is corrupt")
     _check_new_config(root, cfg, set(folded))
     return cfg
+
+
+def _check_version(root: Path, where: str, version: object) -> int:
+    """A declared format version: newer than this reader means upgrade; anything but an integer >= 1 is corrupt."""
+    if version is None:
+        raise _bad(root, f"{where} declares no format version; the delta is corrupt, re-export it")
+    if not _int(version) or version == 0:
+        what = f"declares format version {version!r}, not an integer >= 1"
+        raise _bad(root, f"{where} {what}; the delta is corrupt, re-export it")
+    if version > FORMAT_VERSION:
+        raise _bad(
+            root,
+            f"written by a newer id3-ds (format version {version} in {where}; this id3-ds reads up to "
+            f"{FORMAT_VERSION}): upgrade id3-ds ({UPGRADE})",
+        )
+    return version
+
+
+def _check_file_version(root: Path, header: st.Header, config_version: int) -> None:
+    """delta.safetensors' own record of format and version: valid, and the same as the (authoritative) config's.
+
+    Both files are checked because either can be replaced alone; a tensor file from another export read
+    under this config's schema would otherwise fail later with a misleading message, or not at all.
+    """
+    meta = header.metadata
+    if meta.get("format") != FORMAT_NAME:
+        raise _bad(
+            root,
+            f"{DELTA_FILE} does not declare format {FORMAT_NAME!r} in its metadata (found "
+            f"{meta.get('format')!r}); it is not an id3-ds delta file, re-export the delta",
+        )
+    raw = meta.get("version")
+    version = int(raw) if isinstance(raw, str) and re.fullmatch(r"[0-9]{1,9}", raw) else raw
+    _check_version(root, f"{DELTA_FILE} metadata", version)
+    if version != config_version:
+        raise _bad(
+            root,
+            f"{CONFIG_FILE} declares format version {config_version} but {DELTA_FILE} declares {version}: the "
+            "two files come from different exports; the delta is corrupt, re-export it",
+        )
 
 
 CONFIG_UPDATE_KEYS = ("architectures", "num_labels", "id2label", "label2id", "pad_token_id", "problem_type")
@@ -437,6 +497,7 @@ def load_delta(path: str | os.PathLike, base: BaseModel | None = None, *, force:
     root = Path(path)
     cfg = read_config(root)
     header = st.read_header(root / DELTA_FILE, "delta file")
+    _check_file_version(root, header, cfg["version"])
     vdt = VALUE_DTYPES[cfg["dtype"]]
     params: dict[str, ParamDelta] = {}
     lora = None

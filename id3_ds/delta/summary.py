@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from id3_ds.delta.format import CONFIG_FILE, DELTA_FILE, load_delta
+from id3_ds.delta.format import CONFIG_FILE, DELTA_FILE, FORMAT_VERSION, load_delta
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
@@ -63,6 +63,7 @@ def summarize(delta_dir: str | os.PathLike) -> dict:
     return {
         "path": str(root),
         "format": f"{cfg['format']} v{cfg['version']}",
+        "format_version": cfg["version"],  # validated by load_delta: an int in [1, FORMAT_VERSION]
         "dtype": cfg["dtype"],
         "total_entries": total,
         "density_touched": total / touched_numel if touched_numel else 0.0,
@@ -85,7 +86,8 @@ def summarize(delta_dir: str | os.PathLike) -> dict:
 def render(s: dict) -> str:
     """A plain-text table of `summarize`'s output."""
     lines = [
-        f"delta      {s['path']}  ({s['format']}, values {s['dtype']})",
+        f"delta      {s['path']}  (values {s['dtype']})",
+        f"format     id3-delta version {s['format_version']} (this id3-ds reads versions 1 to {FORMAT_VERSION})",
         f"base       {s['base']['name_or_path']}  fingerprint sha256:{s['base']['fingerprint']}",
         "id3        " + "  ".join(f"{k}={v}" for k, v in s["id3"].items()),
         f"entries    {s['total_entries']:,}"
