@@ -54,6 +54,7 @@ def main(argv: list[str]) -> None:
     from id3_ds.training.batches import micro_batch_indices, total_steps
     from id3_ds.training.faults import maybe_hang, maybe_kill, maybe_poison
     from id3_ds.training.guards import clear_stale_build_locks, stop_if_nonfinite
+    from id3_ds.training.loss import step_loss
     from id3_ds.training.lr import lr_lambda
     from id3_ds.training.run_log import RunLogger
 
@@ -176,41 +177,43 @@ def main(argv: list[str]) -> None:
         logger.log({"step": done, **metrics})
 
     # -- the loop -------------------------------------------------------------------------------------
-    window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+    window_loss, window_items, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     for step in range(start, steps):
         torch.manual_seed(cfg.train.seed * 1_000_003 + step * world + rank)  # dropout etc.: a function of step
         chosen, nonfinite = 0, False
         maybe_hang(step, rank)
-        for micro in range(t.grad_accum):
-            batch = micro_batch(step, micro)
-            loss = maybe_poison(engine(**batch).loss, step, rank)
-            nonfinite |= not math.isfinite(loss.item())
-            engine.backward(loss)
+        batches = [micro_batch(step, micro) for micro in range(t.grad_accum)]
+        norm = step_loss(batches, world, dist.all_reduce)  # loss items of the whole step: each weighs the same
+        for micro, batch in enumerate(batches):
+            mean = maybe_poison(engine(**batch).loss, step, rank)
+            value = mean.item()
+            nonfinite |= not math.isfinite(value)
+            engine.backward(norm.scale(micro, mean))
             if engine.is_gradient_accumulation_boundary():
                 stop_if_nonfinite(nonfinite, step, t.output_dir, device)  # before the step: weights untouched
                 if hook is not None:
                     chosen = hook.before_step()
             engine.step()
-            window_loss += loss.item() / t.grad_accum
+            window_loss += value * norm.items[micro]  # sum of item losses: the log is the item-weighted mean
+            window_items += norm.items[micro]
             window_tokens += int(batch["attention_mask"].sum())
         logger.advance()
-        window_steps += 1
         done = step + 1
         if done % t.log_steps == 0 or done == steps:
-            stats = torch.tensor([window_loss, float(window_tokens)], dtype=torch.float64, device=device)
+            stats = torch.tensor([window_loss, window_items, window_tokens], dtype=torch.float64, device=device)
             dist.all_reduce(stats)
             elapsed = time.perf_counter() - window_start
             record = {
                 "step": done,
-                "loss": stats[0].item() / world / window_steps,
+                "loss": stats[0].item() / max(stats[1].item(), 1.0),
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "tokens_per_s": stats[1].item() / elapsed,
+                "tokens_per_s": stats[2].item() / elapsed,
             }
             if hook is not None:
                 record.update(chosen=hook.id3.chosen_total, budget=hook.id3.budget, chosen_this_step=chosen)
             logger.log(record)
-            window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+            window_loss, window_items, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         if (t.eval_steps and done % t.eval_steps == 0) or done == steps:
             run_eval(done)
         if (t.save_steps and done % t.save_steps == 0) or done == steps:

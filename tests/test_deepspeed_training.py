@@ -11,6 +11,7 @@ from id3_ds import ID3Config, from_module
 from id3_ds.checkpoint import checkpoint_dir, is_complete, read_id3_state
 from id3_ds.data import collate, load_records, tokenize_records
 from id3_ds.training.batches import micro_batch_indices
+from id3_ds.training.loss import loss_items
 from tests.launcher import ok, train, weights
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -57,7 +58,7 @@ def _check_frozen_and_budget(run_dir, base_dir) -> tuple[dict, dict]:
 
 
 def _plain_torch_reference(base_dir: str, world: int = 2):
-    """The same run in one process on the plain-torch path: per-(rank, micro) losses averaged."""
+    """The same run in one process on the plain-torch path: the mean over the step's loss tokens."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(base_dir)
     data = tokenize_records(load_records("id3_ds/resources/tiny_alpaca.jsonl"), "alpaca", tok, 128)
@@ -68,11 +69,15 @@ def _plain_torch_reference(base_dir: str, world: int = 2):
     id3.attach(opt, id3.decay_rates(WD))
     for step in range(STEPS):
         opt.zero_grad()
-        for micro in range(ACCUM):
-            for rank in range(world):
-                idx = micro_batch_indices(len(data), 42, step, micro, rank, world, MICRO, ACCUM)
-                loss = model(**collate([data[i] for i in idx], tok.pad_token_id)).loss
-                (loss / (ACCUM * world)).backward()
+        idx = [
+            micro_batch_indices(len(data), 42, step, m, r, world, MICRO, ACCUM)
+            for m in range(ACCUM)
+            for r in range(world)
+        ]
+        batches = [collate([data[i] for i in ix], tok.pad_token_id) for ix in idx]
+        total = sum(loss_items(b["labels"]) for b in batches)
+        for b in batches:
+            (model(**b).loss * loss_items(b["labels"]) / total).backward()
         id3.select()
         id3.mask_grads()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
