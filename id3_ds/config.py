@@ -1,7 +1,8 @@
 """The one JSON config of a training run: model, data, id3, train and deepspeed sections.
 
 Strict on purpose: an unknown key or a wrong type is an error naming the dotted key, found before any
-process group or model is created. Dotted overrides (`train.lr=1e-4`) are parsed as JSON where they
+process group or model is created. pydantic checks the types and ranges; its first error becomes one
+ID3Error line. Dotted overrides (`train.lr=1e-4`) are parsed as JSON where they
 parse, else taken as strings.
 """
 
@@ -115,6 +116,7 @@ def _validate(raw: Any) -> RunConfig:
 
 
 def _one_line(error: dict, raw: Any) -> ID3Error:
+    """pydantic's error as one line: the dotted key, what is wrong with its value, what it should be."""
     loc, kind, ctx = error["loc"], error["type"], error.get("ctx") or {}
     if kind == "value_error" and isinstance(ctx.get("error"), ID3Error):
         return ctx["error"]  # ID3Config's own check, already one line naming its key
