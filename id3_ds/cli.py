@@ -122,7 +122,6 @@ def preview_data_cmd(
 ) -> None:
     """Print processed examples with the loss-masked tokens in [[ ]], to check the template before a run."""
     from id3_ds.config import load_config
-    from id3_ds.data.cache import DataSpec
     from id3_ds.data.preview import preview
     from id3_ds.models import resolve_model
 
@@ -135,8 +134,7 @@ def preview_data_cmd(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model.name_or_path))
-        spec = DataSpec(path, d.format, d.max_length, d.packing, tuple(d.labels) if d.labels else None, d.bad_records)
-        typer.echo(preview(spec, tokenizer, n))
+        typer.echo(preview(d.spec(path=path), tokenizer, n))
     except ID3Error as e:
         raise _fail(e) from None
 

@@ -1,168 +1,184 @@
 """The one JSON config of a training run: model, data, id3, train and deepspeed sections.
 
 Strict on purpose: an unknown key or a wrong type is an error naming the dotted key, found before any
-process group or model is created. Dotted overrides (`train.lr=1e-4`) are parsed as JSON where they
+process group or model is created. pydantic checks the types and ranges; its first error becomes one
+ID3Error line. Dotted overrides (`train.lr=1e-4`) are parsed as JSON where they
 parse, else taken as strings.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
 
 from id3_ds.algorithm.config import ID3Config
+from id3_ds.data.cache import DataSpec
 from id3_ds.data.formats import FORMATS
 from id3_ds.errors import ID3Error
 from id3_ds.methods.registry import METHODS
+from id3_ds.models.resolve import is_named
+from id3_ds.training.batches import global_batch
+
+NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
-@dataclass
-class ModelSection:
+class _Section(BaseModel):
+    """Strict JSON: unknown keys are refused, and so are "3" for 3, true for 1 and NaN or infinite floats
+    (ints do pass as floats)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ModelSection(_Section):
     name_or_path: str = ""
-    dtype: str = "bf16"
+    dtype: Literal["bf16", "fp32"] = "bf16"
     gradient_checkpointing: bool = False
-    _choices = {"dtype": ("bf16", "fp32")}
 
 
-@dataclass
-class DataSection:
+class DataSection(_Section):
     path: str = ""
-    format: str = "alpaca"
-    max_length: int = 512
+    format: Literal[FORMATS] = "alpaca"
+    max_length: PositiveInt = 512
     eval_path: str | None = None
     packing: bool = False
-    labels: list[str] | None = None
+    labels: tuple[str, ...] | None = None
     cache_dir: str | None = None
-    bad_records: str = "error"
-    _choices = {"format": FORMATS, "bad_records": ("error", "skip")}
+    bad_records: Literal["error", "skip"] = "error"
+
+    def spec(self, **changes: Any) -> DataSpec:
+        """This section's fields that shape the tokens, as the cache's DataSpec, with `changes` on top (an
+        eval set: another path, no packing, the training run's label names)."""
+        own = self.model_dump(include=set(DataSpec.__dataclass_fields__))
+        return DataSpec(**{**own, **changes})
 
 
-@dataclass
-class ID3Section:
-    budget: int | float = 0.001
-    eps: float = 1e-3
-    exp: float = 1.0
-    targets: list[str] = field(default_factory=lambda: ["*"])
-    fully_trainable: list[str] = field(default_factory=list)
-    bias_correction: str = "shared"
-    no_decay: list[str] = field(default_factory=lambda: ["*bias", "*norm*"])
-    fish_batches: int = 8
-    _choices = {"bias_correction": ("shared", "per_entry")}
-
-    def algorithm_config(self) -> ID3Config:
-        return ID3Config(
-            budget=self.budget,
-            eps=self.eps,
-            exp=self.exp,
-            targets=tuple(self.targets),
-            fully_trainable=tuple(self.fully_trainable),
-            bias_correction=self.bias_correction,
-            no_decay=tuple(self.no_decay),
-        )
-
-
-@dataclass
-class LoRASection:
+class LoRASection(_Section):
     """PEFT LoRA: rank 0 = off. With method lora it trains densely; with a masked method (id3, ...) the
     mask is chosen inside the LoRA A/B matrices (plus id3.fully_trainable groups)."""
 
-    rank: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.0
+    rank: NonNegativeInt = 0
+    alpha: PositiveFloat = 16.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     target_modules: list[str] | None = None
 
 
-@dataclass
-class TrainSection:
-    steps: int | None = None
-    epochs: float | None = None
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    lr_scheduler: str = "constant"
-    optimizer: str = "deepspeed"
-    warmup_steps: int = 0
+class TrainSection(_Section):
+    steps: PositiveInt | None = None
+    epochs: PositiveFloat | None = None
+    lr: PositiveFloat = 1e-4
+    weight_decay: NonNegativeFloat = 0.0
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    optimizer: Literal["deepspeed", "torch_adamw"] = "deepspeed"
+    warmup_steps: NonNegativeInt = 0
     max_grad_norm: float = 1.0
-    micro_batch_size: int = 1
-    grad_accum: int = 1
+    micro_batch_size: PositiveInt = 1
+    grad_accum: PositiveInt = 1
     seed: int = 42
     output_dir: str = "outputs/run"
-    save_steps: int = 0
-    log_steps: int = 10
-    eval_steps: int = 0
+    save_steps: NonNegativeInt = 0
+    log_steps: PositiveInt = 10
+    eval_steps: NonNegativeInt = 0
     resume: str | None = "auto"
     export_delta: bool = False
     save_final_model: bool = False
     tensorboard: bool = False
     progress_bar: bool = True
-    collective_timeout_s: int = 1800
-    _choices = {"lr_scheduler": ("constant", "linear", "cosine"), "optimizer": ("deepspeed", "torch_adamw")}
+    collective_timeout_s: PositiveInt = 1800
+
+    def global_batch(self, world: int) -> int:
+        """Examples per optimizer step over `world` ranks."""
+        return global_batch(self.micro_batch_size, self.grad_accum, world)
 
 
-@dataclass
-class RunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    id3: ID3Section = field(default_factory=ID3Section)
-    train: TrainSection = field(default_factory=TrainSection)
-    lora: LoRASection = field(default_factory=LoRASection)
-    deepspeed: dict | str = field(default_factory=dict)
-    method: str = "id3"
-    _choices = {"method": METHODS}
+class RunConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    id3: ID3Config = Field(default_factory=ID3Config)  # the algorithm's own config, validated here as a section
+    train: TrainSection = Field(default_factory=TrainSection)
+    lora: LoRASection = Field(default_factory=LoRASection)
+    deepspeed: dict | str = Field(default_factory=dict)
+    method: Literal[METHODS] = "id3"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is list:
-        (item,) = typing.get_args(annotation)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict)
-    return isinstance(value, annotation)
+def _validate(raw: Any) -> RunConfig:
+    """The run config, or the first problem pydantic found as one ID3Error line naming the dotted key."""
+    try:
+        return RunConfig.model_validate_json(json.dumps(raw))  # JSON mode: arrays become tuples, strictly
+    except ValidationError as e:
+        raise _one_line(e.errors()[0], raw) from None
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ID3Error(f"config section '{where}' must be a JSON object, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        dotted = f"{where}.{key}" if where else key
-        if key not in fields:
-            raise ID3Error(f"unknown config key '{dotted}'; known keys here: {', '.join(sorted(fields))}")
-        ann = hints[key]
-        if dataclasses.is_dataclass(ann):
-            kwargs[key] = _build(ann, value, dotted)
-            continue
-        if not _type_ok(value, ann):
-            raise ID3Error(f"config key '{dotted}' has the wrong type: got {value!r}, expected {_type_name(ann)}")
-        choices = getattr(cls, "_choices", {}).get(key)
-        if choices and value not in choices:
-            raise ID3Error(f"config key '{dotted}' must be one of {list(choices)}, got {value!r}")
-        if ann is float and isinstance(value, int):
-            value = float(value)
-        kwargs[key] = value
-    return cls(**kwargs)
+def _one_line(error: dict, raw: Any) -> ID3Error:
+    """pydantic's error as one line: the dotted key, what is wrong with its value, what it should be."""
+    loc, kind, ctx = error["loc"], error["type"], error.get("ctx") or {}
+    if kind == "value_error" and isinstance(ctx.get("error"), ID3Error):
+        return ctx["error"]  # ID3Config's own check, already one line naming its key
+    path, annotation = _field_at(loc)
+    dotted = ".".join(path)
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        key = ".".join(str(part) for part in loc)
+        return ID3Error(f"unknown config key {key!r}; known keys here: {', '.join(sorted(_fields(annotation)))}")
+    value = raw
+    for part in path:
+        value = value[part]
+    if kind in ("model_type", "dataclass_type"):
+        where = f"config section {dotted!r}" if path else "the config"
+        return ID3Error(f"{where} must be a JSON object, got {type(value).__name__}")
+    if kind == "finite_number":
+        return ID3Error(f"config key {dotted!r} must be a finite number, got {value!r}")
+    if kind == "literal_error":
+        return ID3Error(f"config key {dotted!r} must be one of {list(typing.get_args(annotation))}, got {value!r}")
+    bound = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    for name, op in bound.items():
+        if name in ctx:
+            return ID3Error(f"config key {dotted!r} must be {op} {ctx[name]:g}, got {value!r}")
+    return ID3Error(f"config key {dotted!r} has the wrong type: got {value!r}, expected {_type_name(annotation)}")
+
+
+def _fields(section: Any) -> dict[str, Any]:
+    """Field name -> annotation of a config section (a pydantic model or a dataclass), else {}."""
+    if isinstance(section, type) and issubclass(section, BaseModel):
+        return {name: f.annotation for name, f in section.model_fields.items()}
+    if isinstance(section, type) and hasattr(section, "__dataclass_fields__"):
+        hints = typing.get_type_hints(section)
+        return {name: hints[name] for name in section.__dataclass_fields__}
+    return {}
+
+
+def _field_at(loc: tuple) -> tuple[list[str], Any]:
+    """The longest prefix of an error location that names config keys, and the annotation it ends at
+    (the rest of the location is inside the value: a list index, a union member)."""
+    path: list[str] = []
+    annotation: Any = RunConfig
+    for part in loc:
+        fields = _fields(annotation)
+        if part not in fields:
+            break
+        path.append(part)
+        annotation = fields[part]
+    return path, annotation
 
 
 def _type_name(annotation: Any) -> str:
-    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    """A JSON user's name for a type: `list[str]` for a tuple, `int | None`, without pydantic's constraints."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"list[{_type_name(args[0])}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -205,7 +221,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 def config_from_dict(raw: dict, base_dir: str | Path = ".") -> RunConfig:
-    cfg = _build(RunConfig, raw, "")
+    cfg = _validate(raw)
     base_dir = Path(base_dir)
     if isinstance(cfg.deepspeed, str):
         ds_path = _resolve(cfg.deepspeed, base_dir)
@@ -217,24 +233,15 @@ def config_from_dict(raw: dict, base_dir: str | Path = ".") -> RunConfig:
             raise ID3Error(f"deepspeed config {ds_path} is not valid JSON (line {e.lineno})") from None
     if not cfg.model.name_or_path:
         raise ID3Error("config key 'model.name_or_path' is required: a local Hugging Face model directory")
-    if not cfg.model.name_or_path.startswith(("builtin:", "package:")):
+    if not is_named(cfg.model.name_or_path):  # builtin:/package: are names, not paths
         cfg.model.name_or_path = _resolve(cfg.model.name_or_path, base_dir)
     if not cfg.data.path:
         raise ID3Error("config key 'data.path' is required: a JSON/JSONL file or a directory of them")
     cfg.data.path = _resolve(cfg.data.path, base_dir)
     if cfg.data.eval_path:
         cfg.data.eval_path = _resolve(cfg.data.eval_path, base_dir)
-    t = cfg.train
-    if (t.steps is None) == (t.epochs is None):
+    if (cfg.train.steps is None) == (cfg.train.epochs is None):
         raise ID3Error("give exactly one of 'train.steps' and 'train.epochs'")
-    for key in ("micro_batch_size", "grad_accum"):
-        if getattr(t, key) < 1:
-            raise ID3Error(f"config key 'train.{key}' must be >= 1")
-    if t.steps is not None and t.steps < 1:
-        raise ID3Error("config key 'train.steps' must be >= 1")
-    if t.weight_decay < 0 or t.lr <= 0:
-        raise ID3Error("config keys 'train.lr' must be > 0 and 'train.weight_decay' >= 0")
-    cfg.id3.algorithm_config()  # validates budget, eps, bias_correction
     _check_method(cfg)
     return cfg
 
@@ -242,16 +249,10 @@ def config_from_dict(raw: dict, base_dir: str | Path = ".") -> RunConfig:
 def _check_method(cfg: RunConfig) -> None:
     """Combinations of method, lora, data and eval settings that cannot work, refused before any launch."""
     lora, t = cfg.lora, cfg.train
-    if lora.rank < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
-        raise ID3Error("config keys 'lora.rank' must be >= 0, 'lora.alpha' > 0 and 'lora.dropout' in [0, 1)")
     if cfg.method == "lora" and lora.rank == 0:
         raise ID3Error("method 'lora' needs lora.rank > 0 (e.g. lora.rank=8)")
     if cfg.method == "full" and lora.rank > 0:
         raise ID3Error("method 'full' trains every weight and ignores LoRA; set lora.rank=0 or use method 'lora'")
-    if cfg.id3.fish_batches < 1:
-        raise ID3Error("config key 'id3.fish_batches' must be >= 1 (sample batches for the Fisher estimate)")
-    if t.eval_steps < 0:
-        raise ID3Error("config key 'train.eval_steps' must be >= 0 (0: evaluate only at the end)")
     if t.eval_steps and not cfg.data.eval_path:
         raise ID3Error("train.eval_steps is set but data.eval_path is not: give an eval file or set eval_steps=0")
     if cfg.data.packing and cfg.data.format == "classification":

@@ -38,10 +38,11 @@ def main(argv: list[str]) -> None:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, get_scheduler
     from transformers.integrations import HfDeepSpeedConfig
 
-    from id3_ds.data import DataSpec, cached_dataset, collate
+    from id3_ds.algorithm.decay import decay_groups
+    from id3_ds.data import cached_dataset, collate
     from id3_ds.data.evaluate import evaluate
     from id3_ds.integration.ds_config import build_ds_config
     from id3_ds.integration.hook import DeepSpeedID3, freeze_outside
@@ -55,7 +56,6 @@ def main(argv: list[str]) -> None:
     from id3_ds.training.faults import maybe_hang, maybe_kill, maybe_poison
     from id3_ds.training.guards import clear_stale_build_locks, stop_if_nonfinite
     from id3_ds.training.loss import step_loss
-    from id3_ds.training.lr import lr_lambda
     from id3_ds.training.run_log import RunLogger
 
     # -- processes ----------------------------------------------------------------------------------
@@ -81,18 +81,16 @@ def main(argv: list[str]) -> None:
     d = cfg.data
     classification = d.format == "classification"
     cache_root = d.cache_dir or cache_dir()
-    labels = tuple(d.labels) if d.labels else None
-    spec = DataSpec(d.path, d.format, d.max_length, d.packing, labels, d.bad_records)
-    dataset, label_names = cached_dataset(spec, tokenizer, model_dir, cache_root, is_main)  # rank 0 builds
+    dataset, label_names = cached_dataset(d.spec(), tokenizer, model_dir, cache_root, is_main)  # rank 0 builds
     eval_set = None
     if d.eval_path:  # classification eval uses the training label ids
         eval_labels = tuple(label_names) if label_names else None
-        eval_spec = DataSpec(d.eval_path, d.format, d.max_length, False, eval_labels, d.bad_records)
+        eval_spec = d.spec(path=d.eval_path, packing=False, labels=eval_labels)
         eval_set, _ = cached_dataset(eval_spec, tokenizer, model_dir, cache_root, is_main)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t = cfg.train
     masked = cfg.method in MASKED
-    steps = total_steps(len(dataset), t.micro_batch_size * t.grad_accum * world, t.steps, t.epochs)
+    steps = total_steps(len(dataset), t.global_batch(world), t.steps, t.epochs)
 
     ds_config, weight_decay = build_ds_config(cfg, world)
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
@@ -104,25 +102,25 @@ def main(argv: list[str]) -> None:
     if cfg.lora.rank:
         lo = cfg.lora
         model = wrap_lora(model, lo.rank, lo.alpha, lo.dropout, lo.target_modules, classification)
-    id3_config = cfg.id3.algorithm_config()
+    id3_config = cfg.id3
     method = method_spec(cfg.method, t.seed) if masked else None
     if masked:
         freeze_outside(model, id3_config, method.keep)
 
     # -- DeepSpeed engine and the mask hook -----------------------------------------------------------
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # ID3 applies decay itself (the optimizer's own stays 0); dense methods: no decay on biases and norms
+    groups = trainable if masked else decay_groups(model.named_parameters(), weight_decay, cfg.id3.no_decay)
     client_optimizer = None
-    if t.optimizer == "torch_adamw":  # ID3 applies decay itself: the optimizer's own stays 0
-        wd = 0.0 if masked else weight_decay
-        client_optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=wd)
+    if t.optimizer == "torch_adamw":  # each dense group carries its own weight_decay
+        client_optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=0.0)
+    hf_scheduler = {"constant": "constant_with_warmup"}.get(t.lr_scheduler, t.lr_scheduler)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=trainable,
+        model_parameters=groups,
         optimizer=client_optimizer,
         config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(t.lr_scheduler, t.warmup_steps, steps)
-        ),
+        lr_scheduler=lambda opt: get_scheduler(hf_scheduler, opt, t.warmup_steps, steps),
     )
     hook = None
     if masked:

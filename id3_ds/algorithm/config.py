@@ -1,12 +1,20 @@
-"""ID3 settings shared by the plain-torch path and the DeepSpeed hook."""
+"""ID3 settings shared by the plain-torch path, the DeepSpeed hook and the run config's `id3` section.
+
+A stdlib dataclass, so this package stays free of DeepSpeed and pydantic: the run config validates it
+as its `id3` section (strict JSON types, unknown keys refused), and `__post_init__` checks the values for
+both callers, plain-torch users included.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
+from typing import Literal
 
 from id3_ds.errors import ID3Error
 
-BIAS_CORRECTIONS = ("shared", "per_entry")
+BiasCorrection = Literal["shared", "per_entry"]
+BIAS_CORRECTIONS = typing.get_args(BiasCorrection)
 
 
 @dataclass(frozen=True)
@@ -22,15 +30,19 @@ class ID3Config:
     bias_correction: "shared" keeps the optimizer's own step counter (paper-faithful: an entry chosen
         late takes a first step of about 3x lr with Adam's defaults); "per_entry" rescales each entry's
         Adam update as if its bias correction counted from the step it was chosen.
+    no_decay: glob patterns (case-insensitive) of parameters that get no weight decay, on top of the
+        rule that tensors with fewer than 2 dimensions (biases, norm scales) never do (see decay.py).
+    fish_batches: sample batches for the Fisher estimate of method fish, taken before step 0.
     """
 
-    budget: int | float
+    budget: int | float = 0.001
     eps: float = 1e-3
     exp: float = 1.0
     targets: tuple[str, ...] = ("*",)
     fully_trainable: tuple[str, ...] = ()
-    bias_correction: str = "shared"
-    no_decay: tuple[str, ...] = field(default=())
+    bias_correction: BiasCorrection = "shared"
+    no_decay: tuple[str, ...] = ()
+    fish_batches: int = 8
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
@@ -44,3 +56,5 @@ class ID3Config:
             raise ID3Error(f"id3.eps must be > 0 (got {self.eps}); it keeps |g|/(|theta|+eps)^exp finite")
         if self.bias_correction not in BIAS_CORRECTIONS:
             raise ID3Error(f"id3.bias_correction must be one of {BIAS_CORRECTIONS}, got {self.bias_correction!r}")
+        if self.fish_batches < 1:
+            raise ID3Error("id3.fish_batches must be >= 1 (sample batches for the Fisher estimate)")

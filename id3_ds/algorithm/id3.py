@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from id3_ds.algorithm.config import ID3Config
+from id3_ds.algorithm.decay import decays
 from id3_ds.algorithm.mask import MaskState, SliceMask
 from id3_ds.algorithm.schedule import UnmaskSchedule, resolve_budget
 from id3_ds.algorithm.selection import Candidates, _reduce, merge_candidates, slice_candidates
@@ -216,10 +217,11 @@ class ID3:
         optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt))
 
     def decay_rates(self, weight_decay: float) -> dict[int, float]:
-        """`weight_decay` for every held slice, 0 for parameters matching id3.no_decay (biases, norms)."""
+        """`weight_decay` for every held slice whose parameter decays (`decays`: 2-D or more and not matching
+        id3.no_decay), 0 for the rest (biases, norm scales)."""
+        no_decay = self.config.no_decay
         return {
-            i: 0.0 if any(fnmatch.fnmatchcase(h.info.name, pat) for pat in self.config.no_decay) else weight_decay
-            for i, h in enumerate(self.held)
+            i: weight_decay if decays(h.info.name, h.info.shape, no_decay) else 0.0 for i, h in enumerate(self.held)
         }
 
     def _group_decay(self, optimizer: torch.optim.Optimizer) -> dict[int, float]:

@@ -23,7 +23,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> tuple[dict, float]:
     auto = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "train_batch_size": t.global_batch(world_size),
         "gradient_clipping": t.max_grad_norm,
     }
     for key, value in auto.items():

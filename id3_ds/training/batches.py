@@ -13,6 +13,11 @@ import math
 import torch
 
 
+def global_batch(micro_batch_size: int, grad_accum: int, world: int) -> int:
+    """Examples per optimizer step over all ranks (the run config's `train.global_batch(world)`)."""
+    return micro_batch_size * grad_accum * world
+
+
 def steps_per_epoch(n_examples: int, global_batch: int) -> int:
     return max(1, n_examples // global_batch)
 
@@ -27,10 +32,10 @@ def micro_batch_indices(
     n_examples: int, seed: int, step: int, micro: int, rank: int, world: int, micro_batch_size: int, grad_accum: int
 ) -> list[int]:
     """Example indices of one rank's micro-batch `micro` (0..grad_accum-1) at optimizer step `step`."""
-    global_batch = micro_batch_size * grad_accum * world
-    per_epoch = steps_per_epoch(n_examples, global_batch)
+    batch = global_batch(micro_batch_size, grad_accum, world)
+    per_epoch = steps_per_epoch(n_examples, batch)
     epoch, in_epoch = divmod(step, per_epoch)
     perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     # order inside a global batch: micro-step major, then rank, so world size only changes who takes what
-    start = in_epoch * global_batch + (micro * world + rank) * micro_batch_size
+    start = in_epoch * batch + (micro * world + rank) * micro_batch_size
     return perm[start : start + micro_batch_size].tolist()
