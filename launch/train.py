@@ -20,9 +20,23 @@ from datetime import timedelta
 
 import torch
 
+CONFIG_SECTIONS = """config sections (one JSON file; every key and its default: README.md, "Training" table):
+  model      the model to fine-tune: a local HF directory, builtin:tiny-llama or package:...; dtype
+  data       training/eval files, format (alpaca, messages, text, classification), max_length, labels
+  id3        the budget B of trained entries, eps and exp of the score, target/fully trainable globs
+  train      steps or epochs, lr and schedule, batch sizes, output_dir, save/log/eval steps, resume
+  lora       LoRA rank (0 = off), alpha, dropout, target modules
+  deepspeed  an inline DeepSpeed config or a path to one ("auto" values are filled from train)
+  method     id3 (default), random, pafi, fish, bitfit, full or lora
+
+Two jobs on one machine need their own port: deepspeed --master_port N ... (torchrun --master_port N ...).
+"""
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=CONFIG_SECTIONS, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", required=True, help="run config JSON (model, data, id3, train, deepspeed)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 id3.budget=0.001")
@@ -31,7 +45,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     from id3_ds.config import load_config
+    from id3_ds.training.startup import quiet_third_party_noise
 
+    quiet_third_party_noise()  # third-party warnings nobody can act on; transformers' reports once, on rank 0
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)  # fails fast, before any process group exists
 
@@ -56,12 +72,15 @@ def main(argv: list[str]) -> None:
     from id3_ds.training.faults import maybe_hang, maybe_kill, maybe_poison
     from id3_ds.training.guards import clear_stale_build_locks, stop_if_nonfinite
     from id3_ds.training.loss import step_loss
-    from id3_ds.training.run_log import RunLogger
+    from id3_ds.training.run_log import RunLogger, print_final_line, save_resolved_config
+    from id3_ds.training.startup import check_rendezvous_port, use_per_environment_extensions
 
     # -- processes ----------------------------------------------------------------------------------
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)  # `python launch/train.py` alone runs one process
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+    check_rendezvous_port()  # a port another job holds: one line naming --master_port, not EADDRINUSE later
+    use_per_environment_extensions(os.environ["RANK"] == "0")  # ops built once per venv; rank 0 says when
     clear_stale_build_locks()  # before DeepSpeed builds its CPU ops: a dead build's lock would hang us forever
     accel = get_accelerator()
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
@@ -73,6 +92,7 @@ def main(argv: list[str]) -> None:
 
     # -- model and data -----------------------------------------------------------------------------
     checkpoints.check_output_dir(cfg.train.output_dir, is_main)
+    save_resolved_config(cfg, is_main)  # output_dir/config.json: what ran, overrides included
     if is_main:
         model_dir = resolve_model(cfg.model.name_or_path)
     dist.barrier()
@@ -228,6 +248,7 @@ def main(argv: list[str]) -> None:
         export_delta(checkpoints.checkpoint_dir(t.output_dir, steps), model_dir, out, overwrite=True)
         print(f"sparse delta written to {out}", flush=True)
     dist.barrier()
+    print_final_line(cfg, is_main)  # the last line: output folder, checkpoint, next command
 
 
 def _all_reduce_cpu(x: torch.Tensor, device: str) -> None:

@@ -134,12 +134,13 @@ def clear_stale_build_locks(max_age_s: float = 900.0, root: str | None = None) -
     minute or two, so a lock untouched for 15 minutes belongs to a dead process.
     """
     if root is None:
-        from torch.utils.cpp_extension import get_default_build_root
+        from id3_ds.training.startup import extensions_dir
 
-        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+        root = extensions_dir()  # where this run's ops build (TORCH_EXTENSIONS_DIR or this environment's)
     removed = []
     now = time.time()
-    for lock in Path(root).glob("*/*/lock"):  # py311_cpu/<op>/lock
+    locks = [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]  # <op>/lock, or py311_cpu/<op>/lock
+    for lock in locks:
         try:
             if now - lock.stat().st_mtime > max_age_s:
                 lock.unlink()
