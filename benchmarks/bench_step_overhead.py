@@ -26,11 +26,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from results import append_results  # noqa: E402
-
-from id3_ds.processes import torchrun_command  # noqa: E402
+from benchmarks._launch import torchrun_command  # noqa: E402
+from benchmarks.results import record_results  # noqa: E402
 
 SIZES = {  # hidden, layers, intermediate, vocab
     "100M": (768, 12, 2048, 8192),
@@ -195,7 +193,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="~10M parameters, 3 pairs: under 2 minutes")
-    ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--no-record", action="store_true", help="do not record this run in benchmarks/RESULTS.md")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--size", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--pairs", type=int, default=None, help=argparse.SUPPRESS)
@@ -215,7 +213,7 @@ def main() -> None:
     if not args.no_record:
         details = "fp32, micro-batch 2x128 tokens, budget 0.1 % over 1000 steps"
         flag = " --quick" if args.quick else ""
-        append_results("Step overhead", details, f"python benchmarks/bench_step_overhead.py{flag}", text)
+        record_results("Step overhead", details, f"python benchmarks/bench_step_overhead.py{flag}", text)
 
 
 if __name__ == "__main__":
