@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import projection as pj  # noqa: E402
-from benchmarks._launch import torchrun_command  # noqa: E402
+from benchmarks._launch import end_worker, torchrun_command  # noqa: E402
 from benchmarks.bench_step_overhead import batch, deepspeed_llama  # noqa: E402
 from benchmarks.memstat import proc_status, reset_peak  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
@@ -72,7 +72,6 @@ def run_worker(size: str, steps: int, stage: int, method: str, budget: float, ou
 
     from id3_ds import ID3Config
     from id3_ds.integration.hook import DeepSpeedID3
-    from id3_ds.training.shutdown import exit_process
 
     counter = GatherCounter()
     deepspeed.init_distributed(dist_backend="gloo")
@@ -130,8 +129,7 @@ def run_worker(size: str, steps: int, stage: int, method: str, budget: float, ou
             allgather_calls=counter.calls,
         )
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    exit_process()  # not a normal return: gloo's threads abort finalization at times (id3_ds/training/shutdown.py)
+    end_worker()  # barrier, destroy_process_group, then no interpreter teardown (see its docstring)
 
 
 def launch(size: str, steps: int, stage: int, method: str, budget: float) -> list[dict]:

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._launch import torchrun_command  # noqa: E402
+from benchmarks._launch import end_worker, torchrun_command  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
 
 SIZES = {  # hidden, layers, intermediate, vocab
@@ -132,7 +132,6 @@ def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
 
     from id3_ds import ID3Config
     from id3_ds.integration.hook import DeepSpeedID3
-    from id3_ds.training.shutdown import exit_process
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -159,8 +158,7 @@ def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
     result["params"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     if rank == 0:
         Path(out).write_text(json.dumps(result))
-    dist.barrier()
-    exit_process()  # not a normal return: gloo's threads abort finalization at times (id3_ds/training/shutdown.py)
+    end_worker()  # barrier, destroy_process_group, then no interpreter teardown (see its docstring)
 
 
 def run_deepspeed(size: str, pairs: int, stage: int) -> dict:

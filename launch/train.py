@@ -227,6 +227,7 @@ def main(argv: list[str]) -> None:
         export_delta(checkpoints.checkpoint_dir(t.output_dir, steps), model_dir, out, overwrite=True)
         print(f"sparse delta written to {out}", flush=True)
     dist.barrier()
+    dist.destroy_process_group()  # the documented clean exit: the backend shuts down before interpreter teardown
 
 
 def _all_reduce_cpu(x: torch.Tensor, device: str) -> None:
