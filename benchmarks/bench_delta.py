@@ -29,10 +29,8 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from results import append_results  # noqa: E402
-
+from benchmarks.results import record_results  # noqa: E402
 from id3_ds.algorithm.mask import MaskState, ParamMask  # noqa: E402
 from id3_ds.checkpoint import checkpoint_dir, mark_complete, write_id3_shard  # noqa: E402
 from id3_ds.delta import export_delta  # noqa: E402
@@ -167,7 +165,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small base: a few seconds")
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON line")
-    ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--no-record", action="store_true", help="do not record this run in benchmarks/RESULTS.md")
     args = ap.parse_args()
     r = run(args.quick)
     text = table(r)
@@ -176,7 +174,7 @@ def main() -> None:
         print(json.dumps(r))
     if not args.no_record:
         flag = " --quick" if args.quick else ""
-        append_results("Delta and merge", "synthetic bf16 base", f"python benchmarks/bench_delta.py{flag}", text)
+        record_results("Delta and merge", "synthetic bf16 base", f"python benchmarks/bench_delta.py{flag}", text)
 
 
 if __name__ == "__main__":

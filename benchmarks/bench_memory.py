@@ -29,14 +29,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_step_overhead import batch, deepspeed_llama  # noqa: E402
-from memstat import proc_status, reset_peak  # noqa: E402
-from results import append_results  # noqa: E402
-
-from id3_ds import projection as pj  # noqa: E402
-from id3_ds.processes import torchrun_command  # noqa: E402
+from benchmarks import projection as pj  # noqa: E402
+from benchmarks._launch import end_worker, torchrun_command  # noqa: E402
+from benchmarks.bench_step_overhead import batch, deepspeed_llama  # noqa: E402
+from benchmarks.memstat import proc_status, reset_peak  # noqa: E402
+from benchmarks.results import record_results  # noqa: E402
 
 
 def fix_mmap_threshold() -> None:
@@ -74,7 +72,6 @@ def run_worker(size: str, steps: int, stage: int, method: str, budget: float, ou
 
     from id3_ds import ID3Config
     from id3_ds.integration.hook import DeepSpeedID3
-    from id3_ds.training.shutdown import exit_process
 
     counter = GatherCounter()
     deepspeed.init_distributed(dist_backend="gloo")
@@ -132,8 +129,7 @@ def run_worker(size: str, steps: int, stage: int, method: str, budget: float, ou
             allgather_calls=counter.calls,
         )
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    exit_process()  # not a normal return: gloo's threads abort finalization at times (id3_ds/training/shutdown.py)
+    end_worker()  # barrier, destroy_process_group, then no interpreter teardown (see its docstring)
 
 
 def launch(size: str, steps: int, stage: int, method: str, budget: float) -> list[dict]:
@@ -214,13 +210,13 @@ def record(text: str, args: argparse.Namespace, size: str, steps: int) -> None:
         f"fp32, {size} model, 2 ranks, {steps} steps, budget {args.budget * 100:g} % reached at the last step, "
         "AdamW, micro-batch 2x128 tokens"
     )
-    append_results("Memory: ID3 vs full fine-tuning", details, f"python benchmarks/bench_memory.py{flags}", text)
+    record_results("Memory: ID3 vs full fine-tuning", details, f"python benchmarks/bench_memory.py{flags}", text)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="~10M parameters, 3 steps: under 2 minutes")
-    ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--no-record", action="store_true", help="do not record this run in benchmarks/RESULTS.md")
     ap.add_argument("--json", action="store_true", help="also print the rows as one JSON line")
     ap.add_argument("--budget", type=float, default=0.01, help="ID3 budget as a fraction (default 1 %%)")
     ap.add_argument("--stages", default="2,3", help="ZeRO stages to run, comma separated")

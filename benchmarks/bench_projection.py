@@ -5,7 +5,7 @@
     python benchmarks/bench_projection.py --steps 2000    # another T (default: 3 epochs of Alpaca at 128)
 
 Why: nobody here can run a 70B model, but every ID3 cost follows from a formula the code obeys exactly
-(id3_ds.projection). The validation proves that on a real run: a tiny LLaMA trained by launch/train.py
+(benchmarks/projection.py). The validation proves that on a real run: a tiny LLaMA trained by launch/train.py
 with ZeRO-3 on 2 ranks, whose checkpoint shards give the mask bytes, whose exported delta gives the
 delta size, and whose ID3 all-gathers are counted in the processes themselves (this script wraps
 launch/train.py and counts every call of the all-gather in id3_ds.integration.collectives).
@@ -24,12 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from results import append_results  # noqa: E402
-
-from id3_ds import projection as pj  # noqa: E402
-from id3_ds.processes import torchrun_command  # noqa: E402
+from benchmarks import projection as pj  # noqa: E402
+from benchmarks._launch import torchrun_command  # noqa: E402
+from benchmarks.results import record_results  # noqa: E402
 
 VALIDATE_STEPS = 4
 
@@ -164,14 +162,14 @@ def validation_table(rows: list[tuple[str, str, str, bool]]) -> str:
 
 
 def record(text: str, cmd: str) -> None:
-    append_results("Projection to real scale", "ZeRO-3, all entries selectable", cmd, text)
+    record_results("Projection to real scale", "ZeRO-3, all entries selectable", cmd, text)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the projection table only, no validation run")
     ap.add_argument("--validate", action="store_true", help="run the validation also with --quick")
-    ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--no-record", action="store_true", help="do not record this run in benchmarks/RESULTS.md")
     ap.add_argument("--json", action="store_true", help="also print the validation measurements as one JSON line")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps T (default: 3 epochs of Alpaca at 128)")
     ap.add_argument("--train-wrapper", default=None, help=argparse.SUPPRESS)

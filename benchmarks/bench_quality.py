@@ -29,12 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import append_results  # noqa: E402
-
-from id3_ds.processes import torchrun_command  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks._launch import torchrun_command  # noqa: E402
+from benchmarks.results import record_results  # noqa: E402
+
 CONFIG = ROOT / "configs" / "minilm_sentiment.json"
 HEAD = "*classifier.modules_to_save*"  # PEFT's trainable copy of the classification head
 BITFIT_BUDGET = 31_874  # every bias/norm entry of all-MiniLM-L6-v2 plus the 2-way head (the config's budget)
@@ -156,7 +155,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--quick", action="store_true", help="id3 and dense LoRA, 4 steps, one seed and budget")
     p.add_argument("--json", action="store_true", help="also print every result as one JSON line")
-    p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    p.add_argument("--no-record", action="store_true", help="do not record this run in benchmarks/RESULTS.md")
     p.add_argument(
         "--combine", nargs="+", metavar="LOG", help="summarise the JSON lines of earlier --json runs instead of running"
     )
@@ -170,7 +169,7 @@ def main() -> None:
             steps = sorted({r["steps"] for r in rows})
             details = f"combined from {len(rows)} runs of earlier --json logs; steps {steps}, seeds {seeds}"
             cmd = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
-            append_results("Quality: eval accuracy by method and budget", details, cmd.strip(), table)
+            record_results("Quality: eval accuracy by method and budget", details, cmd.strip(), table)
         return
     if a.quick:
         a.steps, a.seeds, a.budgets, a.methods = 4, a.seeds[:1], [BITFIT_BUDGET], ["id3", "lora"]
@@ -203,7 +202,7 @@ def main() -> None:
             f"micro-batch 16, {a.nproc} process(es), ZeRO-2 fp32, seeds {', '.join(map(str, a.seeds))}"
         )
         cmd = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
-        append_results("Quality: eval accuracy by method and budget", details, cmd.strip(), table)
+        record_results("Quality: eval accuracy by method and budget", details, cmd.strip(), table)
 
 
 if __name__ == "__main__":

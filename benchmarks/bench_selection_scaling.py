@@ -30,11 +30,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from memstat import proc_status, reset_peak  # noqa: E402
-from results import append_results  # noqa: E402
-
+from benchmarks.memstat import proc_status, reset_peak  # noqa: E402
+from benchmarks.results import record_results  # noqa: E402
 from id3_ds.algorithm.config import ID3Config  # noqa: E402
 from id3_ds.algorithm.id3 import ID3  # noqa: E402
 from id3_ds.algorithm.mask import SliceMask  # noqa: E402
@@ -211,13 +209,13 @@ def record(text: str, quick: bool, load: tuple[float, float]) -> None:
         f"step {STEPS // 2}, slices of 2^24 entries, 1-minute load average {load[0]:.1f} at start, {load[1]:.1f} at end"
     )
     flags = f"{' --quick' if quick else ''}{threads}"
-    append_results("Selection scaling", details, f"python benchmarks/bench_selection_scaling.py{flags}", text)
+    record_results("Selection scaling", details, f"python benchmarks/bench_selection_scaling.py{flags}", text)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="10^6 .. 10^8 entries: well under 2 minutes")
-    ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--no-record", action="store_true", help="do not record this run in benchmarks/RESULTS.md")
     ap.add_argument(
         "--threads",
         type=int,

@@ -26,11 +26,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from results import append_results  # noqa: E402
-
-from id3_ds.processes import torchrun_command  # noqa: E402
+from benchmarks._launch import end_worker, torchrun_command  # noqa: E402
+from benchmarks.results import record_results  # noqa: E402
 
 SIZES = {  # hidden, layers, intermediate, vocab
     "100M": (768, 12, 2048, 8192),
@@ -134,7 +132,6 @@ def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
 
     from id3_ds import ID3Config
     from id3_ds.integration.hook import DeepSpeedID3
-    from id3_ds.training.shutdown import exit_process
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -161,8 +158,7 @@ def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
     result["params"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     if rank == 0:
         Path(out).write_text(json.dumps(result))
-    dist.barrier()
-    exit_process()  # not a normal return: gloo's threads abort finalization at times (id3_ds/training/shutdown.py)
+    end_worker()  # barrier, destroy_process_group, then no interpreter teardown (see its docstring)
 
 
 def run_deepspeed(size: str, pairs: int, stage: int) -> dict:
@@ -195,7 +191,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="~10M parameters, 3 pairs: under 2 minutes")
-    ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--no-record", action="store_true", help="do not record this run in benchmarks/RESULTS.md")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--size", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--pairs", type=int, default=None, help=argparse.SUPPRESS)
@@ -215,7 +211,7 @@ def main() -> None:
     if not args.no_record:
         details = "fp32, micro-batch 2x128 tokens, budget 0.1 % over 1000 steps"
         flag = " --quick" if args.quick else ""
-        append_results("Step overhead", details, f"python benchmarks/bench_step_overhead.py{flag}", text)
+        record_results("Step overhead", details, f"python benchmarks/bench_step_overhead.py{flag}", text)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Starting local multi-process runs: a free rendezvous port and the torchrun command line that uses it."""
+"""A free TCP port for a local rendezvous: launch/train.py's single-node runs use it (and so do the
+benchmark and test launchers, benchmarks/_launch.py)."""
 
 from __future__ import annotations
 
 import socket
-import sys
 
 
 def free_port() -> int:
@@ -11,16 +11,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def torchrun_command(nproc: int, script: str, *args: str) -> list[str]:
-    """`python -m torch.distributed.run` of `script` on `nproc` local processes, on a free port."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        str(script),
-        *args,
-    ]

@@ -248,6 +248,7 @@ def main(argv: list[str]) -> None:
         export_delta(checkpoints.checkpoint_dir(t.output_dir, steps), model_dir, out, overwrite=True)
         print(f"sparse delta written to {out}", flush=True)
     dist.barrier()
+    dist.destroy_process_group()  # the documented clean exit: the backend shuts down before interpreter teardown
     print_final_line(cfg, is_main)  # the last line: output folder, checkpoint, next command
 
 

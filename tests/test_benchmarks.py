@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from id3_ds import projection as pj
+from benchmarks import projection as pj
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from id3_ds.delta import export_delta
-from id3_ds.processes import torchrun_command
-from tests.launcher import ROOT
+from tests.launcher import ROOT, torchrun_command
 from tests.test_delta_common import make_case
 
 pytestmark = [pytest.mark.distributed]

@@ -6,6 +6,7 @@ Writes, from rank 0, the gathered weights after apply_delta and after remove_del
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -15,7 +16,9 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from id3_ds import apply_delta, remove_delta
-from id3_ds.training.shutdown import exit_process
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root for benchmarks/
+from benchmarks._launch import end_worker  # noqa: E402
 
 
 def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -39,8 +42,7 @@ def main(base: str, delta: str, out: str) -> None:
     if dist.get_rank() == 0:
         save_file(applied, f"{out}/applied.safetensors")
         save_file(removed, f"{out}/removed.safetensors")
-    dist.barrier()
-    exit_process()  # not a normal return: gloo's threads abort finalization at times (id3_ds/training/shutdown.py)
+    end_worker()  # barrier, destroy_process_group, then no interpreter teardown (benchmarks/_launch.py)
 
 
 if __name__ == "__main__":
