@@ -114,6 +114,24 @@ def inspect_cmd(
     typer.echo(json.dumps(s, indent=2) if as_json else render(s))
 
 
+@app.command("plot", epilog="Example: id3-ds plot outputs/tiny_cpu   (writes outputs/tiny_cpu/plots/*.png)")
+def plot_cmd(
+    run: Annotated[Path, typer.Argument(help="A run's output dir (train.output_dir), a checkpoint-* dir or a delta.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Where to write the PNGs (default: RUN/plots).")] = None,
+) -> None:
+    """Draw a run as PNGs: loss, eval metrics and budget used over steps; where the budget went by layer."""
+    from id3_ds.report.plot import plot_run
+
+    try:
+        plots = plot_run(run, out)
+    except ID3Error as e:
+        raise _fail(e) from None
+    for note in plots.notes:
+        typer.echo(f"note: {note}")
+    for f in plots.files:
+        typer.echo(f"wrote {f}")
+
+
 @app.command("preview-data", epilog="Example: id3-ds preview-data --config configs/tiny_cpu.json --n 3")
 def preview_data_cmd(
     config: Annotated[Path, typer.Option("--config", help="The run config whose data section to preview.")],
