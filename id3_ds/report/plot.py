@@ -29,6 +29,7 @@ TRAINING_PNG = "training.png"
 BUDGET_PNG = "budget_by_layer.png"
 OUTSIDE = "outside layers"  # the heatmap row of embeddings, final norm and head
 INSTALL = 'plotting needs matplotlib: pip install "id3-ds[plot]"'
+SCORES = {"eval_accuracy": "accuracy", "eval_f1": "F1"}  # classification eval metrics, and their names
 _CKPT_NAME = re.compile(r"^checkpoint-\d{8}$")
 
 
@@ -238,7 +239,7 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def _plot_training(figure: Any, log: RunLog, path: Path, notes: list[str]) -> Path:
     """One row of panels: loss (train and eval), eval accuracy/F1 when logged, budget used when masked."""
-    scores = [k for k in ("eval_accuracy", "eval_f1") if _series(log.evals, k)[0]]
+    scores = [k for k in SCORES if _series(log.evals, k)[0]]
     budget = [r for r in log.train if _num(r.get("chosen")) and _num(r.get("budget")) and r["budget"] > 0]
     panels = ["loss"] + (["scores"] if scores else []) + (["budget"] if budget else [])
     if not budget:
@@ -256,9 +257,9 @@ def _plot_training(figure: Any, log: RunLog, path: Path, notes: list[str]) -> Pa
             ax.plot(*_series(log.evals, "eval_loss"), marker="s", ms=4, label="eval")
             ax.legend(fontsize="small")
         elif panel == "scores":
-            ax.set_title("eval " + " and ".join(k.removeprefix("eval_") for k in scores))
+            ax.set_title("eval " + " and ".join(SCORES[k] for k in scores))
             for k in scores:
-                ax.plot(*_series(log.evals, k), marker="s", ms=4, label=k.removeprefix("eval_"))
+                ax.plot(*_series(log.evals, k), marker="s", ms=4, label=SCORES[k])
             ax.set_ylim(0, 1.02)
             ax.set_ylabel("score (1 = perfect)")
             ax.legend(fontsize="small")
@@ -271,7 +272,7 @@ def _plot_training(figure: Any, log: RunLog, path: Path, notes: list[str]) -> Pa
     steps = log.start.get("steps")
     for ax in axes:
         if _num(steps):
-            ax.set_xlim(0, steps)
+            ax.set_xlim(0, steps * 1.02)  # the last point's marker whole
     return _save(fig, path)
 
 
@@ -337,6 +338,4 @@ def _annotate(ax: Any, values: Any, im: Any, fmt: Any) -> None:
 def _cmap() -> Any:
     from matplotlib import colormaps
 
-    cmap = colormaps["YlOrRd"].copy()
-    cmap.set_bad("white")  # zero chosen and absent cells stay white; the cell text tells them apart
-    return cmap
+    return colormaps["YlOrRd"].with_extremes(bad="white")  # zero and absent cells stay white: the text tells
