@@ -111,10 +111,32 @@ def inspect_cmd(
     from id3_ds.delta.summary import render, summarize
 
     try:
+        _refuse_run(delta)
         s = summarize(delta)
     except ID3Error as e:
         raise _fail(e) from None
     typer.echo(json.dumps(s, indent=2) if as_json else render(s))
+
+
+def _refuse_run(path: Path) -> None:
+    """A training output or checkpoint dir given where a delta is expected: say what it is and the export
+    command, rather than a delta-format error about a missing delta_config.json."""
+    from id3_ds.checkpoint import COMPLETE
+    from id3_ds.delta.format import CONFIG_FILE
+
+    if not path.is_dir() or (path / CONFIG_FILE).is_file():
+        return
+    ckpt = (path / COMPLETE).is_file() or (path / "id3").is_dir() or path.name.startswith("checkpoint-")
+    run = (path / "log.jsonl").is_file() or any(path.glob("checkpoint-*"))
+    if not (ckpt or run):
+        return
+    what = "a training checkpoint" if ckpt else "a training run's output dir"
+    if run and (path / "delta" / CONFIG_FILE).is_file():
+        raise ID3Error(f"{path} is {what}, not a delta; its exported delta is {path / 'delta'}: inspect that")
+    raise ID3Error(
+        f"{path} is {what}, not a delta: export one first with "
+        f"`id3-ds export-delta {path} --base BASE --out DELTA`, then `id3-ds inspect DELTA`"
+    )
 
 
 @app.command("plot", epilog="Example: id3-ds plot outputs/tiny_cpu   (writes outputs/tiny_cpu/plots/*.png)")
