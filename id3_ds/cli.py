@@ -21,11 +21,13 @@ Examples:
 
   id3-ds inspect delta/ --json
 
+  id3-ds plot runs/llama (PNGs of the run's curves and budget in runs/llama/plots/)
+
   id3-ds preview-data --config configs/tiny_cpu.json --n 3
 """
 
 app = typer.Typer(
-    help="ID3 sparse fine-tuning on DeepSpeed: preview data; export, merge and inspect sparse deltas.",
+    help="ID3 sparse fine-tuning on DeepSpeed: preview data; plot a run; export, merge and inspect sparse deltas.",
     epilog=EXAMPLES,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
