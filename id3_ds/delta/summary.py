@@ -22,6 +22,72 @@ def layer_of(name: str) -> str:
     return f"layer {int(m.group(1))}" if m else "other"
 
 
+# Parameter-name pieces that say what kind of module a tensor belongs to, whatever the model family.
+_NORM = re.compile(r"norm|^ln_?\w*$", re.IGNORECASE)  # input_layernorm, LayerNorm, norm, ln_1, ln_f
+_EMBED = re.compile(r"embed|^wte$|^wpe$", re.IGNORECASE)
+_HEAD = {"lm_head", "classifier", "score", "pooler", "qa_outputs"}
+_LEAF = {"weight", "bias", "default"}  # the tensor inside a module (PEFT adds 'default')
+# Order of block columns a reader expects (attention, then MLP); unknown kinds follow alphabetically.
+_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "gate_proj", "up_proj", "down_proj"]
+
+
+def _module_path(name: str) -> list[str]:
+    """The module a parameter belongs to, inside its transformer block when it is in one, as name parts."""
+    m = _LAYER.search(name)
+    rest = name[m.end() :] if m else name
+    return [p for p in rest.split(".") if p not in _LEAF]
+
+
+def _kind(parts: list[str]) -> str | None:
+    """'norm', 'embed' or 'head' for those families of modules, else None (named by their own path)."""
+    if any(_NORM.search(p) for p in parts):
+        return "norm"
+    if any(_EMBED.search(p) for p in parts):
+        return "embed"
+    if parts and parts[0] in _HEAD or any(p in _HEAD for p in parts):
+        return "head"
+    return None
+
+
+def module_labels(names: list[str]) -> dict[str, str]:
+    """A short column label per parameter for a layer x module table: 'q_proj', 'mlp.c_proj', 'norm', 'head'.
+
+    Norms, embeddings and heads are grouped under one word each. Other modules get the shortest tail of
+    their in-block path that names no other module: Llama's `self_attn.q_proj` is `q_proj`, while GPT-2's
+    `attn.c_proj` and `mlp.c_proj` keep their parent. Weight and bias of one module share a label.
+    """
+    paths = {n: _module_path(n) for n in names}
+    kinds = {n: _kind(p) for n, p in paths.items()}
+    others = {tuple(p) for n, p in paths.items() if kinds[n] is None}
+    labels = {}
+    for n, p in paths.items():
+        if kinds[n] is not None:
+            labels[n] = kinds[n]
+            continue
+        lora = len(p) > 1 and p[-1].startswith("lora_")  # a LoRA matrix is named with its module: q_proj.lora_A
+        for k in range(1 + lora, len(p) + 1):
+            tail = tuple(p[-k:])
+            if all(q == tuple(p) or q[-k:] != tail for q in others):
+                break
+        labels[n] = ".".join(p[-k:]) if p else n
+    return labels
+
+
+def label_order(labels: list[str]) -> list[str]:
+    """Columns in reading order: embeddings, attention, MLP, other block modules (in the order given: pass
+    labels in model order), norms, head."""
+
+    def key(label: str) -> tuple[int, int]:
+        leaf = label.split(".")[-1] if not label.split(".")[-1].startswith("lora_") else label.split(".")[-2]
+        if label == "embed":
+            return (0, 0)
+        if label in ("norm", "head"):
+            return (2, label == "head")
+        return (1, _ORDER.index(leaf) if leaf in _ORDER else len(_ORDER))
+
+    return sorted(dict.fromkeys(labels), key=key)
+
+
 def summarize(delta_dir: str | os.PathLike) -> dict:
     """A JSON-ready summary of a delta directory."""
     delta = load_delta(delta_dir)

@@ -56,12 +56,29 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _default_mode() -> int:
+    """The mode `open()` gives a new file: 0666 less the process umask (which can only be read by setting it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _widen(path: Path, default: int) -> None:
+    """Give a file written inside a staged directory at least the umask's default permissions: safetensors'
+    `save_file` creates 0600 files, which would make a delta's tensors private while its JSON is not."""
+    mode = path.stat().st_mode & 0o777
+    if mode | default != mode:
+        os.chmod(path, mode | default)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
     """Yield a temp path next to `path`; when the block ends normally it replaces `path`, else it is removed.
 
     The caller may write the temp file with any library (safetensors' `save_file` takes a path, not a file
-    object). `mode` sets its permissions before it appears under the final name.
+    object). Its permissions become `mode`, by default the umask's default for a new file (0644 under the
+    usual 022), before it appears under the final name: some writers create files private (0600), which
+    would make e.g. mask shards unlike every other output and unreadable to the group that shares the run.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,8 +86,7 @@ def atomic_file(path: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
     tmp.unlink(missing_ok=True)
     try:
         yield tmp
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, _default_mode() if mode is None else mode)
         _fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -126,9 +142,10 @@ def _alive(pid: int) -> bool:
 def staged_dir(out: str | os.PathLike, exists: Literal["error", "replace", "keep"] = "error") -> Iterator[Path]:
     """Yield a fresh temp directory that becomes `out` when the block ends normally; on error it is deleted.
 
-    `exists` says what an `out` already there at publish time means: `error` (refuse; the caller checked
-    first, so it appeared while writing), `replace` (the old one is swapped out, then deleted), or `keep`
-    (another process published identical content first: ours is dropped).
+    Files inside get at least the umask's default mode, as `atomic_file` gives. `exists` says what an `out`
+    already there at publish time means: `error` (refuse; the caller checked first, so it appeared while
+    writing), `replace` (the old one is swapped out, then deleted), or `keep` (another process published
+    identical content first: ours is dropped).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,8 +156,10 @@ def staged_dir(out: str | os.PathLike, exists: Literal["error", "replace", "keep
     tmp.mkdir()
     try:
         yield tmp
+        default = _default_mode()
         for f in tmp.rglob("*"):
             if f.is_file():
+                _widen(f, default)
                 _fsync_file(f)
         fsync_dir(tmp)
         if out.exists() and exists == "keep":
