@@ -38,7 +38,8 @@ def assert_only_chosen_moved(
     for name, b in base.items():
         assert name in final, f"{name} is missing from the final weights"
         f = final[name]
-        assert f.shape == b.shape and f.dtype == b.dtype, f"{name}: {f.dtype}{list(f.shape)} vs {b.dtype}{list(b.shape)}"
+        same = f.shape == b.shape and f.dtype == b.dtype
+        assert same, f"{name}: final {f.dtype}{list(f.shape)} vs base {b.dtype}{list(b.shape)}"
         moved = _bits(f) != _bits(b)
         mask = torch.zeros_like(moved)
         if name in chosen:
