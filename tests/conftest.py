@@ -5,6 +5,18 @@ from __future__ import annotations
 import pytest
 
 from id3_ds.builtin import resolve_model
+from tests import launcher
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tell the launcher which test runs (before any fixture: module fixtures launch processes too)."""
+    launcher.CURRENT_TEST = item
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    launcher.CURRENT_TEST = None
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,8 @@ from id3_ds.errors import ID3Error
 from tests.launcher import ok, train, weights
 from tests.test_delta_common import rewrite
 
+pytestmark = [pytest.mark.slow]  # every test trains first; those on `llama_run` on 2 ranks (distributed)
+
 TEXTS = ["a wonderful, moving film", "dull and far too long", "not bad at all"]
 CLS = [
     "method=id3",
@@ -56,6 +58,7 @@ def llama_run(tmp_path_factory, env, base_dir):
     return run, Path(base_dir)
 
 
+@pytest.mark.distributed
 def test_tiny_llama_classification_delta_merges_to_the_trained_model(llama_run, tmp_path) -> None:
     run, base = llama_run
     delta = load_delta(run / "delta", BaseModel.open(base))
@@ -95,6 +98,7 @@ def _broken(run: Path, tmp_path: Path) -> Path:
     return d
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "tensors, config, match",
     [
@@ -116,6 +120,7 @@ def test_corrupt_classification_delta_fails_in_one_line(llama_run, tmp_path, ten
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 
 
+@pytest.mark.distributed
 def test_new_tensor_named_like_a_base_tensor_is_refused(llama_run, tmp_path) -> None:
     run, base = llama_run
     d = _broken(run, tmp_path)
@@ -168,6 +173,7 @@ def test_minilm_classification_delta_maps_the_bert_prefix(tmp_path, env) -> None
     assert torch.equal(_logits(tmp_path / "merged", base), want)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "edit, match",
     [
@@ -190,6 +196,7 @@ def test_export_refuses_an_unrecorded_or_partly_trained_head(llama_run, tmp_path
     assert "\n" not in str(e.value) and not (tmp_path / "delta").exists()
 
 
+@pytest.mark.distributed
 def test_sharded_base_gets_the_head_in_its_last_shard_and_index(llama_run, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -209,6 +216,7 @@ def test_sharded_base_gets_the_head_in_its_last_shard_and_index(llama_run, tmp_p
     assert torch.equal(_logits(tmp_path / "merged", base), _logits(run / "final_model", base))
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("config_text", ["[1, 2]", "{not json", None])
 def test_base_without_a_config_object_is_refused_before_writing(llama_run, tmp_path, config_text) -> None:
     """The head is declared in config.json: a base whose config is not a JSON object cannot take it."""

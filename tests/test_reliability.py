@@ -19,7 +19,7 @@ from id3_ds import ID3Config, from_module
 from id3_ds.checkpoint import checkpoint_dir, is_complete, read_id3_state
 from id3_ds.config import apply_overrides, config_from_dict
 from id3_ds.errors import ID3Error
-from tests.launcher import ROOT, ok, train
+from tests.launcher import ROOT, ok, require_markers, train
 from tests.tiny import TinyNet, batches
 
 ARGS = [
@@ -34,6 +34,7 @@ ARGS = [
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_nan_loss_stops_every_rank_before_the_step_and_the_last_checkpoint_resumes(tmp_path, env) -> None:
     args = [*ARGS, f"train.output_dir={tmp_path}"]
     proc = train(args, env={**env, "ID3_DS_FAULT": "nan_loss_at_step:3:1"})
@@ -44,6 +45,7 @@ def test_nan_loss_stops_every_rank_before_the_step_and_the_last_checkpoint_resum
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_a_hung_rank_ends_the_job_with_a_clear_error_instead_of_hanging(tmp_path, env) -> None:
     args = [*ARGS, f"train.output_dir={tmp_path}", "train.collective_timeout_s=10"]
     proc = train(args, env={**env, "ID3_DS_FAULT": "hang_at_step:2:1"}, timeout=300)  # TimeoutExpired = a hang
@@ -53,6 +55,7 @@ def test_a_hung_rank_ends_the_job_with_a_clear_error_instead_of_hanging(tmp_path
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_full_disk_refuses_the_checkpoint_before_writing_and_keeps_earlier_ones(tmp_path, env) -> None:
     args = [*ARGS, f"train.output_dir={tmp_path}"]
     assert train(args, env={**env, "ID3_DS_FAULT": "kill_after_step:3:0"}).returncode != 0
@@ -61,6 +64,7 @@ def test_full_disk_refuses_the_checkpoint_before_writing_and_keeps_earlier_ones(
     assert is_complete(checkpoint_dir(tmp_path, 2)) and not checkpoint_dir(tmp_path, 4).exists()
 
 
+@pytest.mark.slow
 def test_unwritable_output_dir_is_refused_before_training(tmp_path, env) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -86,6 +90,7 @@ def test_a_dead_builds_torch_extension_lock_is_removed_and_a_live_one_kept(tmp_p
     assert "stale torch build lock" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_merge_killed_mid_write_leaves_no_loadable_model_and_rerun_succeeds(tmp_path) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_delta import build_base, build_checkpoint
@@ -98,6 +103,7 @@ def test_merge_killed_mid_write_leaves_no_loadable_model_and_rerun_succeeds(tmp_
     export_delta(tmp_path / "run", base, tmp_path / "delta")
     out = tmp_path / "merged"
     cmd = [sys.executable, "-m", "id3_ds.cli", "merge", str(base), str(tmp_path / "delta"), "--out", str(out)]
+    require_markers(1)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".merged.tmp-*")) and proc.poll() is None and time.time() < deadline:
