@@ -162,14 +162,49 @@ def test_config_loader_never_raises_anything_but_its_own_error(sections, top, tm
         assert "\n" not in str(e)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.text(max_size=30), max_size=4))
-def test_overrides_never_raise_anything_but_its_own_error(overrides) -> None:
+_KEY_PART = st.sampled_from([*_KEYS, *(k for ks in _KEYS.values() for k in ks)]) | st.text(max_size=5)
+_OVERRIDE = st.one_of(
+    st.text(max_size=30),  # anything at all, '=' or not
+    st.builds(
+        lambda path, value: f"{'.'.join(path)}={value}",
+        st.lists(_KEY_PART, min_size=1, max_size=3),
+        _VALUES.map(json.dumps) | st.text(max_size=10),  # JSON, or a bare string
+    ),
+)
+
+
+def _overlaps(a: list[str], b: list[str]) -> bool:
+    """One dotted path is the other or lies inside it: a later override of either changes the other."""
+    return a[: len(b)] == b or b[: len(a)] == a
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_OVERRIDE, max_size=4))
+def test_an_override_lands_at_its_dotted_key_with_its_json_type_or_fails_in_one_line(overrides) -> None:
     raw = {"model": {"name_or_path": "builtin:tiny-llama"}, "data": {"path": "x.jsonl"}, "train": {"steps": 1}}
     try:
-        config_from_dict(apply_overrides(json.loads(json.dumps(raw)), overrides), base_dir=".")
-    except ID3Error:
-        pass
+        out = apply_overrides(json.loads(json.dumps(raw)), overrides)
+    except ID3Error as e:
+        assert "\n" not in str(e) and str(e).startswith("override '"), str(e)
+        return
+    assert all("=" in o for o in overrides), "an override without '=' was accepted"
+    paths = [o.split("=", 1)[0].strip().split(".") for o in overrides]
+    for i, (path, text) in enumerate(zip(paths, overrides)):
+        if any(_overlaps(path, later) for later in paths[i + 1 :]):
+            continue  # replaced or edited by a later override
+        node = out
+        for part in path:
+            node = node[part]
+        value = text.split("=", 1)[1]
+        try:
+            want = json.loads(value)
+        except json.JSONDecodeError:
+            want = value  # not JSON: the text itself
+        assert json.dumps(node) == json.dumps(want), (text, node)  # same value and JSON type (1 is not 1.0)
+    try:
+        config_from_dict(out, base_dir=".")
+    except ID3Error as e:
+        assert "\n" not in str(e)
 
 
 def test_no_pickle_is_loaded_from_user_paths() -> None:
