@@ -11,14 +11,14 @@ from id3_ds.delta import export_delta, load_delta, merge
 from id3_ds.delta.base import BaseModel
 from id3_ds.delta.format import CONFIG_FILE, DELTA_FILE
 from id3_ds.errors import ID3Error
-from tests.test_delta_common import rewrite, shared_case
+from tests.test_delta_common import rewrite
 
 V = "model.layers.0.self_attn.v_proj.weight"
 N = "model.norm.weight"
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
+def good(tmp_path_factory, shared_case):
     c = shared_case()
     out = tmp_path_factory.mktemp("fmt") / "delta"
     export_delta(c.ckpt, c.base, out)

@@ -15,7 +15,6 @@ from id3_ds.delta import export_delta, load_delta
 from id3_ds.delta.base import BaseModel
 from id3_ds.delta.format import CONFIG_FILE, DELTA_FILE
 from id3_ds.errors import ID3Error
-from tests.test_delta_common import shared_case
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -31,7 +30,7 @@ class Good:
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory) -> Good:
+def good(tmp_path_factory, shared_case) -> Good:
     c = shared_case()
     d = tmp_path_factory.mktemp("fuzz") / "delta"
     export_delta(c.ckpt, c.base, d)
