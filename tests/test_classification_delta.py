@@ -17,6 +17,7 @@ from id3_ds.delta.base import BaseModel
 from id3_ds.delta.format import CONFIG_FILE
 from id3_ds.delta.inspect import render, summarize
 from id3_ds.errors import ID3Error
+from tests.assertions import assert_only_chosen_moved
 from tests.launcher import ok, train, weights
 from tests.test_delta_common import rewrite
 
@@ -70,11 +71,10 @@ def test_tiny_llama_classification_delta_merges_to_the_trained_model(llama_run, 
     assert "new        score.weight [2, 64]" in text and "num_labels=2" in text
     merge(base, run / "delta", tmp_path / "merged")
     got, final, orig = weights(tmp_path / "merged"), weights(run / "final_model"), weights(base)
-    for name, t in orig.items():  # untouched base tensors bit for bit, touched ones as trained
-        if name in delta.params:
-            assert torch.equal(got[name], final[name]) and not torch.equal(got[name], t), name
-        else:
-            assert torch.equal(got[name], t), name
+    for name in delta.params:  # touched base tensors as trained
+        assert torch.equal(got[name], final[name]) and not torch.equal(got[name], orig[name]), name
+    entries = {n: torch.arange(p.numel) if p.dense else p.indices for n, p in delta.params.items()}
+    assert_only_chosen_moved(orig, {n: got[n] for n in orig}, entries)  # every other entry bit for bit
     assert torch.equal(got["score.weight"], final["score.weight"])
     cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["num_labels"] == 2
