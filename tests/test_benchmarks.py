@@ -95,7 +95,7 @@ def test_selection_scaling_quick_measures_every_size_and_derives_its_figures_fro
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_memory_quick_runs_every_stage_and_rank_with_exact_id3_bytes() -> None:
-    out = run_bench("bench_memory.py", "--quick", "--json", nproc=2)
+    out = run_bench("bench_memory.py", "--quick", "--json", nproc=2, timeout=1500)  # 4 launches: slow on 2 busy cores
     rows = json.loads(out.strip().splitlines()[-1])
     assert sorted((r["stage"], r["rank"]) for r in rows) == [(2, 0), (2, 1), (3, 0), (3, 1)]  # --stages 2,3
     printed = table(out, "| stage | rank |")
