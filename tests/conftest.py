@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from id3_ds.models import resolve_model
+from tests import launcher
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tell the launcher which test runs (before any fixture: module fixtures launch processes too)."""
+    launcher.CURRENT_TEST = item
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    launcher.CURRENT_TEST = None
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +36,19 @@ def base_dir(env) -> str:
         return resolve_model("builtin:tiny-llama")
     finally:
         mp.undo()
+
+
+@pytest.fixture(scope="session")
+def shared_case(tmp_path_factory) -> Callable:
+    """`shared_case(world=1)`: one trained delta case per world size for the session, under pytest's temp
+    directory (read-only: copy before breaking it)."""
+    from tests.test_delta_common import make_case
+
+    cases = {}
+
+    def get(world: int = 1):
+        if world not in cases:
+            cases[world] = make_case(tmp_path_factory.mktemp(f"delta-case-w{world}"), world=world)
+        return cases[world]
+
+    return get

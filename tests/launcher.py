@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -17,11 +18,30 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
 TINY_CONFIG = str(ROOT / "configs" / "tiny_cpu.json")
 
+CURRENT_TEST: pytest.Item | None = None  # set by tests/conftest.py while a test sets up and runs
+
+
+def require_markers(nproc: int) -> None:
+    """Fail the running test unless it is marked `slow` (and `distributed` when it launches several ranks).
+
+    Every helper here that starts a process calls this, so `pytest -m "not slow"` can never start one and
+    `-m "not distributed"` never starts torchrun ranks: a missing marker fails the test instead of slipping by.
+    """
+    item = CURRENT_TEST
+    if item is None:  # called outside pytest (e.g. by hand)
+        return
+    need = ("slow", "distributed") if nproc > 1 else ("slow",)
+    missing = [m for m in need if item.get_closest_marker(m) is None]
+    if missing:
+        marks = " and ".join(f"@pytest.mark.{m}" for m in missing)
+        pytest.fail(f"{item.nodeid} launches {nproc} process(es) but lacks {marks}", pytrace=False)
+
 
 def train(
     overrides: list[str], nproc: int = 2, env: dict | None = None, config: str = TINY_CONFIG, timeout: int = 600
 ) -> subprocess.CompletedProcess:
     """Launch a training run; returns the finished process (stdout and stderr merged)."""
+    require_markers(nproc)
     cmd = torchrun_command(nproc, TRAIN) if nproc > 1 else [sys.executable, TRAIN]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     # own process group: on a timeout every rank dies with the launcher, none is left running

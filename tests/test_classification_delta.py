@@ -17,8 +17,11 @@ from id3_ds.delta.base import BaseModel
 from id3_ds.delta.format import CONFIG_FILE
 from id3_ds.delta.summary import render, summarize
 from id3_ds.errors import ID3Error
+from tests.assertions import assert_only_chosen_moved
 from tests.launcher import ok, train, weights
 from tests.test_delta_common import rewrite
+
+pytestmark = [pytest.mark.slow]  # every test trains first; those on `llama_run` on 2 ranks (distributed)
 
 TEXTS = ["a wonderful, moving film", "dull and far too long", "not bad at all"]
 CLS = [
@@ -56,6 +59,7 @@ def llama_run(tmp_path_factory, env, base_dir):
     return run, Path(base_dir)
 
 
+@pytest.mark.distributed
 def test_tiny_llama_classification_delta_merges_to_the_trained_model(llama_run, tmp_path) -> None:
     run, base = llama_run
     delta = load_delta(run / "delta", BaseModel.open(base))
@@ -67,11 +71,10 @@ def test_tiny_llama_classification_delta_merges_to_the_trained_model(llama_run, 
     assert "new        score.weight [2, 64]" in text and "num_labels=2" in text
     merge(base, run / "delta", tmp_path / "merged")
     got, final, orig = weights(tmp_path / "merged"), weights(run / "final_model"), weights(base)
-    for name, t in orig.items():  # untouched base tensors bit for bit, touched ones as trained
-        if name in delta.params:
-            assert torch.equal(got[name], final[name]) and not torch.equal(got[name], t), name
-        else:
-            assert torch.equal(got[name], t), name
+    for name in delta.params:  # touched base tensors as trained
+        assert torch.equal(got[name], final[name]) and not torch.equal(got[name], orig[name]), name
+    entries = {n: torch.arange(p.numel) if p.dense else p.indices for n, p in delta.params.items()}
+    assert_only_chosen_moved(orig, {n: got[n] for n in orig}, entries)  # every other entry bit for bit
     assert torch.equal(got["score.weight"], final["score.weight"])
     cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["num_labels"] == 2
@@ -95,6 +98,7 @@ def _broken(run: Path, tmp_path: Path) -> Path:
     return d
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "tensors, config, match",
     [
@@ -116,6 +120,7 @@ def test_corrupt_classification_delta_fails_in_one_line(llama_run, tmp_path, ten
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 
 
+@pytest.mark.distributed
 def test_new_tensor_named_like_a_base_tensor_is_refused(llama_run, tmp_path) -> None:
     run, base = llama_run
     d = _broken(run, tmp_path)
@@ -126,9 +131,8 @@ def test_new_tensor_named_like_a_base_tensor_is_refused(llama_run, tmp_path) -> 
     def config(c):
         c["new"] = {"lm_head.weight": c["new"].pop("score.weight")}
 
-    lm = BaseModel.open(base).tensors.get("lm_head.weight")
-    if lm is None:
-        pytest.skip("this tiny base ties lm_head to the embeddings")
+    # a skip here would let the test pass without checking anything if the builtin ever tied its embeddings
+    assert "lm_head.weight" in BaseModel.open(base).tensors, "the builtin tiny LLaMA must keep an untied lm_head"
     rewrite(d, tensors=tensors, config=config)
     with pytest.raises(ID3Error, match="new tensor lm_head.weight already exists in the base") as e:
         merge(base, d, tmp_path / "out")
@@ -168,6 +172,7 @@ def test_minilm_classification_delta_maps_the_bert_prefix(tmp_path, env) -> None
     assert torch.equal(_logits(tmp_path / "merged", base), want)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "edit, match",
     [
@@ -190,6 +195,7 @@ def test_export_refuses_an_unrecorded_or_partly_trained_head(llama_run, tmp_path
     assert "\n" not in str(e.value) and not (tmp_path / "delta").exists()
 
 
+@pytest.mark.distributed
 def test_sharded_base_gets_the_head_in_its_last_shard_and_index(llama_run, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -209,6 +215,7 @@ def test_sharded_base_gets_the_head_in_its_last_shard_and_index(llama_run, tmp_p
     assert torch.equal(_logits(tmp_path / "merged", base), _logits(run / "final_model", base))
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("config_text", ["[1, 2]", "{not json", None])
 def test_base_without_a_config_object_is_refused_before_writing(llama_run, tmp_path, config_text) -> None:
     """The head is declared in config.json: a base whose config is not a JSON object cannot take it."""

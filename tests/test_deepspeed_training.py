@@ -12,6 +12,7 @@ from id3_ds.checkpoint import checkpoint_dir, is_complete, read_id3_state
 from id3_ds.data import collate, load_records, tokenize_records
 from id3_ds.training.batches import micro_batch_indices
 from id3_ds.training.loss import loss_items
+from tests.assertions import assert_only_chosen_moved, chosen_indices
 from tests.launcher import ok, train, weights
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -45,15 +46,12 @@ def runs(tmp_path_factory, env, base_dir) -> dict:
 def _check_frozen_and_budget(run_dir, base_dir) -> tuple[dict, dict]:
     state, meta = read_id3_state(checkpoint_dir(run_dir, STEPS))  # also checks every rank's winners digest agrees
     assert len(state) == BUDGET and meta["chosen"] == BUDGET
-    base, final = weights(base_dir), weights(run_dir / "final_model")
-    for name, b in base.items():
-        b = b.to(final[name].dtype)  # a bf16 run trains the bf16 rounding of an fp32 base
-        moved = (final[name] != b).reshape(-1)
-        chosen = torch.zeros_like(moved)
-        if name in state.params:
-            chosen[state.params[name].indices] = True
-            assert torch.equal(state.params[name].base, b.reshape(-1)[state.params[name].indices].float())
-        assert not bool((moved & ~chosen).any()), f"unchosen entries of {name} moved"
+    final = weights(run_dir / "final_model")
+    # a bf16 run trains the bf16 rounding of an fp32 base
+    base = {n: b.to(final[n].dtype) for n, b in weights(base_dir).items()}
+    for name, pm in state.params.items():
+        assert torch.equal(pm.base, base[name].reshape(-1)[pm.indices].float())
+    assert_only_chosen_moved(base, final, chosen_indices(state))
     return state, final
 
 

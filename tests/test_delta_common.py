@@ -106,16 +106,3 @@ def rewrite(delta: Path, tensors=None, config=None) -> None:
         c = json.loads((delta / CONFIG_FILE).read_text())
         config(c)
         (delta / CONFIG_FILE).write_text(json.dumps(c))
-
-
-_SHARED: dict[str, Case] = {}
-
-
-def shared_case(world: int = 1) -> Case:
-    """One trained case per world size for the whole test session (read-only: copy before breaking it)."""
-    import tempfile
-
-    key = f"w{world}"
-    if key not in _SHARED:
-        _SHARED[key] = make_case(Path(tempfile.mkdtemp(prefix="id3-delta-")), world=world)
-    return _SHARED[key]

@@ -11,14 +11,14 @@ from id3_ds.delta import export_delta, load_delta, merge
 from id3_ds.delta.base import BaseModel
 from id3_ds.delta.format import CONFIG_FILE, DELTA_FILE
 from id3_ds.errors import ID3Error
-from tests.test_delta_common import rewrite, shared_case
+from tests.test_delta_common import rewrite
 
 V = "model.layers.0.self_attn.v_proj.weight"
 N = "model.norm.weight"
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
+def good(tmp_path_factory, shared_case):
     c = shared_case()
     out = tmp_path_factory.mktemp("fmt") / "delta"
     export_delta(c.ckpt, c.base, out)
@@ -200,9 +200,22 @@ def test_nan_values_and_stray_tensors(broken, tmp_path) -> None:
 
 
 def test_bf16_values_roundtrip(good, tmp_path) -> None:
-    c, _ = good
+    """A bf16 delta holds the fp32 delta's entries with each update rounded once to bf16 (no fix-ups), so
+    base + update lands within bf16 rounding of the update on the trained weight."""
+    c, fp32_dir = good
     export_delta(c.ckpt, c.base, tmp_path / "d", dtype="bf16")
-    delta = load_delta(tmp_path / "d", BaseModel.open(c.base))
-    assert delta.params[V].values.dtype == torch.bfloat16 and delta.params[V].fixes == 0
+    base = BaseModel.open(c.base)
+    delta, exact = load_delta(tmp_path / "d", base), load_delta(fp32_dir, base)
+    trained = c.model.state_dict()
+    assert set(delta.params) == set(exact.params) and delta.total_entries == exact.total_entries == 600
+    for name, p in delta.params.items():
+        q = exact.params[name]
+        assert p.values.dtype == torch.bfloat16 and p.fixes == 0, name
+        assert p.dense == q.dense and (p.dense or torch.equal(p.indices, q.indices)), name
+        assert torch.equal(p.values, q.values.to(torch.bfloat16)), name
+        start, want = base.read(name)[0].float(), trained[name].float()
+        err = (p.add_to(start) - want).abs()
+        bound = (want - start).abs() * 2**-8 + want.abs() * 2**-24  # half a bf16 ulp of the update, fp32 sum
+        assert bool((err <= bound).all()), f"{name}: {float((err - bound).max())} beyond bf16 rounding"
     with pytest.raises(ID3Error, match="--dtype"):
         export_delta(c.ckpt, c.base, tmp_path / "d2", dtype="int8")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,32 +15,40 @@ from id3_ds.delta import export_delta, load_delta
 from id3_ds.delta.base import BaseModel
 from id3_ds.delta.format import CONFIG_FILE, DELTA_FILE
 from id3_ds.errors import ID3Error
-from tests.test_delta_common import shared_case
 
-_GOOD: dict[str, object] = {}
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _good() -> tuple[Path, bytes, dict, BaseModel]:
-    if not _GOOD:
-        c = shared_case()
-        d = Path(tempfile.mkdtemp(prefix="id3-fuzz-")) / "delta"
-        export_delta(c.ckpt, c.base, d)
-        _GOOD.update(dir=d, raw=(d / DELTA_FILE).read_bytes(), cfg=json.loads((d / CONFIG_FILE).read_text()))
-        _GOOD["base"] = BaseModel.open(c.base)
-    return _GOOD["dir"], _GOOD["raw"], _GOOD["cfg"], _GOOD["base"]
+@dataclass(frozen=True)
+class Good:
+    """An exported delta, read once: the raw tensor file and config every mutation starts from."""
+
+    dir: Path
+    raw: bytes
+    cfg: dict
+    base: BaseModel
 
 
-def _load_or_own_error(raw: bytes, cfg_text: str) -> None:
-    _, _, _, base = _good()
-    with tempfile.TemporaryDirectory() as tmp:
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, shared_case) -> Good:
+    c = shared_case()
+    d = tmp_path_factory.mktemp("fuzz") / "delta"
+    export_delta(c.ckpt, c.base, d)
+    return Good(d, (d / DELTA_FILE).read_bytes(), json.loads((d / CONFIG_FILE).read_text()), BaseModel.open(c.base))
+
+
+def _load_or_own_error(good: Good, raw: bytes, cfg_text: str) -> None:
+    """The property: a mutated delta loads, or fails with one ID3Error line; never another exception."""
+    with tempfile.TemporaryDirectory() as tmp:  # per example: hypothesis runs many in one test call
         d = Path(tmp)
         (d / DELTA_FILE).write_bytes(raw)
         (d / CONFIG_FILE).write_text(cfg_text)
         try:
-            load_delta(d, base)
+            delta = load_delta(d, good.base)
         except ID3Error as e:
             assert str(e) and "\n" not in str(e)
+            return
+        assert delta.total_entries == json.loads(cfg_text)["total_entries"]  # what loads is what it declares
 
 
 edits = st.lists(st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=255)), min_size=1, max_size=8)
@@ -47,26 +56,24 @@ edits = st.lists(st.tuples(st.integers(min_value=0), st.integers(min_value=0, ma
 
 @FUZZ
 @given(edits=edits, cut=st.one_of(st.none(), st.integers(min_value=0)))
-def test_byte_mutations_of_the_tensor_file(edits, cut) -> None:
-    _, raw, cfg, _ = _good()
-    buf = bytearray(raw)
+def test_byte_mutations_of_the_tensor_file(good, edits, cut) -> None:
+    buf = bytearray(good.raw)
     for pos, val in edits:
         buf[pos % len(buf)] = val
     if cut is not None:
         buf = buf[: cut % (len(buf) + 1)]
-    _load_or_own_error(bytes(buf), json.dumps(cfg))
+    _load_or_own_error(good, bytes(buf), json.dumps(good.cfg))
 
 
 @FUZZ
 @given(edits=edits)
-def test_header_mutations_of_the_tensor_file(edits) -> None:
+def test_header_mutations_of_the_tensor_file(good, edits) -> None:
     """Concentrate edits in the JSON header, where the structure lives."""
-    _, raw, cfg, _ = _good()
-    n = int.from_bytes(raw[:8], "little")
-    buf = bytearray(raw)
+    n = int.from_bytes(good.raw[:8], "little")
+    buf = bytearray(good.raw)
     for pos, val in edits:
         buf[pos % (n + 8)] = val
-    _load_or_own_error(bytes(buf), json.dumps(cfg))
+    _load_or_own_error(good, bytes(buf), json.dumps(good.cfg))
 
 
 json_values = st.recursive(
@@ -88,9 +95,8 @@ def _paths(obj, prefix=()):
 
 @FUZZ
 @given(data=st.data())
-def test_config_mutations(data) -> None:
-    _, raw, cfg, _ = _good()
-    cfg = json.loads(json.dumps(cfg))
+def test_config_mutations(good, data) -> None:
+    cfg = json.loads(json.dumps(good.cfg))  # a private copy to mutate
     paths = [p for p in _paths(cfg) if p]
     for _ in range(data.draw(st.integers(1, 3))):
         path = data.draw(st.sampled_from(paths))
@@ -104,18 +110,14 @@ def test_config_mutations(data) -> None:
         paths = [p for p in _paths(cfg) if p]
         if not paths:
             break
-    _load_or_own_error(raw, json.dumps(cfg))
+    _load_or_own_error(good, good.raw, json.dumps(cfg))
 
 
 @FUZZ
 @given(text=st.text(max_size=200))
-def test_arbitrary_config_text(text) -> None:
-    _, raw, _, _ = _good()
-    _load_or_own_error(raw, text)
+def test_arbitrary_config_text(good, text) -> None:
+    _load_or_own_error(good, good.raw, text)
 
 
-def test_the_unmutated_delta_loads() -> None:
-    d, raw, cfg, base = _good()
-    assert load_delta(d, base).total_entries == cfg["total_entries"]
-    shutil.rmtree(d.parent)
-    _GOOD.clear()
+def test_the_unmutated_delta_loads(good) -> None:
+    assert load_delta(good.dir, good.base).total_entries == good.cfg["total_entries"] == 600

@@ -16,7 +16,7 @@ from id3_ds.cli import app
 from id3_ds.delta import apply_delta, export_delta, load_delta, merge, remove_delta
 from id3_ds.errors import ID3Error
 from id3_ds.files.safetensors_io import read_header
-from tests.test_delta_common import LLAMA, shared_case, tokens
+from tests.test_delta_common import LLAMA, tokens
 
 merge_mod = importlib.import_module("id3_ds.delta.merge")  # the package re-exports the function `merge`
 
@@ -34,7 +34,7 @@ def _ulp_bf16(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, shared_case):
     c = shared_case(world=3)  # three ZeRO-3 style rank shards, unioned by export
     out = tmp_path_factory.mktemp("exp") / "delta"
     export_delta(c.run, c.base, out)  # an output dir: the latest complete checkpoint is taken
@@ -86,7 +86,7 @@ def test_multi_shard_layout_side_files_and_index_are_kept(exported, tmp_path) ->
     assert (tmp_path / "m" / "tokenizer_config.json").read_text() == (c.base / "tokenizer_config.json").read_text()
 
 
-def test_world_size_does_not_change_the_delta(exported, tmp_path) -> None:
+def test_world_size_does_not_change_the_delta(exported, shared_case, tmp_path) -> None:
     c1 = shared_case(world=1)
     export_delta(c1.ckpt, c1.base, tmp_path / "d1")
     a, b = load_delta(tmp_path / "d1"), load_delta(exported[1])

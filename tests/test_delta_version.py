@@ -25,7 +25,7 @@ from id3_ds.delta.format import (
 )
 from id3_ds.delta.summary import render, summarize
 from id3_ds.errors import ID3Error
-from tests.test_delta_common import rewrite, shared_case
+from tests.test_delta_common import rewrite
 
 V = "model.layers.0.self_attn.v_proj.weight"  # folded by the LoRA section of the built delta
 A = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.default.weight"
@@ -39,7 +39,7 @@ UPGRADE = re.escape(
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory):
+def plain(tmp_path_factory, shared_case):
     c = shared_case()
     out = tmp_path_factory.mktemp("ver") / "delta"
     export_delta(c.ckpt, c.base, out)

@@ -10,6 +10,7 @@ import torch
 from id3_ds import ID3Config
 from id3_ds.delta.lora import fold_lora
 from id3_ds.methods import selector_for_module
+from tests.assertions import assert_only_chosen_moved, chosen_indices
 from tests.tiny import TinyNet, batches
 
 peft = pytest.importorskip("peft")
@@ -49,14 +50,10 @@ def test_chosen_entries_lie_only_in_lora_matrices_and_fully_trainable_groups() -
     for name in state.params:
         assert ".lora_A." in name or ".lora_B." in name or ".modules_to_save." in name, name
     assert sum(pm.indices.numel() for n, pm in state.params.items() if "lora_" in n) == 30
+    assert_only_chosen_moved(before, dict(model.named_parameters()), chosen_indices(state))
     for name, p in model.named_parameters():
-        moved = (p.detach() != before[name]).reshape(-1)
-        chosen = torch.zeros_like(moved)
-        if name in state.params:
-            chosen[state.params[name].indices] = True
-        assert not bool((moved & ~chosen).any()), f"unchosen entries of {name} moved"
         if "lora_" not in name and "modules_to_save" not in name:
-            assert not p.requires_grad
+            assert not p.requires_grad, name
 
 
 def test_folded_weights_reproduce_the_trained_peft_model() -> None:

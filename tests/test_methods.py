@@ -13,6 +13,7 @@ from id3_ds.algorithm.slices import ParamSlice
 from id3_ds.config import config_from_dict
 from id3_ds.errors import ID3Error
 from id3_ds.methods import MASKED, STATIC, hash_scores, method_spec, selector_for_module
+from tests.assertions import assert_only_chosen_moved, chosen_indices
 from tests.tiny import TinyNet, batches
 
 FISH_N = 3
@@ -67,12 +68,7 @@ def test_every_method_ends_with_exactly_b_and_only_chosen_entries_move(method) -
     assert len(state) == budget == id3.budget
     if method in STATIC:
         assert per_step[0] == budget and not any(per_step[1:]), "a static method chooses all of B at step 0"
-    for name, p in model.named_parameters():
-        moved = (p.detach() != base[name]).reshape(-1)
-        chosen = torch.zeros_like(moved)
-        if name in state.params:
-            chosen[state.params[name].indices] = True
-        assert not bool((moved & ~chosen).any()), f"{method}: unchosen entries of {name} moved"
+    assert_only_chosen_moved(base, dict(model.named_parameters()), chosen_indices(state))
 
 
 def test_pafi_chooses_the_b_smallest_pretrained_magnitudes() -> None:

@@ -9,6 +9,7 @@ import torch
 
 from id3_ds import ID3Config, from_module
 from id3_ds.errors import ID3Error
+from tests.assertions import assert_only_chosen_moved, chosen_indices
 from tests.tiny import TinyNet, batches
 
 
@@ -40,15 +41,9 @@ def test_only_chosen_entries_move_with_adamw_decay_and_clipping(budget, steps, b
     model, base, id3 = _train(ID3Config(budget=budget, bias_correction=bias_correction), steps)
     state = id3.mask_state()
     assert len(state) == id3.budget
-    moved = _moved(model, base)
-    for name, mask_moved in moved.items():
-        chosen = torch.zeros_like(mask_moved)
-        if name in state.params:
-            chosen[state.params[name].indices] = True
-            # base values recorded at choice time are the pretrained weights
-            assert torch.equal(state.params[name].base, base[name].reshape(-1)[state.params[name].indices])
-        assert not bool((mask_moved & ~chosen).any()), f"unchosen entries of {name} moved"
-        assert bool(mask_moved[chosen].all()), f"some chosen entries of {name} never moved"
+    for name, pm in state.params.items():  # base values recorded at choice time are the pretrained weights
+        assert torch.equal(pm.base, base[name].reshape(-1)[pm.indices]), name
+    assert_only_chosen_moved(base, dict(model.named_parameters()), chosen_indices(state), chosen_must_move=True)
 
 
 def test_fully_trainable_head_is_charged_to_the_budget() -> None:
@@ -62,10 +57,11 @@ def test_fully_trainable_head_is_charged_to_the_budget() -> None:
 
 def test_targets_freeze_everything_else() -> None:
     model, base, id3 = _train(ID3Config(budget=10, targets=("body.0.*",)), steps=3)
-    assert set(id3.mask_state().params) <= {"body.0.weight", "body.0.bias"}
+    state = id3.mask_state()
+    assert set(state.params) <= {"body.0.weight", "body.0.bias"}
+    assert_only_chosen_moved(base, dict(model.named_parameters()), chosen_indices(state))
     for name, p in model.named_parameters():
-        if not name.startswith("body.0."):
-            assert torch.equal(p.detach(), base[name]) and not p.requires_grad
+        assert p.requires_grad == name.startswith("body.0."), name
 
 
 def test_budget_smaller_than_fully_trainable_is_refused() -> None:

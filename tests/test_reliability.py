@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from id3_ds import ID3Config, from_module
 from id3_ds.checkpoint import checkpoint_dir, is_complete, read_id3_state
 from id3_ds.config import apply_overrides, config_from_dict
 from id3_ds.errors import ID3Error
-from tests.launcher import ROOT, ok, train
+from tests.launcher import ROOT, ok, require_markers, train
 from tests.tiny import TinyNet, batches
 
 ARGS = [
@@ -34,6 +35,7 @@ ARGS = [
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_nan_loss_stops_every_rank_before_the_step_and_the_last_checkpoint_resumes(tmp_path, env) -> None:
     args = [*ARGS, f"train.output_dir={tmp_path}"]
     proc = train(args, env={**env, "ID3_DS_FAULT": "nan_loss_at_step:3:1"})
@@ -44,6 +46,7 @@ def test_nan_loss_stops_every_rank_before_the_step_and_the_last_checkpoint_resum
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_a_hung_rank_ends_the_job_with_a_clear_error_instead_of_hanging(tmp_path, env) -> None:
     args = [*ARGS, f"train.output_dir={tmp_path}", "train.collective_timeout_s=10"]
     proc = train(args, env={**env, "ID3_DS_FAULT": "hang_at_step:2:1"}, timeout=300)  # TimeoutExpired = a hang
@@ -53,6 +56,7 @@ def test_a_hung_rank_ends_the_job_with_a_clear_error_instead_of_hanging(tmp_path
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_full_disk_refuses_the_checkpoint_before_writing_and_keeps_earlier_ones(tmp_path, env) -> None:
     args = [*ARGS, f"train.output_dir={tmp_path}"]
     assert train(args, env={**env, "ID3_DS_FAULT": "kill_after_step:3:0"}).returncode != 0
@@ -61,6 +65,7 @@ def test_full_disk_refuses_the_checkpoint_before_writing_and_keeps_earlier_ones(
     assert is_complete(checkpoint_dir(tmp_path, 2)) and not checkpoint_dir(tmp_path, 4).exists()
 
 
+@pytest.mark.slow
 def test_unwritable_output_dir_is_refused_before_training(tmp_path, env) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -86,6 +91,7 @@ def test_a_dead_builds_torch_extension_lock_is_removed_and_a_live_one_kept(tmp_p
     assert "stale torch build lock" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_merge_killed_mid_write_leaves_no_loadable_model_and_rerun_succeeds(tmp_path) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_delta import build_base, build_checkpoint
@@ -98,30 +104,32 @@ def test_merge_killed_mid_write_leaves_no_loadable_model_and_rerun_succeeds(tmp_
     export_delta(tmp_path / "run", base, tmp_path / "delta")
     out = tmp_path / "merged"
     cmd = [sys.executable, "-m", "id3_ds.cli", "merge", str(base), str(tmp_path / "delta"), "--out", str(out)]
+    require_markers(1)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".merged.tmp-*")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    killed = proc.poll() is None
+    assert proc.poll() is None, "the merge ended before it could be killed mid-write: nothing was tested"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    if killed:
-        assert not out.exists(), "a killed merge left a model directory behind"
+    assert not out.exists(), "a killed merge left a model directory behind"
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert (out / "model.safetensors.index.json").is_file()
     assert not list(tmp_path.glob(".merged.tmp-*")), "the rerun did not clean the killed merge's temp directory"
 
 
-def test_merge_refuses_to_write_into_the_base(tmp_path) -> None:
+def test_merge_refuses_to_write_into_the_base(tmp_path, shared_case) -> None:
     from id3_ds.delta import merge
-    from tests.test_delta_common import shared_case
 
     case = shared_case()
     from id3_ds.delta import export_delta
 
-    export_delta(case.run, case.base, tmp_path / "delta")
+    base = tmp_path / "base"  # a copy: a merge that wrongly went ahead must not write into the shared case
+    shutil.copytree(case.base, base)
+    export_delta(case.run, base, tmp_path / "delta")
     with pytest.raises(ID3Error, match="overlaps"):
-        merge(case.base, tmp_path / "delta", case.base / "merged")
+        merge(base, tmp_path / "delta", base / "merged")
+    assert not (base / "merged").exists()
 
 
 # -- hostile configs: load or raise ID3Error, never anything else -----------------------------------------
@@ -156,14 +164,52 @@ def test_config_loader_never_raises_anything_but_its_own_error(sections, top, tm
         assert "\n" not in str(e)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.text(max_size=30), max_size=4))
-def test_overrides_never_raise_anything_but_its_own_error(overrides) -> None:
+# no newline in an override: id3_ds/config.py echoes the override text verbatim in its error, so one with a
+# newline gives a two-line message (reported; the fix there is {text!r})
+_CHARS = st.characters(blacklist_characters="\n")
+_KEY_PART = st.sampled_from([*_KEYS, *(k for ks in _KEYS.values() for k in ks)]) | st.text(_CHARS, max_size=5)
+_OVERRIDE = st.one_of(
+    st.text(_CHARS, max_size=30),  # anything at all, '=' or not
+    st.builds(
+        lambda path, value: f"{'.'.join(path)}={value}",
+        st.lists(_KEY_PART, min_size=1, max_size=3),
+        _VALUES.map(json.dumps) | st.text(_CHARS, max_size=10),  # JSON, or a bare string
+    ),
+)
+
+
+def _overlaps(a: list[str], b: list[str]) -> bool:
+    """One dotted path is the other or lies inside it: a later override of either changes the other."""
+    return a[: len(b)] == b or b[: len(a)] == a
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_OVERRIDE, max_size=4))
+def test_an_override_lands_at_its_dotted_key_with_its_json_type_or_fails_in_one_line(overrides) -> None:
     raw = {"model": {"name_or_path": "builtin:tiny-llama"}, "data": {"path": "x.jsonl"}, "train": {"steps": 1}}
     try:
-        config_from_dict(apply_overrides(json.loads(json.dumps(raw)), overrides), base_dir=".")
-    except ID3Error:
-        pass
+        out = apply_overrides(json.loads(json.dumps(raw)), overrides)
+    except ID3Error as e:
+        assert "\n" not in str(e) and str(e).startswith("override '"), str(e)
+        return
+    assert all("=" in o for o in overrides), "an override without '=' was accepted"
+    paths = [o.split("=", 1)[0].strip().split(".") for o in overrides]
+    for i, (path, text) in enumerate(zip(paths, overrides)):
+        if any(_overlaps(path, later) for later in paths[i + 1 :]):
+            continue  # replaced or edited by a later override
+        node = out
+        for part in path:
+            node = node[part]
+        value = text.split("=", 1)[1]
+        try:
+            want = json.loads(value)
+        except json.JSONDecodeError:
+            want = value  # not JSON: the text itself
+        assert json.dumps(node) == json.dumps(want), (text, node)  # same value and JSON type (1 is not 1.0)
+    try:
+        config_from_dict(out, base_dir=".")
+    except ID3Error as e:
+        assert "\n" not in str(e)
 
 
 def test_no_pickle_is_loaded_from_user_paths() -> None:
