@@ -1,7 +1,9 @@
 """Layout of a training checkpoint, and which one is the latest complete.
 
     OUTPUT_DIR/checkpoint-00000100/
-        ds/                                   DeepSpeed engine state (optimizer, weights), per rank
+        ds/state/                             DeepSpeed engine state (optimizer, weights), per rank
+        ds_universal/state/                   made on a resume that needs it: DeepSpeed's universal
+                                              checkpoint of ds/, loadable by any world size
         id3/shard-00000-of-00002.safetensors  each rank's chosen entries: global flat indices, step
                                               chosen, base value, current value (see MaskState)
         id3/lora.safetensors                  LoRA runs only: every LoRA A/B matrix, whole (ZeRO-3
@@ -31,6 +33,8 @@ from id3_ds.errors import ID3Error
 from id3_ds.io import write_json_atomic
 
 COMPLETE = "COMPLETE"
+DS_TAG = "state"  # DeepSpeed's tag folder under ds/ and ds_universal/
+UNIVERSAL = "ds_universal"
 LORA_FILE = "lora.safetensors"
 _CKPT = re.compile(r"^checkpoint-(\d{8})$")
 _SHARD = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
