@@ -50,7 +50,7 @@ def test_optimizer_internals_still_exist(module, cls, needles) -> None:
     src = _source(getattr(mod, cls) if cls else mod)
     for needle in needles:
         assert needle in src, (
-            f"DeepSpeed {deepspeed.__version__}: {cls or module} lost '{needle}'; update zero_slices.py"
+            f"DeepSpeed {deepspeed.__version__}: {cls or module} lost '{needle}'; update id3_ds/integration/"
         )
 
 
@@ -58,7 +58,7 @@ def test_tensor_fragment_api_still_exists() -> None:
     from deepspeed.utils import tensor_fragment
 
     for name in ("get_hp_fragment", "get_lp_grad_fragment", "lp_fragment_address"):
-        assert name in _source(tensor_fragment), f"tensor_fragment lost '{name}'; update zero_slices.py"
+        assert name in _source(tensor_fragment), f"tensor_fragment lost '{name}'; update id3_ds/integration/"
 
 
 def test_pinned_version_is_accepted_and_others_refused(monkeypatch) -> None:
