@@ -3,8 +3,8 @@
     deepspeed launch/train.py --config configs/llama7b_id3.json [train.lr=1e-4 id3.budget=0.001 ...]
     torchrun --nproc_per_node 2 launch/train.py --config configs/tiny_cpu.json method=pafi
 
-Read top to bottom: config, process group, data, model (+ LoRA), DeepSpeed engine, mask hook (ID3 or a
-static baseline, `id3_ds.methods`), resume, loop with evaluation, checkpoints. Every step's examples and
+Read top to bottom: config, process group, data, model (+ LoRA), DeepSpeed engine, the method's update (ID3 or a
+static baseline's mask hook, or dense), resume, loop with evaluation, checkpoints. Every step's examples and
 random seed are functions of the step number, so a resumed run continues exactly where the interrupted
 one was.
 """
@@ -57,17 +57,16 @@ def main(argv: list[str]) -> None:
     from transformers import AutoTokenizer, get_scheduler
     from transformers.integrations import HfDeepSpeedConfig
 
+    from id3_ds import checkpoint as checkpoints
     from id3_ds.algorithm.decay import decay_groups
     from id3_ds.data import cached_dataset, collate
     from id3_ds.data.evaluate import evaluate
     from id3_ds.integration.ds_config import build_ds_config
-    from id3_ds.integration.hook import DeepSpeedID3, freeze_outside
+    from id3_ds.integration.hook import build_update, freeze_outside
     from id3_ds.methods import MASKED, method_spec
-    from id3_ds.methods.fish import fisher_pass
     from id3_ds.models import load_model, resolve_model, wrap_lora
     from id3_ds.processes import free_port
     from id3_ds.resources import cache_dir
-    from id3_ds.training import checkpoints
     from id3_ds.training.batches import micro_batch_indices, total_steps
     from id3_ds.training.faults import maybe_hang, maybe_kill, maybe_poison
     from id3_ds.training.guards import clear_stale_build_locks, stop_if_nonfinite
@@ -122,12 +121,11 @@ def main(argv: list[str]) -> None:
     if cfg.lora.rank:
         lo = cfg.lora
         model = wrap_lora(model, lo.rank, lo.alpha, lo.dropout, lo.target_modules, classification)
-    id3_config = cfg.id3
-    method = method_spec(cfg.method, t.seed) if masked else None
+    method = method_spec(cfg.method, t.seed) if masked else None  # None: a dense method (full, lora)
     if masked:
-        freeze_outside(model, id3_config, method.keep)
+        freeze_outside(model, cfg.id3, method.keep)
 
-    # -- DeepSpeed engine and the mask hook -----------------------------------------------------------
+    # -- DeepSpeed engine and the method's update (the mask hook, or dense) -----------------------------
     trainable = [p for p in model.parameters() if p.requires_grad]
     # ID3 applies decay itself (the optimizer's own stays 0); dense methods: no decay on biases and norms
     groups = trainable if masked else decay_groups(model.named_parameters(), weight_decay, cfg.id3.no_decay)
@@ -142,11 +140,7 @@ def main(argv: list[str]) -> None:
         config=ds_config,
         lr_scheduler=lambda opt: get_scheduler(hf_scheduler, opt, t.warmup_steps, steps),
     )
-    hook = None
-    if masked:
-        hook = DeepSpeedID3(
-            engine, id3_config, steps, weight_decay, scorer=method.scorer, static=method.static, keep=method.keep
-        )
+    update = build_update(engine, method, cfg.id3, steps, weight_decay)  # DeepSpeedID3 or DenseUpdate
     device = accel.current_device_name()
 
     def micro_batch(step: int, micro: int) -> dict:
@@ -154,15 +148,12 @@ def main(argv: list[str]) -> None:
         return {k: v.to(device) for k, v in collate([dataset[i] for i in idx], pad_id).items()}
 
     # -- resume ---------------------------------------------------------------------------------------
-    start = checkpoints.resume(engine, hook, cfg, world)
+    start = checkpoints.resume(engine, update, cfg, world)
     engine.train()  # from_pretrained returns eval mode (dropout off); an eval pass would otherwise flip it mid-run
-    if method is not None and method.fisher is not None and hook.id3.step == 0:  # fish: g^2 before step 0
-        fisher_pass(engine, hook.id3, method.fisher, micro_batch, cfg.id3.fish_batches, t.grad_accum)
+    if update.wants_fisher_pass:  # fish: g^2 of sample batches before step 0
+        update.fisher_pass(micro_batch, cfg.id3.fish_batches, t.grad_accum)
     logger = RunLogger(t.output_dir, is_main, steps, start, t.progress_bar, t.tensorboard)
     if is_main:
-        budget = (
-            hook.id3.budget if hook else sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
-        )
         logger.log(
             {
                 "event": "start",
@@ -170,7 +161,7 @@ def main(argv: list[str]) -> None:
                 "step": start,
                 "steps": steps,
                 "world_size": world,
-                "budget": budget,
+                "budget": update.budget,
                 "examples": len(dataset),
                 "zero_stage": engine.zero_optimization_stage(),
             }
@@ -209,8 +200,7 @@ def main(argv: list[str]) -> None:
             engine.backward(norm.scale(micro, mean))
             if engine.is_gradient_accumulation_boundary():
                 stop_if_nonfinite(nonfinite, step, t.output_dir, device)  # before the step: weights untouched
-                if hook is not None:
-                    chosen = hook.before_step()
+                chosen = update.before_step()
             engine.step()
             window_loss += value * norm.items[micro]  # sum of item losses: the log is the item-weighted mean
             window_items += norm.items[micro]
@@ -228,20 +218,19 @@ def main(argv: list[str]) -> None:
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "tokens_per_s": stats[2].item() / elapsed,
             }
-            if hook is not None:
-                record.update(chosen=hook.id3.chosen_total, budget=hook.id3.budget, chosen_this_step=chosen)
+            record.update(update.progress(chosen))
             logger.log(record)
             window_loss, window_items, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         if (t.eval_steps and done % t.eval_steps == 0) or done == steps:
             run_eval(done)
         if (t.save_steps and done % t.save_steps == 0) or done == steps:
-            checkpoints.save(engine, hook, cfg, done, model_dir)
+            checkpoints.save(engine, update, cfg, done, model_dir)
         maybe_kill("kill_after_step", done, rank)
     logger.log({"event": "done", "step": steps})
     logger.close()
     if t.save_final_model:
         checkpoints.save_final_model(engine, model_dir, os.path.join(t.output_dir, "final_model"))
-    if t.export_delta and hook is not None and is_main:
+    if t.export_delta and update.masked and is_main:
         from id3_ds.delta.export import export_delta
 
         out = os.path.join(t.output_dir, "delta")

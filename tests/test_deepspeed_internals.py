@@ -1,4 +1,5 @@
-"""A canary for the DeepSpeed internals the ID3 hook reads (see id3_ds/integration/zero_slices.py).
+"""A canary for the DeepSpeed internals id3_ds/integration/ reads (zero_slices.py, params.py, engine_state.py,
+universal.py); tests/test_integration_seam.py keeps every other module off them.
 
 The distributed tests prove the hook works on the pinned DeepSpeed; this file fails loudly, naming the
 attribute, as soon as a DeepSpeed upgrade renames one of them, before a confusing failure mid-training.
@@ -49,7 +50,7 @@ def test_optimizer_internals_still_exist(module, cls, needles) -> None:
     src = _source(getattr(mod, cls) if cls else mod)
     for needle in needles:
         assert needle in src, (
-            f"DeepSpeed {deepspeed.__version__}: {cls or module} lost '{needle}'; update zero_slices.py"
+            f"DeepSpeed {deepspeed.__version__}: {cls or module} lost '{needle}'; update id3_ds/integration/"
         )
 
 
@@ -57,7 +58,7 @@ def test_tensor_fragment_api_still_exists() -> None:
     from deepspeed.utils import tensor_fragment
 
     for name in ("get_hp_fragment", "get_lp_grad_fragment", "lp_fragment_address"):
-        assert name in _source(tensor_fragment), f"tensor_fragment lost '{name}'; update zero_slices.py"
+        assert name in _source(tensor_fragment), f"tensor_fragment lost '{name}'; update id3_ds/integration/"
 
 
 def test_pinned_version_is_accepted_and_others_refused(monkeypatch) -> None:
@@ -68,3 +69,26 @@ def test_pinned_version_is_accepted_and_others_refused(monkeypatch) -> None:
     monkeypatch.setattr(deepspeed, "__version__", "0.21.0")
     with pytest.raises(ID3Error, match="not supported"):
         check_deepspeed_version()
+
+
+# The internals id3_ds/integration/params.py, engine_state.py and universal.py touch outside the optimizers.
+SEAM_CANARIES = [
+    ("deepspeed.runtime.zero.partition_parameters", None, ["ds_tensor", "ds_shape", "ds_numel", "ds_id"]),
+    ("deepspeed.runtime.zero.partition_parameters", "GatheredParameters", ["modifier_rank"]),
+    (
+        "deepspeed.runtime.engine",
+        "DeepSpeedEngine",
+        ["self.global_steps", "self.global_samples", "self._config", "load_universal_checkpoint", "lr_scheduler"],
+    ),
+    ("deepspeed.checkpoint.ds_to_universal", None, ["def main", "inject_missing_state", "num_extract_workers"]),
+]
+
+
+@pytest.mark.parametrize("module,cls,needles", SEAM_CANARIES)
+def test_seam_internals_still_exist(module, cls, needles) -> None:
+    import importlib
+
+    mod = importlib.import_module(module)
+    src = _source(getattr(mod, cls) if cls else mod)
+    for needle in needles:
+        assert needle in src, f"DeepSpeed {deepspeed.__version__}: {cls or module} lost '{needle}'; update integration/"

@@ -219,8 +219,8 @@ def test_resume_from_1_rank_on_2_ranks_and_another_zero_stage(tmp_path, env, bas
 
 
 def test_resume_with_another_global_batch_says_so_and_how_to_match() -> None:
+    from id3_ds.checkpoint import global_batch_note
     from id3_ds.config import config_from_dict
-    from id3_ds.training.checkpoints import global_batch_note
 
     raw = {"model": {"name_or_path": "builtin:tiny-llama"}, "data": {"path": "x.jsonl"}}
     cfg = config_from_dict({**raw, "train": {"steps": 6, "micro_batch_size": 2, "grad_accum": 2}})

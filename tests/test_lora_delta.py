@@ -41,8 +41,8 @@ def _logits(model, seed: int = 5) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     """A tiny Llama base on disk, ID3 over its LoRA in plain torch, the checkpoint and its delta."""
+    from id3_ds.checkpoint.saving import _save_lora
     from id3_ds.models import wrap_lora
-    from id3_ds.training.checkpoints import _save_lora
     from tests.test_delta_common import write_checkpoint
 
     tmp = tmp_path_factory.mktemp("lora-delta")

@@ -95,3 +95,24 @@ def test_id3_over_lora_classification_with_eval_under_zero3(tmp_path, env) -> No
     evals = [r for r in records if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [2, 3] and all(r["eval_examples"] == 200 for r in evals)
     assert all(0 <= r["eval_f1"] <= 1 for r in evals)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_dense_method_trains_checkpoints_without_a_mask_and_resumes(method, tmp_path, env, base_dir) -> None:
+    if method == "lora":
+        pytest.importorskip("peft")
+    args = [*COMMON, f"method={method}", "train.save_steps=1", f"train.output_dir={tmp_path}"]
+    args += ["lora.rank=4"] if method == "lora" else []
+    ok(train([*args, "train.steps=2"], env=env))
+    ckpt = checkpoint_dir(tmp_path, 2)
+    info = json.loads((ckpt / "COMPLETE").read_text())
+    assert info["id3"]["budget_entries"] is None and info["train"]["steps"] is None and not (ckpt / "id3").exists()
+    ok(train([*args, "train.steps=3"], env=env))  # resume=auto: continues from step 2
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    starts = [r for r in records if r.get("event") == "start"]
+    assert [r["step"] for r in starts] == [0, 2]
+    if method == "full":  # every entry of the model trains
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        assert starts[0]["budget"] == sum(p.numel() for p in model.parameters())
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert not any("chosen" in r for r in records)

@@ -13,14 +13,13 @@ trip can move a touched entry by about one ulp. Keep a pristine copy if you need
 A LoRA delta's modules are folded in place, W += (alpha/r)·B·A with the rebuilt A and B (fp32, cast back
 to W's dtype), and subtracted again by remove_delta (exact only up to that rounding).
 
-ZeRO-3: a parameter with `ds_id` is partitioned; each touched one is gathered with
-`deepspeed.zero.GatheredParameters(param, modifier_rank=0)`, modified on every rank identically, and
-re-partitioned on exit (rank 0's copy wins). Call it on every rank (tests/test_delta_zero3_apply.py).
+ZeRO-3: each touched partitioned parameter is gathered whole (`id3_ds.integration.params.gathered`),
+modified on every rank identically, and re-partitioned on exit (rank 0's copy wins). Call it on every
+rank (tests/test_delta_zero3_apply.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 
@@ -31,6 +30,7 @@ from id3_ds.delta.lora import fold
 from id3_ds.delta.merge import add_delta
 from id3_ds.errors import ID3Error
 from id3_ds.files import safetensors_io as st
+from id3_ds.integration.params import full_shape, gathered
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -38,22 +38,6 @@ def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = dict(model.named_buffers(remove_duplicate=False))
     out.update(model.named_parameters(remove_duplicate=False))
     return out
-
-
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.ds_shape) if hasattr(t, "ds_id") else tuple(t.shape)
-
-
-@contextlib.contextmanager
-def _gathered(t: torch.Tensor, modify: bool):
-    """The full tensor: itself, or under ZeRO-3 gathered for the duration (modifier rank 0 when writing)."""
-    if not hasattr(t, "ds_id"):
-        yield t
-        return
-    import deepspeed  # only a ZeRO-3 model reaches here, and it has DeepSpeed loaded already
-
-    with deepspeed.zero.GatheredParameters(t, modifier_rank=0 if modify else None):
-        yield t
 
 
 def _resolve(model: torch.nn.Module, delta: Delta) -> dict[str, torch.Tensor]:
@@ -72,9 +56,9 @@ def _resolve(model: torch.nn.Module, delta: Delta) -> dict[str, torch.Tensor]:
                 f"{named(delta.root)} touches {name}, which this model does not have: load the base model the "
                 f"delta was exported from{hint}"
             )
-        if _shape(t) != shapes[name]:
+        if full_shape(t) != shapes[name]:
             raise ID3Error(
-                f"{named(delta.root)}: {name} has shape {list(shapes[name])} but the model has {list(_shape(t))}"
+                f"{named(delta.root)}: {name} has shape {list(shapes[name])} but the model has {list(full_shape(t))}"
             )
         if not t.is_floating_point():
             raise ID3Error(f"{named(delta.root)}: model tensor {name} is {t.dtype}, not floating point")
@@ -98,10 +82,10 @@ def _resolve_new(model: torch.nn.Module, delta: Delta) -> dict[str, torch.Tensor
                 f"as {arch} (e.g. AutoModelForSequenceClassification with num_labels="
                 f"{(delta.config_updates or {}).get('num_labels')})"
             )
-        if _shape(t) != tuple(value.shape):
+        if full_shape(t) != tuple(value.shape):
             raise ID3Error(
                 f"{named(delta.root)}: head tensor {name} has shape {list(value.shape)} but the model has "
-                f"{list(_shape(t))} (another num_labels?)"
+                f"{list(full_shape(t))} (another num_labels?)"
             )
         found[name] = t
     return found
@@ -110,7 +94,7 @@ def _resolve_new(model: torch.nn.Module, delta: Delta) -> dict[str, torch.Tensor
 def _check_fingerprint(delta: Delta, tensors: dict[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         want = delta.fingerprint["tensors"][name]
-        with _gathered(t, modify=False):
+        with gathered([t]):
             data = t.detach().to(st.DTYPES[want["dtype"]])
             if hashlib.sha256(st.tensor_bytes(data)).hexdigest() != want["sha256"]:
                 raise fingerprint_error(delta, name)
@@ -129,10 +113,10 @@ def _add(model: torch.nn.Module, delta_dir: str | os.PathLike | Delta, scale: fl
         _check_fingerprint(delta, tensors)
     with torch.no_grad():
         for name, t in heads.items():
-            with _gathered(t, modify=True):
+            with gathered([t], modify=True):
                 t.data.copy_(delta.new[name].to(device=t.data.device, dtype=t.data.dtype))
         for name, t in tensors.items():
-            with _gathered(t, modify=True):
+            with gathered([t], modify=True):
                 full = t.data
                 if name in delta.params:
                     merged = add_delta(full, delta.params[name], full.dtype, scale)  # in place for sparse deltas

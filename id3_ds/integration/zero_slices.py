@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from id3_ds.algorithm.slices import ParamSlice, TensorSliceAccess
 from id3_ds.errors import ID3Error
+from id3_ds.integration.params import full_numel
 
 SUPPORTED_DEEPSPEED = ("0.19",)
 
@@ -148,10 +149,6 @@ def check_deepspeed_version() -> None:
         )
 
 
-def full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
-    return tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
-
-
 def engine_slices(engine, wanted: list[ParamSlice]) -> list[tuple[ParamSlice, object]]:
     """This rank's (ParamSlice, access) for each wanted whole-parameter slice it holds a piece of."""
     params = dict(engine.module.named_parameters())
@@ -164,7 +161,7 @@ def engine_slices(engine, wanted: list[ParamSlice]) -> list[tuple[ParamSlice, ob
         if stage == 3:
             per = p.ds_tensor.ds_numel
             start = dist.get_rank(group=p.ds_process_group) * per
-            valid = max(0, min(per, p.ds_numel - start))
+            valid = max(0, min(per, full_numel(p) - start))
             if valid:
                 out.append((_piece(whole, start, valid), Zero3Access(opt, p, valid)))
         elif stage in (1, 2):

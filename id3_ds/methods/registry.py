@@ -18,7 +18,8 @@ METHODS = (*MASKED, *DENSE)
 class MethodSpec:
     """Arguments for `ID3` / `from_module` / `DeepSpeedID3`: score, schedule, selectable tensors.
 
-    fisher is set for `fish` only: the caller feeds it sample gradients before step 0.
+    fisher is set for `fish` only: the caller feeds it sample gradients before step 0 and frees them with
+    `fisher.release()` once the first `select()` has chosen the mask (DeepSpeedID3 does both).
     """
 
     name: str
@@ -50,7 +51,7 @@ def selector_for_module(model, method: str, config, steps: int, seed: int = 0):
     """(ID3 selector, MethodSpec) over a plain torch module, for any masked method.
 
     For `fish`, feed the Fisher before the first `select()`: after each sample batch's backward call
-    `spec.fisher.accumulate(selector.held)` (then zero the gradients).
+    `spec.fisher.accumulate(selector.held)` (then zero the gradients); after it, `spec.fisher.release()`.
     """
     from id3_ds.algorithm.id3 import from_module
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from id3_ds.checkpoint import latest_checkpoint
+from id3_ds.checkpoint.layout import UNIVERSAL, latest_checkpoint
 from id3_ds.errors import ID3Error
+from id3_ds.integration.params import full_numel
 
 
 def any_rank(flag: bool, device: str | None = None) -> bool:
@@ -100,11 +101,11 @@ def checkpoint_bytes_estimate(output_dir: str, engine) -> int:
     """The last checkpoint's size, or weights + fp32 master + two Adam moments per trainable entry."""
     last = latest_checkpoint(output_dir)
     if last is not None:  # less the universal conversion a resume on another world size may have added
-        files = (f for f in Path(last).rglob("*") if "ds_universal" not in f.relative_to(last).parts[0])
+        files = (f for f in Path(last).rglob("*") if UNIVERSAL not in f.relative_to(last).parts[0])
         return sum(f.stat().st_size for f in files if f.is_file())
     total = 0
     for p in engine.module.parameters():
-        n = getattr(p, "ds_numel", p.numel())
+        n = full_numel(p)
         total += n * p.element_size() + (12 * n if p.requires_grad else 0)
     return total
 

@@ -1,7 +1,9 @@
 """Layout of a training checkpoint, and which one is the latest complete.
 
     OUTPUT_DIR/checkpoint-00000100/
-        ds/                                   DeepSpeed engine state (optimizer, weights), per rank
+        ds/state/                             DeepSpeed engine state (optimizer, weights), per rank
+        ds_universal/state/                   made on a resume that needs it: DeepSpeed's universal
+                                              checkpoint of ds/, loadable by any world size
         id3/shard-00000-of-00002.safetensors  each rank's chosen entries: global flat indices, step
                                               chosen, base value, current value (see MaskState)
         id3/lora.safetensors                  LoRA runs only: every LoRA A/B matrix, whole (ZeRO-3
@@ -20,7 +22,6 @@ current A with each chosen entry put back to its base value from the shards; unc
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -29,8 +30,11 @@ import torch
 from id3_ds.algorithm.mask import MaskState
 from id3_ds.errors import ID3Error
 from id3_ds.files.atomic import write_json_atomic
+from id3_ds.files.safetensors_io import load_tensors, save_tensors
 
 COMPLETE = "COMPLETE"
+DS_TAG = "state"  # DeepSpeed's tag folder under ds/ and ds_universal/
+UNIVERSAL = "ds_universal"
 LORA_FILE = "lora.safetensors"
 _CKPT = re.compile(r"^checkpoint-(\d{8})$")
 _SHARD = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
@@ -52,30 +56,22 @@ def write_id3_shard(ckpt: str | Path, rank: int, world_size: int, state: MaskSta
 
 def write_lora_state(ckpt: str | Path, tensors: dict[str, torch.Tensor], settings: dict) -> Path:
     """The run's LoRA matrices (name -> whole fp32 tensor) and settings, written atomically by one rank."""
-    from safetensors.torch import save_file
-
     path = Path(ckpt) / "id3" / LORA_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    data = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
-    save_file(data, str(tmp), metadata={"lora": json.dumps(settings, sort_keys=True)})
-    os.replace(tmp, path)
+    data = {k: v.detach().to(torch.float32) for k, v in tensors.items()}
+    save_tensors(path, data, {"lora": json.dumps(settings, sort_keys=True)})
     return path
 
 
 def read_lora_state(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict] | None:
     """(LoRA matrices, settings) of a LoRA run's checkpoint, or None when it has no id3/lora.safetensors."""
-    from safetensors import safe_open
-
     path = Path(ckpt) / "id3" / LORA_FILE
     if not path.is_file():
         return None
+    tensors, metadata = load_tensors(path, "checkpoint LoRA file")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            settings = json.loads((f.metadata() or {}).get("lora", "null"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for a truncated or garbled file
-        raise ID3Error(f"{path} is unreadable ({str(e)[:120]}): the checkpoint is corrupt") from None
+        settings = json.loads(metadata.get("lora", "null"))
+    except json.JSONDecodeError:
+        settings = None
     if not isinstance(settings, dict):
         raise ID3Error(f"{path} lacks its LoRA settings metadata: the checkpoint is corrupt")
     return tensors, settings

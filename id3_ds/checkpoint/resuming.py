@@ -1,0 +1,160 @@
+"""Resuming a run: DeepSpeed's engine state plus the mask shards, on the same or another world size.
+
+Same world size and ZeRO stage: DeepSpeed's own checkpoint restores weights, optimizer moments and
+scheduler, and the mask shards restore the mask, so the run continues bit-for-bit. Another world size
+(or ZeRO-1 <-> ZeRO-2): DeepSpeed's partitioned files do not re-partition, so rank 0 converts them once
+into DeepSpeed's universal checkpoint (`ds_universal/`: per-parameter fp32 values, Adam moments and
+step) and every rank loads its new partition of it, scheduler included: the run continues like the
+uninterrupted one up to floating-point reduction order. Stage 0 to stage 0 needs no conversion (its
+optimizer state is whole on every rank). Elsewhere (stage 0 against 1-3, ZeRO-1/2 against ZeRO-3, whose
+universal files DeepSpeed 0.19 cannot cross-load, or a conversion that fails) the model does not need
+DeepSpeed's files: unchosen entries equal the pretrained weights (already loaded) and the shards hold
+every chosen entry's fp32 value, so weights and mask are restored exactly and Adam's moments restart from
+zero (logged with the reason).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch.distributed as dist
+
+from id3_ds.checkpoint.layout import DS_TAG, UNIVERSAL, latest_checkpoint, read_complete, read_id3_state
+from id3_ds.errors import ID3Error
+from id3_ds.files.atomic import staged_dir
+from id3_ds.integration.engine_state import (
+    fast_forward_scheduler,
+    load_checkpoint,
+    load_universal_checkpoint,
+    set_step_counters,
+)
+from id3_ds.integration.universal import convert_to_universal
+from id3_ds.training import guards  # a module, not its names: guards reads this package's layout (an import cycle)
+
+if TYPE_CHECKING:
+    from id3_ds.config import RunConfig
+    from id3_ds.integration.hook import DeepSpeedID3, DenseUpdate
+
+
+def resume(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, world: int) -> int:
+    """Restore the latest complete checkpoint (or the one named by train.resume); returns the next step.
+
+    Also starts the progress watchdog: from here on, a rank that waits longer than
+    train.collective_timeout_s for its peers ends the job.
+    """
+    guards.start_watchdog(cfg.train.collective_timeout_s)
+    target = cfg.train.resume
+    if target in (None, "", "none"):
+        return 0
+    if target == "auto":
+        ckpt = latest_checkpoint(cfg.train.output_dir)
+        if ckpt is None:
+            return 0
+    else:
+        ckpt = Path(target)
+    info = read_complete(ckpt)
+    if info.get("method") != cfg.method:
+        raise ID3Error(f"checkpoint {ckpt} was trained with method={info.get('method')}, this run uses {cfg.method}")
+    stage = engine.zero_optimization_stage()
+    same_world = info.get("world_size") == world and info.get("zero_stage") == stage
+    if same_world:
+        load_checkpoint(engine, ckpt / "ds", DS_TAG)
+        moments = None
+    else:
+        moments = _load_resharded(engine, ckpt, info)
+    if update.masked:
+        state, meta = read_id3_state(ckpt)
+        update.load_state(state, meta)
+        if not same_world:  # exact fp32 values of the chosen entries, whatever DeepSpeed restored
+            update.restore_values(state)
+    step = int(info["step"])
+    note = global_batch_note(info, cfg, world)
+    if note and dist.get_rank() == 0:
+        print(note, flush=True)
+    if not same_world:
+        if moments is not None:  # DeepSpeed's optimizer and scheduler state was not loaded
+            fast_forward_scheduler(engine, step)
+            set_step_counters(engine, step)
+        if dist.get_rank() == 0:
+            how = (
+                "weights, mask and optimizer moments restored"
+                if moments is None
+                else f"weights and mask restored exactly, optimizer moments restart ({moments})"
+            )
+            print(
+                f"resumed {ckpt} saved by {info.get('world_size')} ranks at ZeRO-{info.get('zero_stage')} on "
+                f"{world} ranks at ZeRO-{stage}: {how}",
+                flush=True,
+            )
+    return step
+
+
+def global_batch_note(info: dict, cfg: RunConfig, world: int) -> str | None:
+    """A resume with another global batch is allowed (a deliberate change) but no longer the same run."""
+    saved = (info.get("train") or {}).get("global_batch")
+    now = cfg.train.global_batch(world)
+    if saved is None or saved == now:
+        return None
+    per_accum = cfg.train.micro_batch_size * world
+    fix = f"; set train.grad_accum={saved // per_accum} to match" if saved % per_accum == 0 else ""
+    return (
+        f"note: the checkpoint's global batch was {saved} examples per step, this run's is {now} "
+        f"(micro_batch_size x grad_accum x {world} ranks): the run continues, but not as the original would{fix}"
+    )
+
+
+def _load_resharded(engine, ckpt: Path, info: dict) -> str | None:
+    """Load DeepSpeed's state saved by another world size or stage; None, or why the moments restart.
+
+    ZeRO-1/2 to ZeRO-1/2, or ZeRO-3 to ZeRO-3: DeepSpeed's universal checkpoint, converted once by rank 0
+    and loaded by every rank. Stage 0 on both sides: its optimizer state is whole in every rank's file,
+    DeepSpeed loads it as is.
+    """
+    src, dst = info.get("zero_stage"), engine.zero_optimization_stage()
+    if src == 0 and dst == 0:
+        load_checkpoint(engine, ckpt / "ds", DS_TAG)
+        return None
+    if src == 0 or dst == 0:
+        return f"DeepSpeed's universal checkpoint needs ZeRO stage 1-3 on both sides, not ZeRO-{src} -> ZeRO-{dst}"
+    if (src == 3) != (dst == 3):  # DeepSpeed 0.19: ZeRO-1/2 and ZeRO-3 universal files differ in names and layout
+        return f"DeepSpeed's universal checkpoint does not load across ZeRO-{src} -> ZeRO-{dst}"
+    reason = _make_universal(ckpt) if dist.get_rank() == 0 else None
+    box = [reason]
+    dist.broadcast_object_list(box, src=0)  # the wait is bounded by train.collective_timeout_s
+    guards.beat()
+    if box[0] is not None:
+        return box[0]
+    try:
+        load_universal_checkpoint(engine, ckpt / UNIVERSAL, DS_TAG)
+    except ID3Error:
+        raise
+    except Exception as e:  # optimizer state may be half loaded: going on would train from a mix
+        raise ID3Error(
+            f"loading DeepSpeed's universal checkpoint {ckpt / UNIVERSAL} failed ({type(e).__name__}: "
+            f"{str(e)[:200]}); resume on {info.get('world_size')} ranks at ZeRO-{src} instead"
+        ) from e
+    guards.beat()
+    return None
+
+
+def _make_universal(ckpt: Path) -> str | None:
+    """Rank 0: ckpt/ds -> ckpt/ds_universal (built aside, then renamed; kept for later resumes).
+
+    Returns None, or why it could not be made.
+    """
+    out = ckpt / UNIVERSAL
+    if (out / "latest_universal").is_file():
+        return None
+    try:  # built aside and renamed: a killed conversion leaves only a temp directory, removed by the next one
+        with staged_dir(out, exists="replace") as tmp:
+            reason = convert_to_universal(ckpt / "ds" / DS_TAG, tmp / DS_TAG)
+            if reason is not None:
+                raise _NotConverted(reason)
+    except _NotConverted as e:
+        return str(e)
+    return None
+
+
+class _NotConverted(Exception):
+    """Why DeepSpeed could not convert: ends the staged directory without publishing it."""
