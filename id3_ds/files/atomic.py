@@ -37,14 +37,11 @@ __all__ = [
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename inside `path` durable (the directory entry, not only the file, must reach the disk)."""
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path)
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync(path: str | os.PathLike) -> None:
+    """Flush a file's or a directory's data to disk (both are opened read-only for it on POSIX)."""
     fd = os.open(str(path), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -87,7 +84,7 @@ def atomic_file(path: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
     try:
         yield tmp
         os.chmod(tmp, _default_mode() if mode is None else mode)
-        _fsync_file(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
@@ -160,7 +157,7 @@ def staged_dir(out: str | os.PathLike, exists: Literal["error", "replace", "keep
         for f in tmp.rglob("*"):
             if f.is_file():
                 _widen(f, default)
-                _fsync_file(f)
+                _fsync(f)
         fsync_dir(tmp)
         if out.exists() and exists == "keep":
             shutil.rmtree(tmp, ignore_errors=True)
