@@ -61,10 +61,10 @@ def train_wrapper(out: str, train_args: list[str]) -> None:
 def tiny_run(tmp: Path, steps: int = VALIDATE_STEPS, world: int = 2) -> dict:
     """Train the builtin tiny LLaMA with ZeRO-3 on `world` ranks and measure what the calculator predicts."""
     import torch
-    from safetensors import safe_open
 
     from id3_ds.algorithm.mask import MaskState
     from id3_ds.checkpoint import checkpoint_dir
+    from id3_ds.files.safetensors_io import load_tensors
 
     run = tmp / "run"
     overrides = [
@@ -100,13 +100,12 @@ def tiny_run(tmp: Path, steps: int = VALIDATE_STEPS, world: int = 2) -> dict:
         tensors += 1
         fixups += e.get("fixes", 0)
         largest = max(largest, int(torch.Size(e["shape"]).numel()))
-    with safe_open(str(delta / "delta.safetensors"), framework="pt") as f:
-        for key in f.keys():
-            t = f.get_tensor(key)
-            if key.endswith((".indices", ".values")):
-                payload += t.numel() * t.element_size()
-            else:
-                fixup_bytes += t.numel() * t.element_size()
+    stored, _ = load_tensors(delta / "delta.safetensors", "delta file")
+    for key, t in stored.items():
+        if key.endswith((".indices", ".values")):
+            payload += t.numel() * t.element_size()
+        else:
+            fixup_bytes += t.numel() * t.element_size()
     return {
         "world": world,
         "budget": int(meta["budget"]),

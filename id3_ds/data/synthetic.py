@@ -15,6 +15,8 @@ import json
 import random
 from pathlib import Path
 
+from id3_ds.files.atomic import write_text_atomic
+
 SUBJECTS = [
     "the movie",
     "this film",
@@ -120,7 +122,7 @@ def write(directory: Path, n_train: int = 600, n_eval: int = 200) -> None:
     train = generate(n_train, seed=1)
     held_out = generate(n_eval, seed=2, exclude={r["text"] for r in train})  # no eval sentence is in train
     for name, rows in (("sentiment_train.jsonl", train), ("sentiment_eval.jsonl", held_out)):
-        (directory / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_text_atomic(directory / name, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 if __name__ == "__main__":
