@@ -80,11 +80,12 @@ def test_missing_data_and_model_paths_are_named(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ID3Error, match=f"^data.eval_path {tmp_path}/empty is a directory without a .json or .jsonl"):
         _check(tmp_path, f"data.eval_path={tmp_path}/empty")
-    with pytest.raises(ID3Error, match=f"^model.name_or_path {tmp_path}/Llama does not exist; download the model"):
-        _check(tmp_path, f"model.name_or_path={tmp_path}/Llama")
-    (tmp_path / "Llama").mkdir()
-    with pytest.raises(ID3Error, match="is not a local Hugging Face model directory \\(no config.json\\)"):
-        _check(tmp_path, f"model.name_or_path={tmp_path}/Llama")
+    for model in (tmp_path / "Llama", tmp_path / "Llama-empty"):
+        model.with_name("Llama-empty").mkdir(exist_ok=True)  # a folder without config.json
+        with pytest.raises(
+            ID3Error, match=f"^model.name_or_path '{model}' is not a local Hugging Face model directory"
+        ):
+            _check(tmp_path, f"model.name_or_path={model}")
     assert not (tmp_path / "out").exists()
 
 
@@ -151,6 +152,6 @@ def test_two_ranks_report_a_missing_model_once(tmp_path, env) -> None:
     proc = train([f"model.name_or_path={tmp_path}/no-model", f"train.output_dir={out}"], nproc=2, env=env)
     errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and len(errors) == 1, proc.stdout[-4000:]
-    assert errors[0].startswith(f"error: model.name_or_path {tmp_path}/no-model does not exist")
+    assert errors[0].startswith(f"error: model.name_or_path '{tmp_path}/no-model' is not a local Hugging Face model")
     assert "collective operation" not in proc.stdout and "stopping because another rank failed" not in proc.stdout
     assert not out.exists()

@@ -100,9 +100,10 @@ def check_model(cfg: RunConfig) -> None:
                 f"unknown builtin model '{name}' in model.name_or_path; available: {', '.join(BUILTIN_MODELS)}"
             )
         return
-    if not spec.startswith("package:") and not Path(spec).exists():
-        _missing(cfg, "model.name_or_path", "download the model there, fix the path, or use builtin:tiny-llama")
-    resolve_model(spec)  # a package's model directory, or a directory's config.json
+    note = cfg.path_notes.get("model.name_or_path")
+    if note is not None and not note.used.exists():  # names both readings and how to get the other
+        raise ID3Error(note.text())
+    resolve_model(spec)  # a package's model directory, or a directory with a config.json
 
 
 def check_data(cfg: RunConfig) -> None:
