@@ -351,14 +351,14 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path, given: set[str] | frozenset[s
             continue
         on_cli = any(key == g or key.startswith(g + ".") for g in given)
         resolved, note = _resolve_one(key, value, base_dir, on_cli)
-        setattr(node, last, value if key in WORKING_DIR_KEYS else resolved)
+        setattr(node, last, os.path.expanduser(value) if key in WORKING_DIR_KEYS else resolved)
         if note is not None:
             cfg.path_notes[key] = note
 
 
 def _resolve_one(key: str, value: str, base_dir: Path, on_cli: bool) -> tuple[str, PathNote | None]:
     """(absolute path by the rule, note if the other reading exists) for one path value."""
-    path = Path(value).expanduser()
+    path = Path(os.path.expanduser(value))  # os.path's leaves an unknown ~user as is; Path's raises
     if path.is_absolute():
         return str(path), None
     cwd, folder = Path.cwd(), Path(os.path.abspath(base_dir))
