@@ -9,12 +9,23 @@ parse, else taken as strings.
 from __future__ import annotations
 
 import json
+import os
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+)
 
 from id3_ds.algorithm.config import ID3Config
 from id3_ds.data.cache import DataSpec
@@ -103,6 +114,12 @@ class RunConfig(_Section):
     lora: LoRASection = Field(default_factory=LoRASection)
     deepspeed: dict | str = Field(default_factory=dict)
     method: Literal[METHODS] = "id3"
+    _path_notes: dict[str, PathNote] = PrivateAttr(default_factory=dict)
+
+    @property
+    def path_notes(self) -> dict[str, PathNote]:
+        """Dotted path key -> PathNote, for the relative paths whose other reading also exists."""
+        return self._path_notes
 
     def to_dict(self) -> dict:
         return self.model_dump()
@@ -207,8 +224,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a run config.
 
-    Relative paths inside it are taken from the working directory when they exist there, else from the
-    config file's directory.
+    Relative paths written in the file are relative to the file's folder; those given as overrides are
+    relative to the working directory; train.output_dir always is (see PATH_KEYS and README "Paths").
     """
     path = Path(path)
     try:
@@ -217,29 +234,27 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ID3Error(f"config file {path} does not exist") from None
     except json.JSONDecodeError as e:
         raise ID3Error(f"config file {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
-    return config_from_dict(apply_overrides(raw, overrides or []), base_dir=path.parent)
+    overrides = overrides or []
+    given = {".".join(parse_override(text)[0]) for text in overrides}
+    if isinstance(raw, dict) and any(key.startswith("deepspeed.") for key in given):
+        raw = _inline_deepspeed(raw, path.parent)  # `deepspeed.zero_optimization.stage=2` reaches into its file
+    return config_from_dict(apply_overrides(raw, overrides), base_dir=path.parent, given=given)
 
 
-def config_from_dict(raw: dict, base_dir: str | Path = ".") -> RunConfig:
+def config_from_dict(
+    raw: dict, base_dir: str | Path = ".", given: set[str] | frozenset[str] = frozenset()
+) -> RunConfig:
+    """Validate a raw config; its relative paths are taken from `base_dir`, those of the dotted keys in `given`
+    (command-line overrides) and train.output_dir from the working directory."""
     cfg = _validate(raw)
     base_dir = Path(base_dir)
-    if isinstance(cfg.deepspeed, str):
-        ds_path = _resolve(cfg.deepspeed, base_dir)
-        try:
-            cfg.deepspeed = json.loads(Path(ds_path).read_text())
-        except FileNotFoundError:
-            raise ID3Error(f"deepspeed config file {ds_path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise ID3Error(f"deepspeed config {ds_path} is not valid JSON (line {e.lineno})") from None
     if not cfg.model.name_or_path:
         raise ID3Error("config key 'model.name_or_path' is required: a local Hugging Face model directory")
-    if not is_named(cfg.model.name_or_path):  # builtin:/package: are names, not paths
-        cfg.model.name_or_path = _resolve(cfg.model.name_or_path, base_dir)
     if not cfg.data.path:
         raise ID3Error("config key 'data.path' is required: a JSON/JSONL file or a directory of them")
-    cfg.data.path = _resolve(cfg.data.path, base_dir)
-    if cfg.data.eval_path:
-        cfg.data.eval_path = _resolve(cfg.data.eval_path, base_dir)
+    _resolve_paths(cfg, base_dir, given)
+    if isinstance(cfg.deepspeed, str):
+        cfg.deepspeed = _read_deepspeed(cfg.deepspeed, cfg.path_notes.get("deepspeed"))
     if (cfg.train.steps is None) == (cfg.train.epochs is None):
         raise ID3Error("give exactly one of 'train.steps' and 'train.epochs'")
     _check_method(cfg)
@@ -274,6 +289,115 @@ def _check_method(cfg: RunConfig) -> None:
         raise ID3Error("data.labels applies only to data.format 'classification'; remove it")
 
 
-def _resolve(p: str, base_dir: Path) -> str:
-    path = Path(p).expanduser()
-    return str(path if path.is_absolute() or path.exists() else (base_dir / path))
+# -- paths --------------------------------------------------------------------------------------------
+# One rule for every path in a config: a relative path written in the config file is relative to that
+# file's folder (the config names its inputs the same way whoever runs it, from wherever); one given as a
+# command-line override is relative to the working directory (as the shell the user types it into).
+# The exception is train.output_dir, always relative to the working directory: results land where you run.
+PATH_KEYS = (
+    "model.name_or_path",
+    "data.path",
+    "data.eval_path",
+    "data.cache_dir",
+    "train.output_dir",
+    "train.resume",
+    "deepspeed",
+)
+WORKING_DIR_KEYS = ("train.output_dir",)
+RESUME_WORDS = ("auto", "none")
+
+
+@dataclass(frozen=True)
+class PathNote:
+    """A relative path whose other reading (config folder vs working directory) exists: worth one line,
+    or the fix inside the error when the reading the rule chose does not exist."""
+
+    key: str
+    value: str  # as the user wrote it
+    used: Path  # the rule's reading, absolute
+    other: Path  # the other reading, which exists
+    rule: str  # why `used`
+    fix: str  # how to get `other` instead
+
+    def text(self) -> str:
+        where = f"{self.key} {self.value!r} is {self.used} ({self.rule})"
+        if self.used.exists():
+            return f"{where}; {self.other} also exists and is not used"
+        return f"{where}, which does not exist; {self.other} does: {self.fix}"
+
+
+def _is_path(key: str, value: Any) -> bool:
+    """Whether a path key's value names a file or folder (not a model name, a resume keyword or empty)."""
+    if not isinstance(value, str) or not value:
+        return False
+    if key == "model.name_or_path":
+        return not is_named(value)  # builtin:/package: are names
+    if key == "train.resume":
+        return value not in RESUME_WORDS
+    return True
+
+
+def _resolve_paths(cfg: RunConfig, base_dir: Path, given: set[str] | frozenset[str]) -> None:
+    """Apply the path rule to every path key of `cfg` in place, recording a PathNote where the other reading
+    exists. Input paths become absolute, so output_dir/config.json reads the same from anywhere; output_dir
+    stays as written (it already means the working directory)."""
+    for key in PATH_KEYS:
+        *parents, last = key.split(".")
+        node = cfg
+        for part in parents:
+            node = getattr(node, part)
+        value = getattr(node, last)
+        if not _is_path(key, value):
+            continue
+        on_cli = any(key == g or key.startswith(g + ".") for g in given)
+        resolved, note = _resolve_one(key, value, base_dir, on_cli)
+        setattr(node, last, os.path.expanduser(value) if key in WORKING_DIR_KEYS else resolved)
+        if note is not None:
+            cfg.path_notes[key] = note
+
+
+def _resolve_one(key: str, value: str, base_dir: Path, on_cli: bool) -> tuple[str, PathNote | None]:
+    """(absolute path by the rule, note if the other reading exists) for one path value."""
+    path = Path(os.path.expanduser(value))  # os.path's leaves an unknown ~user as is; Path's raises
+    if path.is_absolute():
+        return str(path), None
+    cwd, folder = Path.cwd(), Path(os.path.abspath(base_dir))
+    here = on_cli or key in WORKING_DIR_KEYS
+    used, other = (Path(os.path.abspath(root / path)) for root in ((cwd, folder) if here else (folder, cwd)))
+    if used == other or not other.exists():
+        return str(used), None
+    if not here:
+        rule = f"relative paths in a config file are relative to its folder {folder}"
+        there = os.path.relpath(other, folder)
+        fix = f"write {there!r} or an absolute path there, or give {key}={value} on the command line"
+    elif on_cli:
+        rule = "a relative path given on the command line is relative to the working directory"
+        fix = f"give {key}={os.path.relpath(other, cwd)}"
+    else:
+        rule = f"{key} is relative to the working directory, where the run is started"
+        fix = f"write the absolute path {other}"
+    return str(used), PathNote(key, value, used, other, rule, fix)
+
+
+def _read_deepspeed(path: str, note: PathNote | None) -> dict:
+    """The DeepSpeed config a `deepspeed` path names, as a dict; one line if it is missing or not JSON."""
+    try:
+        ds = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ID3Error(note.text() if note else f"deepspeed config file {path} does not exist") from None
+    except OSError as e:
+        raise ID3Error(f"deepspeed config file {path!r} cannot be read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ID3Error(f"deepspeed config {path} is not valid JSON (line {e.lineno})") from None
+    if not isinstance(ds, dict):
+        raise ID3Error(f"deepspeed config {path} must hold a JSON object, got {type(ds).__name__}")
+    return ds
+
+
+def _inline_deepspeed(raw: dict, base_dir: Path) -> dict:
+    """`raw` with its `deepspeed` file path replaced by the file's contents, so dotted overrides reach into it."""
+    value = raw.get("deepspeed")
+    if not isinstance(value, str) or not value:
+        return raw
+    path, note = _resolve_one("deepspeed", value, base_dir, on_cli=False)
+    return {**raw, "deepspeed": _read_deepspeed(path, note)}

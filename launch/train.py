@@ -45,11 +45,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     from id3_ds.config import load_config
+    from id3_ds.errors import ID3Error
+    from id3_ds.training.preflight import SameOnEveryRank, preflight
     from id3_ds.training.startup import quiet_third_party_noise
 
     quiet_third_party_noise()  # third-party warnings nobody can act on; transformers' reports once, on rank 0
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)  # fails fast, before any process group exists
+    try:  # the config and the files it names, before any process group, model load or folder exists
+        cfg = load_config(args.config, args.overrides)
+        notes = preflight(cfg)
+    except ID3Error as e:  # every rank finds it alike: rank 0 says it (see __main__)
+        raise SameOnEveryRank(str(e)) from None
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            print(f"note: {note}", flush=True)
 
     import deepspeed
     import torch.distributed as dist
@@ -252,15 +261,21 @@ def _all_reduce_cpu(x: torch.Tensor, device: str) -> None:
 
 if __name__ == "__main__":
     from id3_ds.errors import ID3Error
+    from id3_ds.training.preflight import SameOnEveryRank
 
+    rank = int(os.environ.get("RANK", "0"))
     try:
         main(sys.argv[1:])
     except ID3Error as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if rank == 0 or not isinstance(e, SameOnEveryRank):  # a config error: once, not once per rank
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except RuntimeError as e:  # gloo/NCCL report a hung or dead peer as a RuntimeError subclass
         text = str(e)
         if "timed out" in text.lower() or "timeout" in text.lower() or "connection" in text.lower():
+            if rank > 0:  # the failed rank (or rank 0, for a hang) says why; repeating it per rank misleads
+                print(f"rank {rank}: stopping because another rank failed", file=sys.stderr, flush=True)
+                sys.exit(3)
             print(
                 "error: a collective operation failed or timed out: another rank hung or died "
                 f"(train.collective_timeout_s bounds the wait); resume with train.resume=auto. [{text[:200]}]",

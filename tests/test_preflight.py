@@ -1,0 +1,157 @@
+"""Fail fast for real: what the config and its files can tell is refused before any process group, model
+load or folder exists, with one `error:` line, once, whatever the number of ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from id3_ds.config import load_config
+from id3_ds.errors import ID3Error
+from id3_ds.training import preflight as pf
+from tests.launcher import ROOT, TINY_CONFIG, TRAIN, train
+
+
+def _check(tmp_path: Path, *overrides: str) -> list[str]:
+    return pf.preflight(load_config(TINY_CONFIG, [f"train.output_dir={tmp_path / 'out'}", *overrides]))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """An empty model cache: a check that materialised builtin:tiny-llama would fill it."""
+    monkeypatch.setenv("ID3_DS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_a_good_config_passes_and_creates_nothing(tmp_path, cache) -> None:
+    assert _check(tmp_path, "train.resume=auto") == []
+    assert not (tmp_path / "out").exists() and not cache.exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "id3.budget=-5",
+            "id3.budget=-5: give a count of entries >= 1 (e.g. id3.budget=100000) or a fraction in (0, 1)",
+        ),
+        ("id3.budget=0", "id3.budget=0: give a count of entries >= 1"),
+        ("deepspeed.zero_optimization.stage=7", "deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
+        ("deepspeed.zero_optimization.stage=true", "deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got True"),
+        ("deepspeed.zero_optimization=3", "deepspeed.zero_optimization must be a JSON object, got 3"),
+        ("deepspeed.fp16=true", "deepspeed.fp16 must be a JSON object, got True"),
+        ("deepspeed.fp16.enabled=true", "fp16 training is not supported"),
+        ("deepspeed.train_micro_batch_size_per_gpu=3", "deepspeed.train_micro_batch_size_per_gpu=3 disagrees with"),
+        ('deepspeed.optimizer.type="SGD"', "deepspeed.optimizer.type 'SGD' is not supported"),
+        ("deepspeed.zero_optimization.round_robin_gradients=true", "deepspeed.zero_optimization.round_robin_gradients"),
+        ("model.name_or_path=builtin:huge-llama", "unknown builtin model 'huge-llama' in model.name_or_path"),
+        (
+            "model.name_or_path=package:no_such_model_pkg",
+            "model.name_or_path 'package:no_such_model_pkg' needs the Python",
+        ),
+        ("train.resume=no/such/checkpoint-00000020", f"train.resume {Path.cwd()}/no/such/checkpoint-00000020 does not"),
+    ],
+)
+def test_a_bad_value_is_refused_before_anything_is_created(override, message, tmp_path, cache) -> None:
+    with pytest.raises(ID3Error) as e:
+        _check(tmp_path, override)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists() and not cache.exists()
+
+
+def test_bf16_zero1_with_fp32_accumulation_is_refused_for_masked_methods_only(tmp_path) -> None:
+    bf16_optimizer = [
+        "model.dtype=bf16",
+        "deepspeed.zero_optimization.stage=1",
+        'deepspeed.data_types={"grad_accum_dtype": "fp32"}',
+    ]
+    with pytest.raises(ID3Error, match="BF16_Optimizer"):
+        _check(tmp_path, *bf16_optimizer)
+    _check(tmp_path, *bf16_optimizer, "method=full", "train.export_delta=false")
+
+
+def test_missing_data_and_model_paths_are_named(tmp_path) -> None:
+    with pytest.raises(ID3Error, match=f"^data.path {tmp_path}/none.jsonl does not exist; set data.path to a JSON"):
+        _check(tmp_path, f"data.path={tmp_path}/none.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ID3Error, match=f"^data.eval_path {tmp_path}/empty is a directory without a .json or .jsonl"):
+        _check(tmp_path, f"data.eval_path={tmp_path}/empty")
+    for model in (tmp_path / "Llama", tmp_path / "Llama-empty"):
+        model.with_name("Llama-empty").mkdir(exist_ok=True)  # a folder without config.json
+        with pytest.raises(
+            ID3Error, match=f"^model.name_or_path '{model}' is not a local Hugging Face model directory"
+        ):
+            _check(tmp_path, f"model.name_or_path={model}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_data_directory_of_json_files_passes(tmp_path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text((ROOT / "id3_ds" / "resources" / "tiny_alpaca.jsonl").read_text())
+    _check(tmp_path, f"data.path={tmp_path}/data")
+
+
+def test_an_output_dir_that_cannot_be_created_is_refused_without_creating_its_parents(tmp_path, monkeypatch) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ID3Error, match="is not writable: .*a-file is a file, not a directory"):
+        _check(tmp_path, f"train.output_dir={tmp_path}/a-file/run")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # as if `locked` were another user's (root passes os.access whatever the mode bits say)
+    monkeypatch.setattr(pf.os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
+    with pytest.raises(ID3Error, match=f"not writable by this user \\({locked}, where it would be created, is not"):
+        _check(tmp_path, f"train.output_dir={locked}/a/b")
+    assert list(locked.iterdir()) == []
+    with pytest.raises(ID3Error, match="^data.cache_dir .* is not writable by this user; choose another directory"):
+        _check(tmp_path, f"data.cache_dir={locked}")
+
+
+# -- as the user runs it ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_deepspeed(tmp_path) -> dict:
+    """An environment where importing deepspeed or transformers fails: a run that reaches either (the process
+    group, the model) before refusing the config ends in a traceback instead of exit code 2."""
+    fake = tmp_path / "fake-imports"
+    for name in ("deepspeed", "transformers"):
+        (fake / name).mkdir(parents=True)
+        (fake / name / "__init__.py").write_text(f"raise RuntimeError('{name} imported before the config was checked')")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "override",
+    [
+        "id3.budget=-5",
+        "deepspeed.zero_optimization.stage=7",
+        "data.path=no/such/train.jsonl",
+        "model.name_or_path=no/such/model",
+    ],
+)
+def test_launch_refuses_a_bad_config_with_one_line_before_any_process_group(override, tmp_path, no_deepspeed) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, TRAIN, "--config", TINY_CONFIG, override, f"train.output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=no_deepspeed, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == proc.stderr.splitlines()
+    assert len(proc.stderr.splitlines()) == 1 and override.split("=")[0] in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_report_a_missing_model_once(tmp_path, env) -> None:
+    out = tmp_path / "run"
+    proc = train([f"model.name_or_path={tmp_path}/no-model", f"train.output_dir={out}"], nproc=2, env=env)
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stdout[-4000:]
+    assert errors[0].startswith(f"error: model.name_or_path '{tmp_path}/no-model' is not a local Hugging Face model")
+    assert "collective operation" not in proc.stdout and "stopping because another rank failed" not in proc.stdout
+    assert not out.exists()
