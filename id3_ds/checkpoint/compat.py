@@ -234,7 +234,13 @@ def _mismatch_line(ckpt: Path, cfg: RunConfig, diffs: list, fixed: list) -> str:
 
 
 def _listed(diffs: list[tuple[str, Any, Any]]) -> str:
-    return ", ".join(f"{k} {json.dumps(old)} -> {json.dumps(new)}" for k, old, new in diffs)
+    """`train.lr 0.003 -> 0.0001, data.path content sha256:1a2b... -> sha256:3c4d...` (none: no eval file)."""
+    return ", ".join(
+        f"{k} content {old or 'none'} -> {new or 'none'}"
+        if k in DATA_KEYS
+        else f"{k} {json.dumps(old)} -> {json.dumps(new)}"
+        for k, old, new in diffs
+    )
 
 
 def _at(raw: dict, dotted: str) -> Any:
