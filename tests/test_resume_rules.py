@@ -129,11 +129,15 @@ def test_checkpoints_from_before_settings_were_recorded_compare_what_they_have(t
 
 def test_a_finished_run_says_so_and_trains_nothing(tmp_path, capsys) -> None:
     _checkpoint(_cfg(tmp_path), 20, 40)
-    assert preflight(_cfg(tmp_path)) is False  # half way: resume
+    assert preflight(_cfg(tmp_path, "train.export_delta=false")) is False  # half way: resume
     _checkpoint(_cfg(tmp_path), 40, 40)
-    assert preflight(_cfg(tmp_path)) is True
+    assert preflight(_cfg(tmp_path, "train.export_delta=false")) is True
     out = capsys.readouterr().out
     assert "nothing to train" in out and "checkpoint-00000040" in out and "set a new train.output_dir" in out
+    # asked for a delta it has not written (the README's export after the main job): resume, train nothing, export
+    assert preflight(_cfg(tmp_path, "train.export_delta=true")) is False
+    (tmp_path / "delta").mkdir()
+    assert preflight(_cfg(tmp_path, "train.export_delta=true")) is True
 
 
 def test_starting_over_next_to_another_runs_checkpoints_is_refused(tmp_path) -> None:
@@ -186,6 +190,10 @@ def test_rerunning_a_finished_run(tmp_path, env) -> None:
     assert len(errors) == 1 and "train.lr 0.003 -> 0.0001" in errors[0] and "train.seed 42 -> 7" in errors[0]
     assert json.loads((out / "config.json").read_text())["train"]["lr"] == 0.003  # the record of what ran
     assert "event=start" not in changed.stdout
+    # the README's next step: the finished run asked for its delta loads its checkpoint, trains nothing, exports
+    export = ok(train([*args, "train.export_delta=true"], nproc=1, env=env)).stdout
+    assert "at step 2 of 2 (the run is already complete: nothing to train)" in export, export[-3000:]
+    assert (out / "delta").is_dir() and [r["step"] for r in _records(out) if "loss" in r] == [1, 2]
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ checkpoint's COMPLETE marker alone (no process group, model or data is needed):
   batch is only a note, see resuming.global_batch_note). `train.resume_mismatch=allow` continues anyway,
   except across `_FIXED_KEYS`, which change which weights train, so no checkpoint of them can be loaded.
 - A finished run (its latest checkpoint holds every step) is not trained again: the run says so and ends
-  with exit code 0, so rerunning a finished command is a harmless no-op.
+  with exit code 0, so rerunning a finished command is a harmless no-op. Asked for a delta or final model
+  it has not written yet, it loads the checkpoint, trains nothing and writes them.
 - A run that would write its checkpoints next to ones it does not continue from (`train.resume=null`, or a
   path outside `train.output_dir`, while that folder holds checkpoints) is refused: a later `resume: auto`
   would pick whichever is latest, mixing two runs.
@@ -174,8 +175,8 @@ def preflight(cfg: RunConfig) -> bool:
             flush=True,
         )
     total = _known_total(point, cfg)
-    if total is None or point.step < total:
-        return False
+    if total is None or point.step < total or _asked_for_missing_outputs(cfg):
+        return False  # resume() loads it and says so; the run then writes what it was asked for
     if main:
         out = cfg.train.output_dir
         print(
@@ -185,6 +186,15 @@ def preflight(cfg: RunConfig) -> bool:
             flush=True,
         )
     return True
+
+
+def _asked_for_missing_outputs(cfg: RunConfig) -> bool:
+    """A finished run rerun with train.export_delta or train.save_final_model it has no result of yet: it
+    resumes its last checkpoint, trains nothing and writes them (e.g. the README's export after the main job)."""
+    out = Path(cfg.train.output_dir)
+    return (cfg.train.export_delta and not (out / "delta").is_dir()) or (
+        cfg.train.save_final_model and not (out / "final_model").is_dir()
+    )
 
 
 def _known_total(point: ResumePoint, cfg: RunConfig) -> int | None:
