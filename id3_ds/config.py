@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -90,11 +91,12 @@ class TrainSection(_Section):
     micro_batch_size: PositiveInt = 1
     grad_accum: PositiveInt = 1
     seed: int = 42
-    output_dir: str = "outputs/run"
+    output_dir: str = "outputs/{config}-{method}"  # placeholders: expand_output_dir
     save_steps: NonNegativeInt = 0
     log_steps: PositiveInt = 10
     eval_steps: NonNegativeInt = 0
     resume: str | None = "auto"
+    resume_mismatch: Literal["refuse", "allow"] = "refuse"  # allow: continue a checkpoint of other settings
     export_delta: bool = False
     save_final_model: bool = False
     tensorboard: bool = False
@@ -238,7 +240,29 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     given = {".".join(parse_override(text)[0]) for text in overrides}
     if isinstance(raw, dict) and any(key.startswith("deepspeed.") for key in given):
         raw = _inline_deepspeed(raw, path.parent)  # `deepspeed.zero_optimization.stage=2` reaches into its file
-    return config_from_dict(apply_overrides(raw, overrides), base_dir=path.parent, given=given)
+    cfg = config_from_dict(apply_overrides(raw, overrides), base_dir=path.parent, given=given)
+    return expand_output_dir(cfg, path.stem)
+
+
+OUTPUT_DIR_FIELDS = ("method", "config")
+
+
+def expand_output_dir(cfg: RunConfig, config_name: str) -> RunConfig:
+    """Fill `{method}` and `{config}` (the config file's stem) in train.output_dir, once, at load.
+
+    So one config run with method=pafi does not land in (and resume from) the id3 run's folder, and the
+    config.json a run writes names its concrete folder. Any other `{...}` is refused: a typo would otherwise
+    become a folder name.
+    """
+    values = {"method": cfg.method, "config": config_name}
+    out = re.sub(r"\{(\w*)\}", lambda m: values.get(m.group(1), m.group(0)), cfg.train.output_dir)
+    if unknown := re.search(r"\{[^{}]*\}", out):
+        known = " or ".join("{" + k + "}" for k in OUTPUT_DIR_FIELDS)
+        raise ID3Error(
+            f"train.output_dir {cfg.train.output_dir!r} has an unknown placeholder {unknown.group(0)}; use {known}"
+        )
+    cfg.train.output_dir = out
+    return cfg
 
 
 def config_from_dict(

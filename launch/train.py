@@ -83,6 +83,8 @@ def main(argv: list[str]) -> None:
     from id3_ds.training.run_log import RunLogger, print_final_line, save_resolved_config
     from id3_ds.training.startup import check_rendezvous_port, use_per_environment_extensions
 
+    if checkpoints.preflight(cfg):  # before anything is written: a finished run says so, other settings refused
+        return
     # -- processes ----------------------------------------------------------------------------------
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)  # `python launch/train.py` alone runs one process

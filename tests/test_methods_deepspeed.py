@@ -107,7 +107,7 @@ def test_dense_method_trains_checkpoints_without_a_mask_and_resumes(method, tmp_
     ckpt = checkpoint_dir(tmp_path, 2)
     info = json.loads((ckpt / "COMPLETE").read_text())
     assert info["id3"]["budget_entries"] is None and info["train"]["steps"] is None and not (ckpt / "id3").exists()
-    ok(train([*args, "train.steps=3"], env=env))  # resume=auto: continues from step 2
+    ok(train([*args, "train.steps=3", "train.resume_mismatch=allow"], env=env))  # continues from step 2 (of 3 now)
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     starts = [r for r in records if r.get("event") == "start"]
     assert [r["step"] for r in starts] == [0, 2]

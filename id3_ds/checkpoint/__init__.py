@@ -1,9 +1,11 @@
-"""Training checkpoints: where each part lives (`layout`), writing one (`saving`), continuing from one (`resuming`).
+"""Training checkpoints: where each part lives (`layout`), writing one (`saving`), continuing from one (`resuming`),
+and whether this run may continue it at all (`compat`).
 
 Export and the CLI read checkpoints through `layout` alone; the trainer saves and resumes through the
 other two, which reach DeepSpeed only through id3_ds.integration.
 """
 
+from id3_ds.checkpoint.compat import check_resume, preflight
 from id3_ds.checkpoint.layout import (
     COMPLETE,
     DS_TAG,
@@ -30,6 +32,7 @@ __all__ = [
     "LORA_FILE",
     "UNIVERSAL",
     "check_output_dir",
+    "check_resume",
     "checkpoint_dir",
     "classification_info",
     "global_batch_note",
@@ -37,6 +40,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "mark_complete",
+    "preflight",
     "read_complete",
     "read_id3_state",
     "read_lora_state",

@@ -9,9 +9,10 @@
         id3/lora.safetensors                  LoRA runs only: every LoRA A/B matrix, whole (ZeRO-3
                                               gathered) and fp32, plus the LoRA settings in its metadata
         COMPLETE                              JSON, written last and atomically by rank 0 after every
-                                              rank finished: a checkpoint without it is ignored; a
-                                              classification run (no LoRA) records in it its head, base
-                                              prefix and config keys, for export
+                                              rank finished: a checkpoint without it is ignored; it
+                                              records the run config and the settings a resume compares
+                                              (compat.py); a classification run (no LoRA) also its head,
+                                              base prefix and config keys, for export
 
 The ID3 shards alone make a sparse delta (value - base), so `export-delta` never needs DeepSpeed's
 pickled files nor the processes that wrote them, and any world size can resume from them. A LoRA run's

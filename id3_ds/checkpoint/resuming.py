@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
-from id3_ds.checkpoint.layout import DS_TAG, UNIVERSAL, latest_checkpoint, read_complete, read_id3_state
+from id3_ds.checkpoint.compat import check_resume
+from id3_ds.checkpoint.layout import DS_TAG, UNIVERSAL, read_id3_state
 from id3_ds.errors import ID3Error
 from id3_ds.files.atomic import staged_dir
 from id3_ds.integration.engine_state import (
@@ -40,22 +41,17 @@ if TYPE_CHECKING:
 def resume(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, world: int) -> int:
     """Restore the latest complete checkpoint (or the one named by train.resume); returns the next step.
 
-    Also starts the progress watchdog: from here on, a rank that waits longer than
-    train.collective_timeout_s for its peers ends the job.
+    Refuses (ID3Error) a checkpoint trained with other settings, as `compat.preflight` did before the
+    model was built (checked again for callers that skip it). Rank 0 prints one line: which checkpoint,
+    at which step of how many, and, on another world size or stage, what was restored. Also starts the
+    progress watchdog: from here on, a rank that waits longer than train.collective_timeout_s for its
+    peers ends the job.
     """
     guards.start_watchdog(cfg.train.collective_timeout_s)
-    target = cfg.train.resume
-    if target in (None, "", "none"):
+    point = check_resume(cfg)
+    if point is None:
         return 0
-    if target == "auto":
-        ckpt = latest_checkpoint(cfg.train.output_dir)
-        if ckpt is None:
-            return 0
-    else:
-        ckpt = Path(target)
-    info = read_complete(ckpt)
-    if info.get("method") != cfg.method:
-        raise ID3Error(f"checkpoint {ckpt} was trained with method={info.get('method')}, this run uses {cfg.method}")
+    ckpt, info, step = point.ckpt, point.info, point.step
     stage = engine.zero_optimization_stage()
     same_world = info.get("world_size") == world and info.get("zero_stage") == stage
     if same_world:
@@ -68,26 +64,33 @@ def resume(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, world: in
         update.load_state(state, meta)
         if not same_world:  # exact fp32 values of the chosen entries, whatever DeepSpeed restored
             update.restore_values(state)
-    step = int(info["step"])
     note = global_batch_note(info, cfg, world)
     if note and dist.get_rank() == 0:
         print(note, flush=True)
-    if not same_world:
-        if moments is not None:  # DeepSpeed's optimizer and scheduler state was not loaded
-            fast_forward_scheduler(engine, step)
-            set_step_counters(engine, step)
-        if dist.get_rank() == 0:
+    if not same_world and moments is not None:  # DeepSpeed's optimizer and scheduler state was not loaded
+        fast_forward_scheduler(engine, step)
+        set_step_counters(engine, step)
+    if dist.get_rank() == 0:
+        line = f"resumed from {ckpt} at step {_of(step, update.steps or cfg.train.steps)}"
+        if not same_world:
             how = (
                 "weights, mask and optimizer moments restored"
                 if moments is None
                 else f"weights and mask restored exactly, optimizer moments restart ({moments})"
             )
-            print(
-                f"resumed {ckpt} saved by {info.get('world_size')} ranks at ZeRO-{info.get('zero_stage')} on "
-                f"{world} ranks at ZeRO-{stage}: {how}",
-                flush=True,
+            line += (
+                f", saved by {info.get('world_size')} ranks at ZeRO-{info.get('zero_stage')}, now {world} ranks "
+                f"at ZeRO-{stage}: {how}"
             )
+        print(line, flush=True)
     return step
+
+
+def _of(step: int, total: int | None) -> str:
+    """`20 of 40`; a finished run says so (compat.preflight stops it earlier where the total is known)."""
+    if total is None:
+        return str(step)
+    return f"{step} of {total}" + (" (the run is already complete: nothing to train)" if step >= total else "")
 
 
 def global_batch_note(info: dict, cfg: RunConfig, world: int) -> str | None:

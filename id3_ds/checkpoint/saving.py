@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from id3_ds.checkpoint.compat import settings
 from id3_ds.checkpoint.layout import DS_TAG, checkpoint_dir, mark_complete, write_id3_shard, write_lora_state
 from id3_ds.errors import ID3Error
 from id3_ds.files.atomic import staged_dir
@@ -76,6 +77,8 @@ def save(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, step: int, 
                     "lr": cfg.train.lr,
                     "global_batch": cfg.train.global_batch(world),
                 },
+                "settings": settings(cfg),  # what a resume compares (compat.py)
+                "config": cfg.to_dict(),  # the whole run config, for the record
             },
         )
     dist.barrier()
