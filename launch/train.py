@@ -44,6 +44,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> None:
+    from id3_ds import checkpoint as checkpoints
     from id3_ds.config import load_config
     from id3_ds.errors import ID3Error
     from id3_ds.training.preflight import SameOnEveryRank, preflight
@@ -54,11 +55,14 @@ def main(argv: list[str]) -> None:
     try:  # the config and the files it names, before any process group, model load or folder exists
         cfg = load_config(args.config, args.overrides)
         notes = preflight(cfg)
+        finished = checkpoints.already_finished(cfg)  # a finished run says so; changed settings are refused
     except ID3Error as e:  # every rank finds it alike: rank 0 says it (see __main__)
         raise SameOnEveryRank(str(e)) from None
     if os.environ.get("RANK", "0") == "0":
         for note in notes:
             print(f"note: {note}", flush=True)
+    if finished:
+        return
 
     import deepspeed
     import torch.distributed as dist
@@ -66,7 +70,6 @@ def main(argv: list[str]) -> None:
     from transformers import AutoTokenizer, get_scheduler
     from transformers.integrations import HfDeepSpeedConfig
 
-    from id3_ds import checkpoint as checkpoints
     from id3_ds.algorithm.decay import decay_groups
     from id3_ds.data import cached_dataset, collate
     from id3_ds.data.evaluate import evaluate
@@ -83,8 +86,6 @@ def main(argv: list[str]) -> None:
     from id3_ds.training.run_log import RunLogger, print_final_line, save_resolved_config
     from id3_ds.training.startup import check_rendezvous_port, use_per_environment_extensions
 
-    if checkpoints.preflight(cfg):  # before anything is written: a finished run says so, other settings refused
-        return
     # -- processes ----------------------------------------------------------------------------------
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)  # `python launch/train.py` alone runs one process

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from id3_ds.checkpoint import checkpoint_dir, mark_complete
-from id3_ds.checkpoint.compat import check_resume, preflight, settings
+from id3_ds.checkpoint.compat import already_finished, check_resume, settings
 from id3_ds.config import load_config
 from id3_ds.errors import ID3Error
 from tests.launcher import ROOT, TINY_CONFIG, ok, train
@@ -111,7 +111,7 @@ def test_allow_continues_other_settings_but_never_another_method(tmp_path, capsy
     _checkpoint(_cfg(tmp_path), 20, 40)
     point = check_resume(_cfg(tmp_path, "train.lr=0.0001", "train.resume_mismatch=allow"))
     assert point.differences == [("train.lr", 0.003, 0.0001)]
-    assert preflight(_cfg(tmp_path, "train.lr=0.0001", "train.resume_mismatch=allow")) is False
+    assert already_finished(_cfg(tmp_path, "train.lr=0.0001", "train.resume_mismatch=allow")) is False
     assert "note: continuing" in capsys.readouterr().out
     with pytest.raises(ID3Error, match="cannot be continued") as e:
         check_resume(_cfg(tmp_path, "method=pafi", "train.resume_mismatch=allow"))
@@ -129,15 +129,15 @@ def test_checkpoints_from_before_settings_were_recorded_compare_what_they_have(t
 
 def test_a_finished_run_says_so_and_trains_nothing(tmp_path, capsys) -> None:
     _checkpoint(_cfg(tmp_path), 20, 40)
-    assert preflight(_cfg(tmp_path, "train.export_delta=false")) is False  # half way: resume
+    assert already_finished(_cfg(tmp_path, "train.export_delta=false")) is False  # half way: resume
     _checkpoint(_cfg(tmp_path), 40, 40)
-    assert preflight(_cfg(tmp_path, "train.export_delta=false")) is True
+    assert already_finished(_cfg(tmp_path, "train.export_delta=false")) is True
     out = capsys.readouterr().out
     assert "nothing to train" in out and "checkpoint-00000040" in out and "set a new train.output_dir" in out
     # asked for a delta it has not written (the README's export after the main job): resume, train nothing, export
-    assert preflight(_cfg(tmp_path, "train.export_delta=true")) is False
+    assert already_finished(_cfg(tmp_path, "train.export_delta=true")) is False
     (tmp_path / "delta").mkdir()
-    assert preflight(_cfg(tmp_path, "train.export_delta=true")) is True
+    assert already_finished(_cfg(tmp_path, "train.export_delta=true")) is True
 
 
 def test_starting_over_next_to_another_runs_checkpoints_is_refused(tmp_path) -> None:

@@ -5,7 +5,7 @@ Export and the CLI read checkpoints through `layout` alone; the trainer saves an
 other two, which reach DeepSpeed only through id3_ds.integration.
 """
 
-from id3_ds.checkpoint.compat import check_resume, preflight
+from id3_ds.checkpoint.compat import already_finished, check_resume
 from id3_ds.checkpoint.layout import (
     COMPLETE,
     DS_TAG,
@@ -27,6 +27,7 @@ from id3_ds.checkpoint.resuming import global_batch_note, resume
 from id3_ds.checkpoint.saving import check_output_dir, classification_info, save, save_final_model
 
 __all__ = [
+    "already_finished",
     "COMPLETE",
     "DS_TAG",
     "LORA_FILE",
@@ -40,7 +41,6 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "mark_complete",
-    "preflight",
     "read_complete",
     "read_id3_state",
     "read_lora_state",

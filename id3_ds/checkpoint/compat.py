@@ -158,7 +158,7 @@ def check_resume(cfg: RunConfig) -> ResumePoint | None:
     return ResumePoint(ckpt, info, int(info["step"]), diffs)
 
 
-def preflight(cfg: RunConfig) -> bool:
+def already_finished(cfg: RunConfig) -> bool:
     """Check the resume before any process group, model or file exists; True: nothing to train.
 
     Every rank calls it and decides alike (they read the same files); rank 0 prints. A finished run prints

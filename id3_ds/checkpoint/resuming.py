@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 def resume(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, world: int) -> int:
     """Restore the latest complete checkpoint (or the one named by train.resume); returns the next step.
 
-    Refuses (ID3Error) a checkpoint trained with other settings, as `compat.preflight` did before the
+    Refuses (ID3Error) a checkpoint trained with other settings, as `compat.already_finished` did before the
     model was built (checked again for callers that skip it). Rank 0 prints one line: which checkpoint,
     at which step of how many, and, on another world size or stage, what was restored. Also starts the
     progress watchdog: from here on, a rank that waits longer than train.collective_timeout_s for its
@@ -87,7 +87,7 @@ def resume(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, world: in
 
 
 def _of(step: int, total: int | None) -> str:
-    """`20 of 40`; a finished run says so (compat.preflight stops it earlier where the total is known)."""
+    """`20 of 40`; a finished run says so (compat.already_finished stops it earlier where the total is known)."""
     if total is None:
         return str(step)
     return f"{step} of {total}" + (" (the run is already complete: nothing to train)" if step >= total else "")
