@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 from datetime import datetime, timezone
@@ -99,7 +98,7 @@ def test_help_lists_every_config_section_and_points_to_the_readme(capsys) -> Non
         module.parse_args(["--help"])
     text = capsys.readouterr().out
     listed = text[text.index("config sections") :]
-    for section in (f.name for f in dataclasses.fields(RunConfig)):
+    for section in RunConfig.model_fields:
         assert f"\n  {section} " in listed, section
     assert "README" in listed and "--master_port" in listed
 
