@@ -11,6 +11,8 @@ from id3_ds.algorithm.mask import MaskState, ParamMask, SliceMask
 from id3_ds.algorithm.schedule import UnmaskSchedule, resolve_budget
 from id3_ds.algorithm.selection import Candidates, merge_candidates, slice_candidates
 from id3_ds.algorithm.slices import ParamSlice, TensorSliceAccess
+from id3_ds.algorithm.sparse import SparseID3
+from id3_ds.algorithm.sparse_state import SparseSlice
 
 __all__ = [
     "ID3",
@@ -20,6 +22,8 @@ __all__ = [
     "ParamMask",
     "ParamSlice",
     "SliceMask",
+    "SparseID3",
+    "SparseSlice",
     "TensorSliceAccess",
     "UnmaskSchedule",
     "from_module",

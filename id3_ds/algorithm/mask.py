@@ -27,6 +27,17 @@ MASK_FORMAT = "id3-mask"
 MASK_VERSION = 1
 
 
+OPTIONAL_FIELDS = ("value", "exp_avg", "exp_avg_sq")  # per-chosen-entry fp32 tensors a state may carry
+
+
+def _cat_optional(parts: list[torch.Tensor | None], order: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Concatenate a field every shard carries (reordered by `order`), or None if any shard lacks it."""
+    if any(p is None for p in parts):
+        return None
+    out = torch.cat(parts)  # type: ignore[arg-type]
+    return out if order is None else out[order]
+
+
 @dataclass
 class SliceMask:
     """Chosen entries of one slice: sorted local positions, the step each was chosen, its base value."""
@@ -80,6 +91,9 @@ class ParamMask:
     chosen_at: torch.Tensor
     base: torch.Tensor
     value: torch.Tensor | None = None  # current fp32 values of the chosen entries (checkpoints carry it)
+    # sparse-state checkpoints (id3.state: sparse) also carry Adam's moments of the chosen entries, fp32
+    exp_avg: torch.Tensor | None = None
+    exp_avg_sq: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
@@ -96,24 +110,36 @@ class MaskState:
         return sum(p.indices.numel() for p in self.params.values())
 
     @staticmethod
-    def from_slices(items: list[tuple[ParamSlice, SliceMask]], values: list[torch.Tensor] | None = None) -> MaskState:
+    def from_slices(
+        items: list[tuple[ParamSlice, SliceMask]],
+        values: list[torch.Tensor] | None = None,
+        adam: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    ) -> MaskState:
         """Global form of slice-local masks (one rank's, or all slices of one process).
 
         values, if given, holds each slice's current 1-D weights: the chosen entries' values are kept.
+        adam, if given, holds per slice (value, exp_avg, exp_avg_sq) of its chosen entries, aligned with the
+        mask's positions (the sparse optimizer state); its value replaces `values`.
         """
-        by_name: dict[str, list[tuple[ParamSlice, SliceMask, torch.Tensor | None]]] = {}
+        by_name: dict[str, list[tuple[ParamSlice, SliceMask, tuple[torch.Tensor | None, ...]]]] = {}
         for i, (sl, m) in enumerate(items):
-            v = None if values is None else values[i][m.positions].to(torch.float32)
-            by_name.setdefault(sl.name, []).append((sl, m, v))
+            if adam is not None:
+                extra: tuple[torch.Tensor | None, ...] = tuple(t.to(torch.float32) for t in adam[i])
+            else:
+                extra = (None if values is None else values[i][m.positions].to(torch.float32), None, None)
+            by_name.setdefault(sl.name, []).append((sl, m, extra))
         params = {}
         for name, parts in by_name.items():
-            parts.sort(key=lambda smv: smv[0].start)
+            parts.sort(key=lambda sme: sme[0].start)
+            cols = [_cat_optional([e[j] for _, _, e in parts]) for j in range(3)]
             params[name] = ParamMask(
                 shape=parts[0][0].shape,
                 indices=torch.cat([m.positions + sl.start for sl, m, _ in parts]),
                 chosen_at=torch.cat([m.chosen_at for _, m, _ in parts]),
                 base=torch.cat([m.base for _, m, _ in parts]),
-                value=None if values is None else torch.cat([v for _, _, v in parts]),
+                value=cols[0],
+                exp_avg=cols[1],
+                exp_avg_sq=cols[2],
             )
         return MaskState(params)
 
@@ -133,13 +159,12 @@ class MaskState:
             idx = idx[order]
             if idx.numel() > 1 and bool((idx[1:] == idx[:-1]).any()):
                 raise ID3Error(f"mask shards overlap on {name}: the checkpoint mixes two runs")
-            has_value = all(p.value is not None for p in parts)
             params[name] = ParamMask(
                 shape=parts[0].shape,
                 indices=idx,
                 chosen_at=torch.cat([p.chosen_at for p in parts])[order],
                 base=torch.cat([p.base for p in parts])[order],
-                value=torch.cat([p.value for p in parts])[order] if has_value else None,
+                **{f: _cat_optional([getattr(p, f) for p in parts], order) for f in OPTIONAL_FIELDS},
             )
         return MaskState(params)
 
@@ -155,6 +180,18 @@ class MaskState:
             )
         lo, hi = torch.searchsorted(pm.indices, torch.tensor([sl.start, sl.start + sl.numel])).tolist()
         return SliceMask(pm.indices[lo:hi] - sl.start, pm.chosen_at[lo:hi].clone(), pm.base[lo:hi].clone())
+
+    def slice_adam(self, sl: ParamSlice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(value, exp_avg, exp_avg_sq) of the chosen entries inside `sl`, aligned with `slice_mask(sl)`;
+        None when this state carries no optimizer moments for the parameter (a dense-mode mask)."""
+        pm = self.params.get(sl.name)
+        if pm is None:
+            empty = torch.empty(0, dtype=torch.float32)
+            return empty, empty.clone(), empty.clone()
+        if pm.value is None or pm.exp_avg is None or pm.exp_avg_sq is None:
+            return None
+        lo, hi = torch.searchsorted(pm.indices, torch.tensor([sl.start, sl.start + sl.numel])).tolist()
+        return pm.value[lo:hi].clone(), pm.exp_avg[lo:hi].clone(), pm.exp_avg_sq[lo:hi].clone()
 
     def delta(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per parameter (sorted flat indices, value - base): the sparse update this state carries."""
@@ -175,8 +212,9 @@ class MaskState:
             tensors[f"{name}.indices"] = pm.indices.contiguous()
             tensors[f"{name}.chosen_at"] = pm.chosen_at.contiguous()
             tensors[f"{name}.base"] = pm.base.contiguous()
-            if pm.value is not None:
-                tensors[f"{name}.value"] = pm.value.contiguous()
+            for f in OPTIONAL_FIELDS:
+                if getattr(pm, f) is not None:
+                    tensors[f"{name}.{f}"] = getattr(pm, f).contiguous()
             shapes[name] = list(pm.shape)
         header = {"format": MASK_FORMAT, "version": str(MASK_VERSION), "shapes": json.dumps(shapes)}
         header["meta"] = json.dumps(meta or {})
@@ -197,7 +235,7 @@ class MaskState:
                     indices=tensors[f"{name}.indices"],
                     chosen_at=tensors[f"{name}.chosen_at"],
                     base=tensors[f"{name}.base"],
-                    value=tensors.get(f"{name}.value"),
+                    **{f: tensors.get(f"{name}.{f}") for f in OPTIONAL_FIELDS},
                 )
                 for name, shape in shapes.items()
             }
@@ -212,8 +250,13 @@ class MaskState:
             n = pm.indices.numel()
             if pm.indices.dtype != torch.int64 or pm.indices.dim() != 1:
                 raise ID3Error(f"{where}: {name}.indices must be 1-D int64")
-            if pm.chosen_at.shape != (n,) or pm.base.shape != (n,) or (pm.value is not None and pm.value.shape != (n,)):
-                raise ID3Error(f"{where}: {name} has {n} indices but mismatched chosen_at/base lengths")
+            extra = [getattr(pm, f) for f in OPTIONAL_FIELDS]
+            if (
+                pm.chosen_at.shape != (n,)
+                or pm.base.shape != (n,)
+                or any(t is not None and t.shape != (n,) for t in extra)
+            ):
+                raise ID3Error(f"{where}: {name} has {n} indices but mismatched chosen_at/base/value/moment lengths")
             if n and (int(pm.indices[0]) < 0 or int(pm.indices[-1]) >= pm.numel):
                 raise ID3Error(f"{where}: {name}.indices out of range for shape {list(pm.shape)}")
             if n > 1 and not bool((pm.indices[1:] > pm.indices[:-1]).all()):

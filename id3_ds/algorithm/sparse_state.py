@@ -1,0 +1,180 @@
+"""Sparse optimizer state (issue 14, `id3.state: sparse`): Adam for the chosen entries only.
+
+Why: in dense mode every selectable weight carries an fp32 master and both Adam moments (16 B per entry
+with the gradient) although at most B of them ever move, so ID3 costs what full fine-tuning costs. In
+sparse mode the selectable weights stay frozen in the model's dtype and only the chosen entries carry state.
+
+What one holder (a whole model in one process; later one ZeRO-3 rank's partition) stores per slice, for
+its chosen entries only, aligned with the slice's `SliceMask.positions` (sorted; a growing mask is merged
+in, keeping alignment):
+
+    SliceMask (shared with dense mode)   position int64 8 B, join step int32 4 B, base fp32 4 B   = 16 B
+    SparseSlice (this module)            fp32 master 4 B, exp_avg 4 B, exp_avg_sq 4 B               = 12 B
+
+28 B per chosen entry, nothing per unchosen entry (no master, no moments, no persistent gradient). The
+join step is the mask's `chosen_at`, not stored twice. The gradient of a selectable parameter is transient:
+autograd writes the dense `.grad`, the step gathers the chosen entries from it, the driver drops it.
+
+The update (`adamw_update`) is torch.optim.AdamW's on the gathered entries, with ID3's semantics:
+decoupled weight decay on chosen entries only (the slice's own rate), and bias correction either
+`shared` (the optimizer's global step t, paper default) or `per_entry`, mirroring `ID3.attach`
+exactly: the shared-count step rescaled by (1 - b1^t) / (1 - b1^n) * sqrt((1 - b2^n) / (1 - b2^t)) with
+n = t - join, so both state modes train the same model (per_entry is Adam from the join step up to
+Adam's eps term, which the rescaling multiplies by sqrt((1 - b2^t) / (1 - b2^n))). The master is then
+rounded into the frozen weight in place, so the model always holds master.to(dtype) at chosen entries
+and the bit-identical base elsewhere.
+
+Clipping sees the masked gradient: the norm over chosen entries plus fully trainable parameters
+(`sq_norm` per holder, summed over holders, then `clip_coef`), exactly as dense mode's mask_grads +
+clip_grad_norm_.
+
+What the ZeRO-3 integration (a later session) still needs:
+- a transient reduce-scattered gradient per partition: the selectable parameters are not DeepSpeed
+  trainable (no fp32 partition, no optimizer state), so their gradient must come from a custom autograd
+  Function around the gathered weight whose backward reduce-scatters the full gradient and hands each rank
+  its partition (flat coordinates [start, start + numel) of the ParamSlice); ID3.select scores that
+  partition (the reducer all-gathers candidates as today), then `SparseSlice.align`, `sq_norm`
+  (all-reduced with the fully trainable norm DeepSpeed computes), `adamw_update`, and the buffer is freed.
+- an accumulation buffer: with gradient accumulation the partitioned gradient must be summed across
+  micro-batches (one buffer per partition, model dtype or fp32, alive from the first backward of a step to
+  its optimizer step), because the reduce-scatter happens per backward.
+- the write-back target is the rank's partition `param.ds_tensor` (flat), not `param.data` (empty outside
+  a gather). The persistence-threshold trap: parameters smaller than stage3_param_persistence_threshold
+  stay gathered (`ds_persist`), so the full tensor lives in `param.data` as well and must be written too
+  (or kept out of sparse state), else the next forward reads a stale copy; check both after a step.
+- checkpoints: each rank saves `MaskState.from_slices(..., adam=...)` of its partition (global flat
+  coordinates, O(B)); `MaskState.union` + `slice_mask`/`slice_adam` re-slice onto any world size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from id3_ds.algorithm.mask import SliceMask
+from id3_ds.errors import ID3Error
+
+BYTES_PER_ENTRY = 12  # fp32 master + exp_avg + exp_avg_sq; the mask adds its own 16 B
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1e-6)
+
+
+def _empty() -> torch.Tensor:
+    return torch.empty(0, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class AdamWHyper:
+    """The optimizer settings one sparse step uses (weight decay is per slice, see decay.py)."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    bias_correction: str = "shared"  # "shared" or "per_entry" (ID3Config.bias_correction)
+
+
+@dataclass
+class SparseSlice:
+    """Adam state of one slice's chosen entries, aligned with the `SliceMask.positions` last aligned to."""
+
+    positions: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    master: torch.Tensor = field(default_factory=_empty)
+    exp_avg: torch.Tensor = field(default_factory=_empty)
+    exp_avg_sq: torch.Tensor = field(default_factory=_empty)
+
+    def __len__(self) -> int:
+        return self.master.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this state holds (the positions are the mask's own tensor, not a copy)."""
+        return sum(t.numel() * t.element_size() for t in (self.master, self.exp_avg, self.exp_avg_sq))
+
+    def align(self, mask: SliceMask, weight: torch.Tensor) -> None:
+        """Follow the mask's growth: keep old entries' state, start new ones at master = weight, m = v = 0.
+
+        Masks only grow (SliceMask.add merges sorted positions), so the old positions are a subset of the
+        new ones and `searchsorted` finds where each old entry moved: O(chosen), no re-sort.
+        """
+        new = mask.positions
+        if new is self.positions:
+            return
+        old = self.positions
+        old_at = torch.searchsorted(new, old)
+        if old.numel() and (int(old_at.max()) >= new.numel() or not torch.equal(new[old_at], old)):
+            raise ID3Error("the mask lost chosen entries the sparse state holds: restore both from one checkpoint")
+        fresh = torch.ones(new.numel(), dtype=torch.bool)
+        fresh[old_at] = False
+        master = torch.empty(new.numel(), dtype=torch.float32)
+        master[old_at] = self.master
+        master[fresh] = weight[new[fresh]].to(torch.float32)
+        self.master = master
+        self.exp_avg = self._moved(self.exp_avg, old_at, new.numel())
+        self.exp_avg_sq = self._moved(self.exp_avg_sq, old_at, new.numel())
+        self.positions = new
+
+    @staticmethod
+    def _moved(t: torch.Tensor, old_at: torch.Tensor, n: int) -> torch.Tensor:
+        out = torch.zeros(n, dtype=torch.float32)
+        out[old_at] = t
+        return out
+
+    def gather(self, grad: torch.Tensor | None) -> torch.Tensor:
+        """The chosen entries of a slice's dense (transient) gradient, fp32; zeros if the loss missed it."""
+        if grad is None:
+            return torch.zeros(len(self), dtype=torch.float32)
+        return grad[self.positions].to(torch.float32)
+
+    def write_back(self, weight: torch.Tensor) -> None:
+        """Round the master into the frozen weight (1-D view) in place; every other entry is untouched."""
+        with torch.no_grad():
+            weight[self.positions] = self.master.to(weight.dtype)
+
+
+def sq_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares (fp32) of this holder's masked gradient pieces; sum over holders, then sqrt."""
+    total = torch.zeros((), dtype=torch.float32)
+    for g in grads:
+        if g.numel():
+            total += torch.linalg.vector_norm(g.to(torch.float32)) ** 2
+    return total
+
+
+def clip_coef(total_norm: torch.Tensor | float, max_norm: float | None) -> float:
+    """The factor clip_grad_norm_ multiplies every gradient by: min(1, max_norm / (norm + 1e-6))."""
+    if max_norm is None or max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (float(total_norm) + CLIP_EPS))
+
+
+def adamw_update(
+    state: SparseSlice,
+    grad: torch.Tensor,
+    joined: torch.Tensor,
+    step: int,
+    hyper: AdamWHyper,
+    weight_decay: float = 0.0,
+) -> None:
+    """One AdamW step on the chosen entries' fp32 master, in place.
+
+    grad: the chosen entries' (clipped) gradient, fp32, aligned with the state; joined: each entry's join
+    step (SliceMask.chosen_at, 0-based); step: optimizer steps counted including this one (t >= 1).
+    """
+    if len(state) == 0:
+        return
+    lr, (b1, b2), eps = hyper.lr, hyper.betas, hyper.eps
+    if weight_decay:
+        state.master.mul_(1.0 - lr * weight_decay)  # decoupled, before the Adam step (as ID3.attach does)
+    state.exp_avg.lerp_(grad, 1.0 - b1)
+    state.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+    step_size = lr / (1.0 - b1**step)
+    denom = (state.exp_avg_sq.sqrt() / math.sqrt(1.0 - b2**step)).add_(eps)
+    if hyper.bias_correction == "shared":
+        state.master.addcdiv_(state.exp_avg, denom, value=-step_size)
+        return
+    n = (step - joined).to(torch.float64)
+    ratio = (1 - b1**step) / (1 - torch.pow(b1, n)) * torch.sqrt((1 - torch.pow(b2, n)) / (1 - b2**step))
+    update = (state.exp_avg / denom).mul_(-step_size)
+    state.master.add_(update * ratio.to(torch.float32))
