@@ -10,9 +10,11 @@ import copy
 import pytest
 import torch
 
-from id3_ds.algorithm import ID3, ID3Config, MaskState, ParamSlice, SparseID3, from_module
+from id3_ds.algorithm import ID3, ID3Config, MaskState, ParamSlice, SparseID3, SparseSlice, from_module
 from id3_ds.algorithm.id3 import layout
+from id3_ds.algorithm.mask import SliceMask
 from id3_ds.algorithm.sparse_state import BYTES_PER_ENTRY
+from id3_ds.errors import ID3Error
 from tests.assertions import assert_only_chosen_moved, chosen_indices
 
 LLAMA = dict(
@@ -112,7 +114,7 @@ def test_sparse_matches_dense_id3(bias_correction: str, accum: int) -> None:
     assert min(norms) > CLIP  # clipping acted at every step
     assert norms == pytest.approx(dense_norms, rel=1e-5)
     assert_same_trace(dense_trace, trace)  # the same entries chosen at every step
-    assert max_diff(dense, model) < 1e-5
+    assert max_diff(dense, model) < 1e-6  # measured: <= 1.5e-8
     state = drv.id3.mask_state()
     assert len(state) == drv.id3.budget
     assert_only_chosen_moved(base, dict(model.named_parameters()), chosen_indices(state), chosen_must_move=True)
@@ -229,12 +231,40 @@ def test_bf16_model_keeps_bf16_weights_and_fp32_master() -> None:
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert_only_chosen_moved(base, dict(model.named_parameters()), chosen_indices(drv.id3.mask_state()))
     ref = dict(master.named_parameters())
+    for name, p in model.named_parameters():  # within bf16 rounding of the fp32-master run (measured: equal)
+        expect = ref[name].detach()
+        assert torch.allclose(p.float(), expect, rtol=2**-8, atol=1e-12), name
     for i, st in drv.states.items():
         h = drv.id3.held[i]
         assert st.master.dtype == torch.float32
         if len(st) == 0:
             continue
         expect = ref[h.info.name].detach().view(-1)[h.mask.positions]
-        assert float((st.master - expect).abs().max()) < 1e-5, h.info.name
+        assert float((st.master - expect).abs().max()) < 1e-6, h.info.name  # measured: 7.5e-9
         # the frozen weight holds the master rounded to bf16
         assert torch.equal(h.access.value()[h.mask.positions], st.master.to(torch.bfloat16))
+
+
+def test_align_keeps_state_of_old_entries_and_refuses_a_shrunk_mask() -> None:
+    weight = torch.arange(10, dtype=torch.float32)
+    mask, st = SliceMask(), SparseSlice()
+    mask.add(torch.tensor([2, 7]), 0, weight)
+    st.align(mask, weight)
+    st.exp_avg += torch.tensor([1.0, 2.0])
+    st.master += 100
+    mask.add(torch.tensor([0, 5, 9]), 1, weight)  # interleaved with the old entries
+    st.align(mask, weight)
+    assert st.positions.tolist() == [0, 2, 5, 7, 9]
+    assert st.master.tolist() == [0.0, 102.0, 5.0, 107.0, 9.0]
+    assert st.exp_avg.tolist() == [0.0, 1.0, 0.0, 2.0, 0.0]
+    assert st.exp_avg_sq.tolist() == [0.0] * 5
+    with pytest.raises(ID3Error, match="lost chosen entries"):
+        st.align(SliceMask(torch.tensor([0, 2, 5]), torch.zeros(3, dtype=torch.int32), torch.zeros(3)), weight)
+
+
+def test_dense_mode_mask_file_is_refused(tmp_path) -> None:
+    model = tiny_llama()
+    id3 = from_module(model, config(), STEPS)
+    id3.mask_state(with_values=True).save(tmp_path / "dense.safetensors", id3.state_meta())
+    with pytest.raises(ID3Error, match="dense-mode"):
+        sparse_driver(tiny_llama(), config()).load(tmp_path / "dense.safetensors")
