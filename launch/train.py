@@ -75,6 +75,7 @@ def main(argv: list[str]) -> None:
     from id3_ds.data.evaluate import evaluate
     from id3_ds.integration.ds_config import build_ds_config
     from id3_ds.integration.hook import build_update, freeze_outside
+    from id3_ds.integration.params import full_shape
     from id3_ds.methods import MASKED, method_spec
     from id3_ds.models import load_model, resolve_model, wrap_lora
     from id3_ds.processes import free_port
@@ -95,7 +96,9 @@ def main(argv: list[str]) -> None:
     clear_stale_build_locks()  # before DeepSpeed builds its CPU ops: a dead build's lock would hang us forever
     accel = get_accelerator()
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
-    timeout = timedelta(seconds=cfg.train.collective_timeout_s)  # a hung rank ends the job instead of hanging
+    # a hung rank ends the job instead of hanging: the progress watchdog (train.collective_timeout_s, started at
+    # resume) speaks first with a clear line; the backend's own collective timeout is only the backstop
+    timeout = timedelta(seconds=cfg.train.collective_timeout_s + 60)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
@@ -140,7 +143,7 @@ def main(argv: list[str]) -> None:
     # -- DeepSpeed engine and the method's update (the mask hook, or dense) -----------------------------
     trainable = [p for p in model.parameters() if p.requires_grad]
     # ID3 applies decay itself (the optimizer's own stays 0); dense methods: no decay on biases and norms
-    groups = trainable if masked else decay_groups(model.named_parameters(), weight_decay, cfg.id3.no_decay)
+    groups = trainable if masked else decay_groups(model.named_parameters(), weight_decay, cfg.id3.no_decay, full_shape)
     client_optimizer = None
     if t.optimizer == "torch_adamw":  # each dense group carries its own weight_decay
         client_optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=0.0)

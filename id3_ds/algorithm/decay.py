@@ -10,7 +10,7 @@ masked decay and for the dense methods' optimizer groups.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -24,18 +24,21 @@ def decays(name: str, shape: Sequence[int], no_decay: Iterable[str] = ()) -> boo
 
 
 def decay_groups(
-    named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float, no_decay: Iterable[str] = ()
+    named_params: Iterable[tuple[str, torch.nn.Parameter]],
+    weight_decay: float,
+    no_decay: Iterable[str] = (),
+    shape_of: Callable[[torch.nn.Parameter], tuple[int, ...]] = lambda p: tuple(p.shape),
 ) -> list[dict]:
     """Optimizer parameter groups of the trainable parameters: one with `weight_decay`, one with none.
 
-    A ZeRO-3 partition's own shape is its local piece; its whole shape is its `ds_shape` attribute (read by
-    duck typing: nothing here imports DeepSpeed).
+    `shape_of` gives a parameter's whole shape: under ZeRO-3 a partition's own shape is only its local piece,
+    so the trainer passes `id3_ds.integration.params.full_shape` (nothing here knows DeepSpeed).
     """
     patterns = tuple(no_decay)
     groups: dict[bool, list[torch.nn.Parameter]] = {True: [], False: []}
     for name, p in named_params:
         if p.requires_grad:
-            groups[decays(name, tuple(getattr(p, "ds_shape", p.shape)), patterns)].append(p)
+            groups[decays(name, shape_of(p), patterns)].append(p)
     return [
         {"params": params, "weight_decay": weight_decay if decay else 0.0} for decay, params in groups.items() if params
     ]
