@@ -237,8 +237,9 @@ def config_from_dict(raw: dict, base_dir: str | Path = ".") -> RunConfig:
         cfg.model.name_or_path = _resolve(cfg.model.name_or_path, base_dir)
     if not cfg.data.path:
         raise ID3Error("config key 'data.path' is required: a JSON/JSONL file or a directory of them")
-    cfg.data.path = _resolve(cfg.data.path, base_dir)
-    if cfg.data.eval_path:
+    if not is_named(cfg.data.path):  # package:... names a data source (id3_ds/data/sources.py)
+        cfg.data.path = _resolve(cfg.data.path, base_dir)
+    if cfg.data.eval_path and not is_named(cfg.data.eval_path):
         cfg.data.eval_path = _resolve(cfg.data.eval_path, base_dir)
     if (cfg.train.steps is None) == (cfg.train.epochs is None):
         raise ID3Error("give exactly one of 'train.steps' and 'train.epochs'")
