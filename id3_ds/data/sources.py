@@ -157,4 +157,5 @@ def _build(source_file: Path, entry: Path) -> None:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    # ASCII escapes on purpose: a review holds U+2028, which str.splitlines (load_records) breaks lines at
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
