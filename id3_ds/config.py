@@ -354,8 +354,8 @@ def _is_path(key: str, value: Any) -> bool:
     """Whether a path key's value names a file or folder (not a model name, a resume keyword or empty)."""
     if not isinstance(value, str) or not value:
         return False
-    if key == "model.name_or_path":
-        return not is_named(value)  # builtin:/package: are names
+    if key in ("model.name_or_path", "data.path", "data.eval_path"):
+        return not is_named(value)  # builtin:/package: are names (models/resolve.py, data/sources.py)
     if key == "train.resume":
         return value not in RESUME_WORDS
     return True

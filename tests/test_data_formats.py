@@ -246,3 +246,12 @@ def test_bad_records_are_skipped_and_counted_on_request(tok, tmp_path) -> None:
     assert policy.truncated == 2
     assert all(len(e.input_ids) <= 64 for e in examples)
     assert "2 malformed skipped" in policy.summary(len(examples))
+
+
+def test_jsonl_line_with_a_unicode_line_separator_inside_a_string_is_one_record(tmp_path) -> None:
+    """U+2028 is valid inside a JSON string; str.splitlines broke such a line in two (both 'invalid JSON')."""
+    path = tmp_path / "d.jsonl"
+    rows = [{"text": "first\u2028still first", "label": "positive"}, {"text": "second\r", "label": "negative"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    records = [record for _, record in load_records(path)]
+    assert [r["text"] for r in records] == [r["text"] for r in rows]

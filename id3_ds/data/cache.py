@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from id3_ds.data.loading import (
     pack,
     tokenize_records,
 )
+from id3_ds.data.sources import is_source, resolve_data
 from id3_ds.errors import ID3Error
 from id3_ds.files.atomic import staged_dir
 
@@ -108,8 +109,7 @@ def cached_dataset(
     spec: DataSpec, tokenizer: Any, tokenizer_dir: str, cache_root: str | Path, is_main: bool = True
 ) -> tuple[TokenizedDataset, list[str] | None]:
     """The tokenised dataset and label names, built by rank 0 on a cache miss and shared by every rank."""
-    import torch.distributed as dist
-
+    spec = _resolve_source(spec, is_main)
     target = Path(cache_root) / "data" / cache_key(spec, tokenizer_dir, getattr(tokenizer, "chat_template", None))
     error = None
     if is_main and not (target / "id3_ds_meta.json").is_file():
@@ -118,10 +118,32 @@ def cached_dataset(
             _save(examples, names, target)
         except ID3Error as e:
             error = str(e)
+    _raise_everywhere(error)
+    return _open(target)
+
+
+def _resolve_source(spec: DataSpec, is_main: bool) -> DataSpec:
+    """A named source (`package:...`) as its JSONL file: rank 0 builds it, then every rank uses it, so the
+    cache key hashes the real file's bytes on every rank."""
+    if not is_source(spec.path):
+        return spec
+    error = None
+    if is_main:
+        try:
+            resolve_data(spec.path)
+        except ID3Error as e:
+            error = str(e)
+    _raise_everywhere(error)
+    return replace(spec, path=str(resolve_data(spec.path)))
+
+
+def _raise_everywhere(error: str | None) -> None:
+    """Rank 0's error (or None) raised on every rank, so no rank is left waiting at a collective."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error is not None:
         raise ID3Error(error)
-    return _open(target)

