@@ -8,7 +8,7 @@ Phases, each with its own time budget (a phase past it stops the script with one
 1. requirements: CUDA visible, deepspeed/datasets/pydantic importable, ninja and nvcc for FusedAdam.
 2. fused_adam: JIT-builds the accelerator's FusedAdam once (the op DeepSpeed's "AdamW" runs on).
 3. base: a LLaMA-style model from a config (no download; 2048 hidden, 16 layers, 5632 intermediate, 32000
-   vocab: 1.07B parameters), saved as bf16 with save_pretrained, and a synthetic `text` JSONL.
+   vocab: 953.2M parameters), saved as bf16 with save_pretrained, and a synthetic `text` JSONL.
 4. train: the real trainer (`launch/train.py`, world size 1) runs ID3 for 20 steps at B = 0.1 % under ZeRO-3,
    bf16, gradient accumulation 2, weight decay 0.1, clipping 1.0, and saves the final model.
 5. verify: B exactly (the run's log and the exported delta), no weight moved outside the delta, and
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -374,7 +375,8 @@ def overhead_worker(plan: Plan, stage: int, out: Path) -> None:
     end_worker()
 
 
-def run_overhead(plan: Plan, cpu: bool, work: Path, seconds: int) -> list[dict]:
+def run_overhead(plan: Plan, cpu: bool, work: Path, seconds: Callable[[str], int]) -> list[dict]:
+    """One child per ZeRO stage, each within `seconds("overhead")` (its budget, clipped to the time left)."""
     from id3_ds.processes import free_port
 
     rows = []
@@ -384,7 +386,7 @@ def run_overhead(plan: Plan, cpu: bool, work: Path, seconds: int) -> list[dict]:
         env["MASTER_PORT"] = str(free_port())
         cmd = [sys.executable, __file__, "--overhead-worker", str(stage), "--out", str(out)]
         cmd += ["--cpu-dry-run"] if cpu else []
-        run_child(f"overhead (ZeRO-{stage})", cmd, seconds, env, work / f"overhead_zero{stage}.log")
+        run_child(f"overhead (ZeRO-{stage})", cmd, seconds("overhead"), env, work / f"overhead_zero{stage}.log")
         rows.append(json.loads(out.read_text()))
     return rows
 
@@ -430,35 +432,44 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_check(plan: Plan, cpu: bool, out: Path, keep: bool) -> dict:
-    """All phases in order; the report (also written as it grows, so a failure keeps what was done)."""
+def run_check(plan: Plan, cpu: bool, out: Path, keep: bool, limit: int) -> dict:
+    """All phases in order within `limit` seconds; the report (written even on failure, with what was done)."""
+    deadline = time.monotonic() + limit
+
+    def left(name: str) -> int:
+        """The phase's budget, clipped to the time left: the whole check ends inside a lease's command limit."""
+        seconds = min(plan.budgets[name], int(deadline - time.monotonic()))
+        if seconds < 5:
+            raise CheckError(f"no time left for phase {name} within --time-limit {limit} s")
+        return seconds
+
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_", dir=out if keep else None))
     report: dict = {"mode": "cpu-dry-run" if cpu else "gpu", "plan": asdict(plan), "timings": {}, "environment": {}}
-    t, b = report["timings"], plan.budgets
+    t = report["timings"]
     try:
-        with phase("requirements", b["requirements"], t):
+        with phase("requirements", left("requirements"), t):
             report["environment"] = check_requirements(cpu)
         t0 = time.perf_counter()
         cmd = [sys.executable, "-c", BUILD_FUSED_ADAM]
-        run_child("fused_adam", cmd, b["fused_adam"], child_env(cpu), out / "fused_adam.log")
+        run_child("fused_adam", cmd, left("fused_adam"), child_env(cpu), out / "fused_adam.log")
         t["fused_adam"] = round(time.perf_counter() - t0, 1)
         base_dir, data, run_dir = work / "base", work / "data.jsonl", work / "run"
-        with phase("base", b["base"], t):
+        with phase("base", left("base"), t):
             entries = write_base(plan, base_dir)
             write_data(data, plan)
         cfg_path = work / "run_config.json"
         cfg_path.write_text(json.dumps(run_config(plan, base_dir, data, run_dir, work / "cache"), indent=1))
         t0 = time.perf_counter()
         cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(cfg_path)]
-        run_child("train", cmd, b["train"], child_env(cpu), out / "train.log")
+        run_child("train", cmd, left("train"), child_env(cpu), out / "train.log")
         t["train"] = round(time.perf_counter() - t0, 1)
-        with phase("verify", b["verify"], t):
+        with phase("verify", left("verify"), t):
             report["verify"] = verify(run_dir, base_dir, work, entries)
         if not report["verify"]["passed"]:
             raise CheckError(f"verification failed: {json.dumps(report['verify'])}")
         t0 = time.perf_counter()
-        report["overhead"] = run_overhead(plan, cpu, work, b["overhead"])
+        report["overhead"] = run_overhead(plan, cpu, work, left)
         t["overhead"] = round(time.perf_counter() - t0, 1)
     except CheckError as e:
         report["error"] = str(e)
@@ -474,6 +485,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path, help="folder for gpu_check.json, gpu_check.md and logs")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny model, gloo, DeepSpeed's CPU accelerator")
+    ap.add_argument(
+        "--time-limit", type=int, default=570, help="seconds for the whole check (570: inside a 600 s command limit)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the base, run, delta and merged model under --out")
     ap.add_argument("--overhead-worker", type=int, default=None, help=argparse.SUPPRESS)  # ZeRO stage
     args = ap.parse_args()
@@ -482,7 +496,7 @@ def main() -> None:
         overhead_worker(plan, args.overhead_worker, args.out)
         return
     try:
-        report = run_check(plan, args.cpu_dry_run, args.out, args.keep)
+        report = run_check(plan, args.cpu_dry_run, args.out, args.keep, args.time_limit)
     except CheckError as e:
         print(f"gpu_check: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -78,3 +78,9 @@ def test_failed_child_names_its_error_line(tmp_path: Path) -> None:
     cmd = [sys.executable, "-c", "print('noise'); print('error: data.path missing: fix it'); raise SystemExit(3)"]
     with pytest.raises(gc.CheckError, match=r"phase train failed \(exit 3\): error: data.path missing: fix it"):
         gc.run_child("train", cmd, 60, gc.child_env(True), tmp_path / "log")
+
+
+def test_whole_check_keeps_its_time_limit(tmp_path: Path) -> None:
+    with pytest.raises(gc.CheckError, match="no time left for phase requirements within --time-limit 0 s"):
+        gc.run_check(gc.CPU, True, tmp_path, keep=False, limit=0)
+    assert "no time left" in json.loads((tmp_path / "gpu_check.json").read_text())["error"]
