@@ -38,9 +38,10 @@ What the ZeRO-3 integration (a later session) still needs:
 - an accumulation buffer: with gradient accumulation the partitioned gradient must be summed across
   micro-batches (one buffer per partition, model dtype or fp32, alive from the first backward of a step to
   its optimizer step), because the reduce-scatter happens per backward.
-- the write-back target is the rank's partition `param.ds_tensor` (flat), not `param.data` (empty outside
-  a gather). The persistence-threshold trap: parameters smaller than stage3_param_persistence_threshold
-  stay gathered (`ds_persist`), so the full tensor lives in `param.data` as well and must be written too
+- the write-back target is the rank's own flat ZeRO-3 partition (through
+  `id3_ds.integration.params.write_local_partition`), not `param.data` (empty outside a gather).
+  The persistence-threshold trap: parameters smaller than stage3_param_persistence_threshold stay
+  gathered (`ds_persist`), so the full tensor lives in `param.data` as well and must be written too
   (or kept out of sparse state), else the next forward reads a stale copy; check both after a step.
 - checkpoints: each rank saves `MaskState.from_slices(..., adam=...)` of its partition (global flat
   coordinates, O(B)); `MaskState.union` + `slice_mask`/`slice_adam` re-slice onto any world size.
