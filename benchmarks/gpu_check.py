@@ -60,6 +60,22 @@ class Plan:
     pairs: int
     budgets: dict[str, int] = field(default_factory=dict)
 
+    def llama_config(self, vocab: int, **token_ids: int):
+        """The LLaMA-style model of this plan (untied head), for the trained run and the overhead workers alike."""
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.heads,
+            max_position_embeddings=max(2 * self.seq, 128),
+            tie_word_embeddings=False,
+            **token_ids,
+        )
+
 
 GPU = Plan(2048, 16, 5632, 32000, 32, steps=20, micro=4, seq=256, pairs=6, budgets=dict(
     requirements=60, fused_adam=300, base=180, train=480, verify=300, overhead=240))  # fmt: skip
@@ -170,20 +186,13 @@ BUILD_FUSED_ADAM = (
 def write_base(plan: Plan, base_dir: Path) -> int:
     """A LLaMA-style model from `plan`'s config, saved in bf16 with the tiny built-in tokenizer; its entry count."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from id3_ds.models import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("builtin:tiny-llama"))
-    cfg = LlamaConfig(
-        vocab_size=max(plan.vocab, len(tok)),
-        hidden_size=plan.hidden,
-        intermediate_size=plan.intermediate,
-        num_hidden_layers=plan.layers,
-        num_attention_heads=plan.heads,
-        num_key_value_heads=plan.heads,
-        max_position_embeddings=max(2 * plan.seq, 128),
-        tie_word_embeddings=False,
+    cfg = plan.llama_config(
+        max(plan.vocab, len(tok)),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -302,7 +311,7 @@ def overhead_worker(plan: Plan, stage: int, out: Path) -> None:
     import torch.distributed as dist
     import transformers.models.llama.modeling_llama  # noqa: F401  (import torch._dynamo outside zero.Init)
     from deepspeed.accelerator import get_accelerator
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from benchmarks._launch import end_worker
     from benchmarks.bench_step_overhead import summarize
@@ -323,16 +332,7 @@ def overhead_worker(plan: Plan, stage: int, out: Path) -> None:
         "steps_per_print": 10**9,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0}},
     }
-    cfg = LlamaConfig(
-        vocab_size=plan.vocab,
-        hidden_size=plan.hidden,
-        intermediate_size=plan.intermediate,
-        num_hidden_layers=plan.layers,
-        num_attention_heads=plan.heads,
-        num_key_value_heads=plan.heads,
-        max_position_embeddings=max(2 * plan.seq, 128),
-        tie_word_embeddings=False,
-    )
+    cfg = plan.llama_config(plan.vocab)
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=ds) if stage == 3 else contextlib.nullcontext():
         model = LlamaForCausalLM(cfg)
