@@ -155,3 +155,61 @@ def test_two_ranks_report_a_missing_model_once(tmp_path, env) -> None:
     assert errors[0].startswith(f"error: model.name_or_path '{tmp_path}/no-model' is not a local Hugging Face model")
     assert "collective operation" not in proc.stdout and "stopping because another rank failed" not in proc.stdout
     assert not out.exists()
+
+
+SPARSE = "id3.state=sparse"
+STAGE3 = "deepspeed.zero_optimization.stage=3"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["deepspeed.zero_optimization.stage=1"], "needs deepspeed.zero_optimization.stage 3 or 0, got 1: use zero"),
+        (["deepspeed.zero_optimization.stage=2"], "needs deepspeed.zero_optimization.stage 3 or 0, got 2: use zero"),
+        ([STAGE3, 'deepspeed.zero_optimization.offload_optimizer={"device": "cpu"}'], "zero_optimization.offload_op"),
+        ([STAGE3, 'deepspeed.zero_optimization.offload_param={"device": "cpu"}'], "zero_optimization.offload_param"),
+        ([STAGE3, 'deepspeed.zero_optimization.offload_param={"device": "nvme"}'], "zero_optimization.offload_param"),
+        ([STAGE3, "lora.rank=4"], "does not support ID3 over LoRA"),
+        ([STAGE3, "method=full", "train.export_delta=false"], "needs a masked method, but method 'full'"),
+        (
+            [STAGE3, "method=lora", "lora.rank=4", "train.export_delta=false"],
+            "needs a masked method, but method 'lora'",
+        ),
+        ([STAGE3, "method=fish"], "does not support method 'fish'"),
+        ([STAGE3, "deepspeed.zero_optimization.zero_hpz_partition_size=2"], "does not support hpZ"),
+        ([STAGE3, "deepspeed.zero_optimization.zero_quantized_weights=true"], "zero_quantized_weights"),
+        ([STAGE3, "deepspeed.zero_optimization.zero_quantized_nontrainable_weights=true"], "quantized_nontrainable"),
+        ([STAGE3, "deepspeed.fp16.enabled=true"], "fp16 training is not supported"),
+    ],
+)
+def test_sparse_state_refuses_what_it_cannot_run_with_one_line(overrides, message, tmp_path, cache) -> None:
+    with pytest.raises(ID3Error) as e:
+        _check(tmp_path, SPARSE, *overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists() and not cache.exists()
+
+
+@pytest.mark.parametrize("method", ["id3", "random", "pafi", "bitfit"])
+@pytest.mark.parametrize("stage", [0, 3])
+def test_sparse_state_runs_without_a_deepspeed_optimizer(method, stage, tmp_path) -> None:
+    from id3_ds.integration.ds_config import SPARSE_BUCKET, build_ds_config
+
+    cfg = load_config(
+        TINY_CONFIG,
+        [
+            f"train.output_dir={tmp_path / 'out'}",
+            SPARSE,
+            f"method={method}",
+            f"deepspeed.zero_optimization.stage={stage}",
+        ],
+    )
+    assert pf.preflight(cfg) == []
+    ds, wd = build_ds_config(cfg, 2)
+    assert "optimizer" not in ds and wd == cfg.train.weight_decay
+    assert ds["zero_optimization"]["reduce_bucket_size"] == SPARSE_BUCKET
+    assert ds["zero_optimization"].get("stage3_param_persistence_threshold") == (0 if stage == 3 else None)
+
+
+def test_id3_state_must_be_dense_or_sparse(tmp_path) -> None:
+    with pytest.raises(ID3Error, match="id3.state"):
+        _check(tmp_path, "id3.state=half")

@@ -206,3 +206,26 @@ def test_a_resume_says_where_it_starts_and_methods_keep_apart(tmp_path, env) -> 
     assert f"resumed from {checkpoint_dir(tmp_path / 'id3', 1)} at step 1 of 2" in log, log[-3000:]
     pafi = ok(train([*args, "method=pafi"], nproc=1, env=env)).stdout
     assert "resumed" not in pafi and [r["step"] for r in _records(tmp_path / "pafi") if "loss" in r] == [1, 2]
+
+
+def test_dense_and_sparse_state_never_resume_each_other(tmp_path) -> None:
+    stage3 = "deepspeed.zero_optimization.stage=3"
+    _checkpoint(_cfg(tmp_path, stage3), 20, 40)
+    for extra in ([], ["train.resume_mismatch=allow"]):  # allow cannot cross it: the optimizer state differs
+        with pytest.raises(ID3Error, match='id3.state "dense" -> "sparse".*change which weights train'):
+            check_resume(_cfg(tmp_path, stage3, "id3.state=sparse", *extra))
+    sparse = tmp_path / "sparse"
+    _checkpoint(_cfg(sparse, stage3, "id3.state=sparse"), 20, 40)
+    with pytest.raises(ID3Error, match='id3.state "sparse" -> "dense"'):
+        check_resume(_cfg(sparse, stage3))
+
+
+def test_a_checkpoint_recorded_before_id3_state_counts_as_dense(tmp_path) -> None:
+    stage3 = "deepspeed.zero_optimization.stage=3"
+    ckpt = _checkpoint(_cfg(tmp_path, stage3), 20, 40)
+    info = json.loads((ckpt / "COMPLETE").read_text())
+    del info["settings"]["id3.state"]
+    mark_complete(ckpt, info)
+    assert check_resume(_cfg(tmp_path, stage3)).step == 20
+    with pytest.raises(ID3Error, match='id3.state "dense" -> "sparse"'):
+        check_resume(_cfg(tmp_path, stage3, "id3.state=sparse"))

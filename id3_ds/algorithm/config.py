@@ -15,6 +15,8 @@ from id3_ds.errors import ID3Error
 
 BiasCorrection = Literal["shared", "per_entry"]
 BIAS_CORRECTIONS = typing.get_args(BiasCorrection)
+StateMode = Literal["dense", "sparse"]
+STATE_MODES = typing.get_args(StateMode)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,11 @@ class ID3Config:
     no_decay: glob patterns (case-insensitive) of parameters that get no weight decay, on top of the
         rule that tensors with fewer than 2 dimensions (biases, norm scales) never do (see decay.py).
     fish_batches: sample batches for the Fisher estimate of method fish, taken before step 0.
+    state: where the optimizer state of the trainable weights lives. "dense" (default): DeepSpeed's
+        optimizer holds an fp32 master and both Adam moments for every selectable weight, so memory is
+        that of full fine-tuning. "sparse": the selectable weights stay in the model's dtype and only the
+        chosen entries carry an fp32 master, both moments and the join step (28 B per chosen entry with
+        the mask, see sparse_state.py); ZeRO-3 or stage 0 only (preflight refuses the rest).
     """
 
     budget: int | float = 0.001
@@ -43,6 +50,7 @@ class ID3Config:
     bias_correction: BiasCorrection = "shared"
     no_decay: tuple[str, ...] = ()
     fish_batches: int = 8
+    state: StateMode = "dense"
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
@@ -56,5 +64,7 @@ class ID3Config:
             raise ID3Error(f"id3.eps must be > 0 (got {self.eps}); it keeps |g|/(|theta|+eps)^exp finite")
         if self.bias_correction not in BIAS_CORRECTIONS:
             raise ID3Error(f"id3.bias_correction must be one of {BIAS_CORRECTIONS}, got {self.bias_correction!r}")
+        if self.state not in STATE_MODES:
+            raise ID3Error(f"id3.state must be one of {STATE_MODES}, got {self.state!r}")
         if self.fish_batches < 1:
             raise ID3Error("id3.fish_batches must be >= 1 (sample batches for the Fisher estimate)")

@@ -53,6 +53,7 @@ RESULT_KEYS = (
     "id3.fully_trainable",
     "id3.bias_correction",
     "id3.no_decay",
+    "id3.state",
     "train.steps",
     "train.epochs",
     "train.lr",
@@ -77,6 +78,7 @@ _FIXED_KEYS = (
     "lora.target_modules",
     "id3.targets",
     "id3.fully_trainable",
+    "id3.state",  # dense checkpoints hold DeepSpeed's optimizer, sparse ones the chosen entries' Adam state
 )
 _LEGACY_ID3 = ("budget", "eps", "exp", "targets", "fully_trainable", "bias_correction", "no_decay")
 
@@ -114,7 +116,7 @@ def recorded_settings(info: dict) -> dict[str, Any]:
     """The settings a checkpoint's COMPLETE marker records; for a checkpoint written before they were
     recorded whole, the few its marker holds (method, id3 section, lr, dtype)."""
     if isinstance(info.get("settings"), dict):
-        return info["settings"]
+        return {"id3.state": "dense", **info["settings"]}  # written before id3.state existed: dense
     out: dict[str, Any] = {}
     if "method" in info:
         out["method"] = info["method"]

@@ -14,6 +14,7 @@ from id3_ds.errors import ID3Error
 from id3_ds.methods.registry import MASKED
 
 SUPPORTED_OPTIMIZERS = ("adam", "adamw")
+SPARSE_BUCKET = 1_000_000  # sparse state: DeepSpeed reduces nothing, so its reduce buffer stays small
 
 
 def build_ds_config(cfg: RunConfig, world_size: int) -> tuple[dict, float]:
@@ -50,6 +51,8 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> tuple[dict, float]:
     if zero.get("offload_param", {}).get("device", "none") not in ("none", None) and stage != 3:
         raise ID3Error("deepspeed offload_param needs zero_optimization.stage 3")
 
+    if cfg.id3.state == "sparse" and cfg.method in MASKED:
+        return _sparse_state(ds, zero), t.weight_decay
     if t.optimizer == "torch_adamw":  # a client torch.optim.AdamW, built by the launcher from these values
         if "optimizer" in ds:
             raise ID3Error("train.optimizer=torch_adamw conflicts with a deepspeed.optimizer block; drop one")
@@ -74,6 +77,24 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> tuple[dict, float]:
         params["weight_decay"] = wd
     _no_auto_left(ds, "deepspeed")
     return ds, wd
+
+
+def _sparse_state(ds: dict, zero: dict) -> dict:
+    """id3.state=sparse: DeepSpeed only partitions and gathers parameters; the update holds Adam itself.
+
+    No optimizer or scheduler block (deepspeed.initialize then builds no ZeRO optimizer: no fp32 masters,
+    moments or gradient partitions); a small reduce bucket (the default 5e8 entries would be allocated
+    for nothing); and no persistent parameters (stage3_param_persistence_threshold 0): a parameter kept
+    gathered would keep a stale whole copy after the update writes its partition.
+    """
+    ds.pop("optimizer", None)
+    ds.pop("scheduler", None)
+    bucket = zero.get("reduce_bucket_size")
+    zero["reduce_bucket_size"] = min(int(bucket), SPARSE_BUCKET) if isinstance(bucket, (int, float)) else SPARSE_BUCKET
+    if zero.get("stage") == 3:
+        zero["stage3_param_persistence_threshold"] = 0
+    _no_auto_left(ds, "deepspeed")
+    return ds
 
 
 def _no_auto_left(node: Any, where: str) -> None:

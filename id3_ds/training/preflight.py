@@ -67,6 +67,7 @@ def check_deepspeed(cfg: RunConfig, world: int) -> None:
     stage = zero.get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ID3Error(f"deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    check_sparse_state(cfg, stage, zero, ds)
     build_ds_config(cfg, world)  # its own checks: batch sizes against train, fp16, bf16, offload, optimizer, "auto"
     if cfg.method not in MASKED:
         return
@@ -82,6 +83,48 @@ def check_deepspeed(cfg: RunConfig, world: int) -> None:
             "DeepSpeed's BF16_Optimizer (ZeRO-1 + bf16 + data_types.grad_accum_dtype=fp32) is not supported by "
             "ID3: drop grad_accum_dtype or use zero_optimization.stage 2"
         )
+
+
+def check_sparse_state(cfg: RunConfig, stage: int, zero: dict, ds: dict) -> None:
+    """id3.state=sparse: what it cannot run with, from the config alone (one line each, before any model loads).
+
+    Sparse state writes chosen entries straight into each rank's ZeRO-3 partition (or the whole weight at
+    stage 0) and keeps no DeepSpeed optimizer: anything that moves, re-partitions or quantizes those
+    partitions, or a method that needs a dense optimizer or DeepSpeed's backward, cannot work with it.
+    """
+    if cfg.id3.state != "sparse":
+        return
+    if cfg.method in ("full", "lora"):
+        raise ID3Error(
+            f"id3.state=sparse needs a masked method, but method '{cfg.method}' trains densely; use id3.state=dense"
+        )
+    if cfg.method == "fish":
+        raise ID3Error(
+            "id3.state=sparse does not support method 'fish' (its Fisher pass needs DeepSpeed's "
+            "optimizer); use id3.state=dense or another method"
+        )
+    if cfg.lora.rank:
+        raise ID3Error(
+            "id3.state=sparse does not support ID3 over LoRA (lora.rank > 0); set lora.rank=0 or use id3.state=dense"
+        )
+    if stage in (1, 2):
+        raise ID3Error(
+            f"id3.state=sparse needs deepspeed.zero_optimization.stage 3 or 0, got {stage}: use zero stage 3 or 0"
+        )
+    for name in ("offload_optimizer", "offload_param"):
+        if zero.get(name, {}).get("device", "none") not in ("none", None):
+            raise ID3Error(
+                f"id3.state=sparse does not support deepspeed.zero_optimization.{name} (no offload): "
+                f"drop {name} or use id3.state=dense"
+            )
+    if (zero.get("zero_hpz_partition_size") or 1) > 1:
+        raise ID3Error(
+            "id3.state=sparse does not support hpZ (deepspeed.zero_optimization.zero_hpz_partition_size"
+            " > 1); set it to 1"
+        )
+    for name in ("zero_quantized_weights", "zero_quantized_nontrainable_weights"):
+        if zero.get(name):
+            raise ID3Error(f"id3.state=sparse does not support deepspeed.zero_optimization.{name}; set it to false")
 
 
 def _object(section: dict, name: str, where: str) -> None:
