@@ -140,22 +140,29 @@ def main(argv: list[str]) -> None:
     if masked:
         freeze_outside(model, cfg.id3, method.keep)
 
-    # -- DeepSpeed engine and the method's update (the mask hook, or dense) -----------------------------
+    # -- DeepSpeed engine and the method's update (the mask hook, dense, or sparse state) -------------------
+    sparse = masked and cfg.id3.state == "sparse"  # no DeepSpeed optimizer: the update holds Adam for B entries
     trainable = [p for p in model.parameters() if p.requires_grad]
     # ID3 applies decay itself (the optimizer's own stays 0); dense methods: no decay on biases and norms
     groups = trainable if masked else decay_groups(model.named_parameters(), weight_decay, cfg.id3.no_decay, full_shape)
     client_optimizer = None
-    if t.optimizer == "torch_adamw":  # each dense group carries its own weight_decay
+    if t.optimizer == "torch_adamw" and not sparse:  # each dense group carries its own weight_decay
         client_optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=0.0)
     hf_scheduler = {"constant": "constant_with_warmup"}.get(t.lr_scheduler, t.lr_scheduler)
-    engine, _, _, scheduler = deepspeed.initialize(
+
+    def schedule(optimizer):
+        return get_scheduler(hf_scheduler, optimizer, t.warmup_steps, steps)
+
+    engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=groups,
+        model_parameters=None if sparse else groups,
         optimizer=client_optimizer,
         config=ds_config,
-        lr_scheduler=lambda opt: get_scheduler(hf_scheduler, opt, t.warmup_steps, steps),
+        lr_scheduler=None if sparse else schedule,
     )
-    update = build_update(engine, method, cfg.id3, steps, weight_decay)  # DeepSpeedID3 or DenseUpdate
+    update = build_update(  # DeepSpeedID3, DenseUpdate or SparseDeepSpeedID3
+        engine, method, cfg.id3, steps, weight_decay, lr=t.lr, max_grad_norm=t.max_grad_norm, make_scheduler=schedule
+    )
     device = accel.current_device_name()
 
     def micro_batch(step: int, micro: int) -> dict:
@@ -209,17 +216,15 @@ def main(argv: list[str]) -> None:
         batches = [micro_batch(step, micro) for micro in range(t.grad_accum)]
         norm = step_loss(batches, world, dist.all_reduce)  # loss items of the whole step: each weighs the same
         for micro, batch in enumerate(batches):
-            mean = maybe_poison(engine(**batch).loss, step, rank)
+            mean = maybe_poison(update.forward(batch).loss, step, rank)
             value = mean.item()
             nonfinite |= not math.isfinite(value)
-            engine.backward(norm.scale(micro, mean))
-            if engine.is_gradient_accumulation_boundary():
-                stop_if_nonfinite(nonfinite, step, t.output_dir, device)  # before the step: weights untouched
-                chosen = update.before_step()
-            engine.step()
+            update.backward(norm.scale(micro, mean))
             window_loss += value * norm.items[micro]  # sum of item losses: the log is the item-weighted mean
             window_items += norm.items[micro]
             window_tokens += int(batch["attention_mask"].sum())
+        stop_if_nonfinite(nonfinite, step, t.output_dir, device)  # before the step: weights and mask untouched
+        chosen = update.step()
         logger.advance()
         done = step + 1
         if done % t.log_steps == 0 or done == steps:
@@ -229,8 +234,8 @@ def main(argv: list[str]) -> None:
             record = {
                 "step": done,
                 "loss": stats[0].item() / max(stats[1].item(), 1.0),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "lr": update.lr,
+                "grad_norm": update.grad_norm,
                 "tokens_per_s": stats[2].item() / elapsed,
             }
             record.update(update.progress(chosen))

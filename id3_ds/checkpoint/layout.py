@@ -6,6 +6,9 @@
                                               checkpoint of ds/, loadable by any world size
         id3/shard-00000-of-00002.safetensors  each rank's chosen entries: global flat indices, step
                                               chosen, base value, current value (see MaskState)
+        id3/trainer_state.json                sparse-state runs (id3.state: sparse) only, which have no
+                                              ds/: the LR schedule's state (rank 0, atomic); the shards
+                                              then also carry each chosen entry's Adam moments
         id3/lora.safetensors                  LoRA runs only: every LoRA A/B matrix, whole (ZeRO-3
                                               gathered) and fp32, plus the LoRA settings in its metadata
         COMPLETE                              JSON, written last and atomically by rank 0 after every
@@ -37,6 +40,7 @@ COMPLETE = "COMPLETE"
 DS_TAG = "state"  # DeepSpeed's tag folder under ds/ and ds_universal/
 UNIVERSAL = "ds_universal"
 LORA_FILE = "lora.safetensors"
+TRAINER_STATE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d{8})$")
 _SHARD = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
 
@@ -53,6 +57,25 @@ def write_id3_shard(ckpt: str | Path, rank: int, world_size: int, state: MaskSta
     path = shard_path(ckpt, rank, world_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     state.save(path, meta={**meta, "rank": rank, "world_size": world_size})
+
+
+def write_trainer_state(ckpt: str | Path, state: dict) -> None:
+    """A sparse-state run's small JSON state (LR schedule), written atomically by rank 0."""
+    path = Path(ckpt) / "id3" / TRAINER_STATE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, state)
+
+
+def read_trainer_state(ckpt: str | Path) -> dict:
+    path = Path(ckpt) / "id3" / TRAINER_STATE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ID3Error(
+            f"{ckpt} lacks id3/{TRAINER_STATE}: it is not a sparse-state (id3.state: sparse) checkpoint"
+        ) from None
+    except json.JSONDecodeError:
+        raise ID3Error(f"{path} is corrupt; use an earlier checkpoint-* directory") from None
 
 
 def write_lora_state(ckpt: str | Path, tensors: dict[str, torch.Tensor], settings: dict) -> Path:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 
 from id3_ds.checkpoint.compat import check_resume
-from id3_ds.checkpoint.layout import DS_TAG, UNIVERSAL, read_id3_state
+from id3_ds.checkpoint.layout import DS_TAG, UNIVERSAL, read_id3_state, read_trainer_state
 from id3_ds.errors import ID3Error
 from id3_ds.files.atomic import staged_dir
 from id3_ds.integration.engine_state import (
@@ -52,6 +52,8 @@ def resume(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, world: in
     if point is None:
         return 0
     ckpt, info, step = point.ckpt, point.info, point.step
+    if getattr(update, "sparse", False):
+        return _resume_sparse(update, ckpt, info, step, world)
     stage = engine.zero_optimization_stage()
     same_world = info.get("world_size") == world and info.get("zero_stage") == stage
     if same_world:
@@ -82,6 +84,20 @@ def resume(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, world: in
                 f", saved by {info.get('world_size')} ranks at ZeRO-{info.get('zero_stage')}, now {world} ranks "
                 f"at ZeRO-{stage}: {how}"
             )
+        print(line, flush=True)
+    return step
+
+
+def _resume_sparse(update, ckpt: Path, info: dict, step: int, world: int) -> int:
+    """id3.state=sparse: the shards hold everything per entry (mask, fp32 master, moments) in global
+    coordinates, so any world size loads them exactly; the LR schedule comes from id3/trainer_state.json."""
+    state, meta = read_id3_state(ckpt)
+    update.load_state(state, meta)
+    update.load_trainer_state(read_trainer_state(ckpt))
+    if dist.get_rank() == 0:
+        line = f"resumed from {ckpt} at step {_of(step, update.steps)}"
+        if info.get("world_size") != world:
+            line += f", saved by {info.get('world_size')} ranks, now {world}: weights, mask and moments restored"
         print(line, flush=True)
     return step
 

@@ -1,5 +1,8 @@
 """Saving a run: DeepSpeed's engine state plus the mask shards, complete only when marked (layout.py).
 
+A sparse-state run (id3.state: sparse) has no DeepSpeed optimizer: its checkpoint is the shards (mask,
+fp32 master and Adam moments of each rank's chosen entries, O(B)) plus the LR schedule's state.
+
 Every rank writes its DeepSpeed part and its mask shard, then rank 0 writes the COMPLETE marker; a
 checkpoint without it never counts, so a run killed mid-save resumes from the one before.
 """
@@ -15,7 +18,14 @@ import torch
 import torch.distributed as dist
 
 from id3_ds.checkpoint.compat import settings
-from id3_ds.checkpoint.layout import DS_TAG, checkpoint_dir, mark_complete, write_id3_shard, write_lora_state
+from id3_ds.checkpoint.layout import (
+    DS_TAG,
+    checkpoint_dir,
+    mark_complete,
+    write_id3_shard,
+    write_lora_state,
+    write_trainer_state,
+)
 from id3_ds.errors import ID3Error
 from id3_ds.files.atomic import staged_dir
 from id3_ds.integration.params import full_shape, gathered
@@ -52,12 +62,16 @@ def save(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, step: int, 
         shutil.rmtree(ckpt)
     dist.barrier()
     guards.beat()
-    engine.save_checkpoint(str(ckpt / "ds"), tag=DS_TAG, save_latest=False)
+    sparse = getattr(update, "sparse", False)  # id3.state=sparse: no DeepSpeed optimizer state to save
+    if not sparse:
+        engine.save_checkpoint(str(ckpt / "ds"), tag=DS_TAG, save_latest=False)
     guards.beat()
     maybe_kill("kill_during_save", step, rank)
     if update.masked:
         write_id3_shard(ckpt, rank, world, update.shard_state(), update.state_meta())
         _save_lora(engine.module, ckpt, rank)
+    if sparse and rank == 0:
+        write_trainer_state(ckpt, update.trainer_state())
     dist.barrier()
     guards.beat()
     classify = cfg.data.format == "classification" and not cfg.lora.rank

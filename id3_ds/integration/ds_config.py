@@ -93,6 +93,8 @@ def _sparse_state(ds: dict, zero: dict) -> dict:
     zero["reduce_bucket_size"] = min(int(bucket), SPARSE_BUCKET) if isinstance(bucket, (int, float)) else SPARSE_BUCKET
     if zero.get("stage") == 3:
         zero["stage3_param_persistence_threshold"] = 0
+    else:  # stage 0: bf16 without an optimizer would make DeepSpeed wrap the model in BF16_Optimizer (fp32
+        ds["bf16"]["enabled"] = False  # masters of every weight); the model is loaded in bf16 already
     _no_auto_left(ds, "deepspeed")
     return ds
 

@@ -1,9 +1,14 @@
-"""The training loop's one interface to how a method updates weights: call `before_step()` between
-`engine.backward()` and `engine.step()` at each gradient-accumulation boundary.
+"""The training loop's one interface to how a method updates weights, whatever the method and state mode:
 
-`DeepSpeedID3` binds the mask core (ID3 or a static baseline) to a DeepSpeed engine; `DenseUpdate` is the
-same interface for the dense methods (full, lora), which train every trainable entry and have no mask, so
-the loop and the checkpoints never ask which kind of method runs. `build_update` picks one.
+    out = update.forward(batch); update.backward(loss)   # per micro-batch
+    chosen = update.step()                               # at the accumulation boundary
+    update.lr, update.grad_norm                          # for the log
+
+`DeepSpeedID3` binds the mask core (ID3 or a static baseline) to a DeepSpeed engine's optimizer (dense
+state); `DenseUpdate` is the same interface for the dense methods (full, lora), which train every trainable
+entry and have no mask; `SparseDeepSpeedID3` (sparse_update.py) keeps Adam for the chosen entries itself
+(id3.state: sparse). So the loop and the checkpoints never ask which kind runs. `build_update` picks one.
+For the first two, `step` calls `before_step()` between `engine.backward()` and `engine.step()`.
 
 Gradients are reduced by then (data-parallel averaged, partitioned by ZeRO); `before_step` scores this
 rank's partition, all-gathers k candidates per rank, grows every rank's mask with the same winners and
@@ -51,7 +56,39 @@ def freeze_outside(model: torch.nn.Module, config: ID3Config, keep: Keep | None 
             p.requires_grad_(False)
 
 
-class DeepSpeedID3:
+class _EngineSteps:
+    """forward/backward/step through DeepSpeed's engine, which owns the optimizer (dense state)."""
+
+    engine = None
+
+    def before_step(self) -> int:
+        raise NotImplementedError
+
+    def forward(self, batch: dict):
+        return self.engine(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """engine.backward; before the boundary also engine.step, which there only counts the micro-step."""
+        self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+
+    def step(self) -> int:
+        """The boundary: the method's work on the reduced gradients, then DeepSpeed's optimizer step."""
+        chosen = self.before_step()
+        self.engine.step()
+        return chosen
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.lr_scheduler.get_last_lr()[0])
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.engine.get_global_grad_norm() or 0.0)
+
+
+class DeepSpeedID3(_EngineSteps):
     """A masked method (ID3 or a static baseline) on a DeepSpeed engine: grows the mask, masks gradients."""
 
     masked = True  # checkpoints carry this rank's mask shard; the run exports a sparse delta
@@ -188,7 +225,7 @@ class DeepSpeedID3:
                     p.data.view(-1)[pm.indices] = pm.value.to(p.dtype)
 
 
-class DenseUpdate:
+class DenseUpdate(_EngineSteps):
     """A dense method (full, lora): every trainable entry moves from the first step; no mask, no shards."""
 
     masked = False
@@ -196,6 +233,7 @@ class DenseUpdate:
     steps = None  # no mask schedule
 
     def __init__(self, engine) -> None:
+        self.engine = engine
         self.budget = sum(full_numel(p) for p in engine.module.parameters() if p.requires_grad)
         self.chosen_total = self.budget
 
@@ -211,10 +249,39 @@ class DenseUpdate:
         return {}
 
 
-def build_update(engine, method: MethodSpec | None, config: ID3Config, steps: int, weight_decay: float):
-    """`DeepSpeedID3` for a masked method's spec, `DenseUpdate` for a dense method (spec None)."""
+def build_update(
+    engine,
+    method: MethodSpec | None,
+    config: ID3Config,
+    steps: int,
+    weight_decay: float,
+    *,
+    lr: float = 0.0,
+    max_grad_norm: float | None = None,
+    make_scheduler: Callable | None = None,
+):
+    """`DeepSpeedID3` for a masked method's spec, `DenseUpdate` for a dense method (spec None), and
+    `SparseDeepSpeedID3` for a masked method with id3.state=sparse (engine built without an optimizer; lr,
+    max_grad_norm and make_scheduler, optimizer -> LR scheduler, are then its own)."""
     if method is None:
         return DenseUpdate(engine)
+    if config.state == "sparse":
+        from id3_ds.integration.sparse_update import SparseDeepSpeedID3
+
+        if method.fisher is not None:
+            raise ID3Error("method fish is not supported with id3.state=sparse; use id3.state=dense")
+        return SparseDeepSpeedID3(
+            engine,
+            config,
+            steps,
+            weight_decay,
+            lr,
+            max_grad_norm,
+            make_scheduler,
+            scorer=method.scorer,
+            static=method.static,
+            keep=method.keep,
+        )
     return DeepSpeedID3(
         engine,
         config,

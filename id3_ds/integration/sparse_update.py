@@ -1,0 +1,257 @@
+"""Sparse-state ID3 on a DeepSpeed engine (`id3.state: sparse`): DeepSpeed partitions, id3-ds optimizes.
+
+The engine is built without an optimizer (ds_config._sparse_state), so at ZeRO-3 DeepSpeed only partitions
+and gathers parameters (its DeepSpeedZeRoOffload) and keeps no fp32 master, moment or gradient partition.
+Each selectable or fully trainable parameter keeps requires_grad=True and gets a post-accumulate-grad hook:
+autograd hands it the whole (gathered-shape) gradient of one backward; the hook averages it over the
+data-parallel ranks into this rank's share (ZeRO-3: padded to P * world and reduce-scattered; stage 0 on
+several ranks: all-reduced; one process: as is), adds it to an fp32 accumulation buffer and drops `.grad`
+at once. So a dense gradient lives only while its backward runs; the buffers are the step's accumulated
+gradient partitions (4 B per entry / world, allocated at a step's first backward and freed by its update).
+Hooks fire in autograd's order, the same on every rank (same graph), so the collectives pair up; a tied
+weight is one leaf and fires once; a checkpointed layer's recomputed backward fires it once too.
+
+At the boundary, `SparseID3` (algorithm/sparse.py) runs the step: the same ID3 selection as dense mode over
+this rank's partitions (value = the model's own weight partition, model dtype; grad = the buffer), the
+clipping norm all-reduced over ranks (ZeRO-3 ranks own disjoint entries), sparse AdamW on the chosen
+entries, and the rounded masters written straight into the rank's partition (ZeRO-3) or the weight
+(stage 0), read by the next forward's gather.
+
+The learning rate comes from an HF scheduler driving `LrHolder`, a parameterless torch optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from id3_ds.algorithm.config import ID3Config
+from id3_ds.algorithm.id3 import ID3, Keep, Scorer, local_reducer
+from id3_ds.algorithm.mask import MaskState
+from id3_ds.algorithm.slices import ParamSlice
+from id3_ds.algorithm.sparse import SparseID3
+from id3_ds.errors import ID3Error
+from id3_ds.integration.collectives import allgather_reducer
+from id3_ds.integration.hook import trainable_layout
+from id3_ds.integration.params import full_numel
+from id3_ds.integration.zero_slices import check_deepspeed_version
+
+# torch >= 2.13 names it reduce_scatter_single (reduce_scatter_tensor is deprecated there); older torch lacks it
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class LrHolder(torch.optim.Optimizer):
+    """A torch optimizer with no parameters: an HF/torch LR scheduler sets its group's lr, the update reads it."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__([torch.zeros(0, requires_grad=True)], {"lr": lr})
+
+    def step(self, closure=None) -> None:  # noqa: D102 - nothing to update: the sparse update does it
+        return None
+
+
+class _Partition:
+    """This rank's share of one parameter: its weight (model dtype) and the step's gradient buffer."""
+
+    def __init__(self, param: torch.nn.Parameter, valid: int, buffers: dict[str, torch.Tensor], name: str) -> None:
+        self.param, self.valid, self.buffers, self.name = param, valid, buffers, name
+
+    def value(self) -> torch.Tensor:
+        if hasattr(self.param, "ds_tensor"):  # ZeRO-3: the rank's flat partition, tail padding left out
+            return self.param.ds_tensor.data.view(-1).narrow(0, 0, self.valid)
+        return self.param.data.view(-1)
+
+    def grad(self) -> torch.Tensor | None:
+        return self.buffers.get(self.name)
+
+
+class SparseDeepSpeedID3:
+    """A masked method (ID3, random, pafi, bitfit) with sparse optimizer state on a DeepSpeed engine."""
+
+    masked = True
+    sparse = True  # checkpoints: no DeepSpeed engine state, the shards and `trainer_state` are everything
+    wants_fisher_pass = False
+
+    def __init__(
+        self,
+        engine,
+        config: ID3Config,
+        steps: int,
+        weight_decay: float,
+        lr: float,
+        max_grad_norm: float | None,
+        make_scheduler: Callable[[torch.optim.Optimizer], object],
+        *,
+        scorer: Scorer | None = None,
+        static: bool = False,
+        keep: Keep | None = None,
+    ) -> None:
+        check_deepspeed_version()
+        self.stage = engine.zero_optimization_stage()
+        if self.stage not in (0, 3) or engine.optimizer is not None and self.stage == 0:
+            raise ID3Error(
+                f"id3.state=sparse needs ZeRO stage 3 or 0 without a DeepSpeed optimizer (stage {self.stage})"
+            )
+        self.engine = engine
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.accum = engine.gradient_accumulation_steps()
+        self.buffers: dict[str, torch.Tensor] = {}
+        wanted, selectable, full = trainable_layout(engine.module, config, keep)
+        params = dict(engine.module.named_parameters())
+        slices = []
+        for whole in wanted:
+            p = params[whole.name]
+            start, valid = self._share(p)
+            if valid:
+                piece = ParamSlice(whole.name, whole.shape, whole.key_base, start, valid, whole.fully_trainable)
+                slices.append((piece, _Partition(p, valid, self.buffers, whole.name)))
+            p.register_post_accumulate_grad_hook(self._hook(whole.name, start, valid))
+        partitioned = self.stage == 3 and self.world > 1
+        if partitioned:
+            from deepspeed.accelerator import get_accelerator
+
+            reducer = allgather_reducer(None, get_accelerator().current_device_name())
+        else:
+            reducer = local_reducer
+        id3 = ID3(
+            slices,
+            config,
+            steps,
+            selectable=selectable,
+            fully_trainable=full,
+            reducer=reducer,
+            scorer=scorer,
+            static=static,
+        )
+        self.core = SparseID3(
+            id3,
+            lr=lr,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            all_reduce=dist.all_reduce if partitioned else None,
+            release=self.buffers.clear,
+        )
+        self.id3 = id3
+        self.lr_holder = LrHolder(lr)
+        self.scheduler = make_scheduler(self.lr_holder)
+
+    # -- gradients ------------------------------------------------------------------------------------
+
+    def _share(self, p: torch.nn.Parameter) -> tuple[int, int]:
+        """(first flat entry, entries) of this rank's share of p: its ZeRO-3 partition, or all of it."""
+        if self.stage != 3:
+            return 0, full_numel(p)
+        per = p.ds_tensor.ds_numel
+        start = dist.get_rank(group=p.ds_process_group) * per
+        return start, max(0, min(per, full_numel(p) - start))
+
+    def _hook(self, name: str, start: int, valid: int) -> Callable[[torch.Tensor], None]:
+        def reduce_into_buffer(p: torch.Tensor) -> None:
+            g, p.grad = p.grad, None  # the whole gradient lives only inside this call
+            if g is None:
+                return
+            share = self._reduce(p, g.reshape(-1), valid)
+            if share is None:
+                return
+            buf = self.buffers.get(name)
+            if buf is None:
+                self.buffers[name] = share.to(torch.float32, copy=True)
+            else:
+                buf.add_(share)
+
+        return reduce_into_buffer
+
+    def _reduce(self, p: torch.Tensor, flat: torch.Tensor, valid: int) -> torch.Tensor | None:
+        """This rank's share of the gradient averaged over ranks (None where the rank holds none of p)."""
+        if self.world == 1:
+            return flat
+        if self.stage == 0:
+            flat = flat.contiguous()
+            dist.all_reduce(flat)
+            return flat.div_(self.world)
+        per = p.ds_tensor.ds_numel
+        group = p.ds_process_group
+        padded = torch.nn.functional.pad(flat, (0, per * self.world - flat.numel()))
+        out = flat.new_empty(per)
+        _reduce_scatter(out, padded, group=group)
+        return out.narrow(0, 0, valid).div_(self.world) if valid else None
+
+    # -- what the loop calls ------------------------------------------------------------------------
+
+    def forward(self, batch: dict):
+        """The model's output; the module itself (ZeRO-3 gathers in its hooks): the engine's forward would
+        register DeepSpeed's backward hooks, which need its optimizer."""
+        return self.engine.module(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch (divided by grad_accum, as engine.backward does); hooks reduce."""
+        (loss / self.accum).backward()
+
+    def step(self) -> int:
+        """Select, clip, update, write back; advance the LR schedule. Returns the entries chosen this step."""
+        if self.stage == 3:  # nothing may stay gathered across the write: the next forward must re-gather
+            self.engine.optimizer.empty_partition_cache()
+        self.core.step(lr=self.lr)
+        self.lr_holder.step()  # a no-op the scheduler expects before its own step
+        self.scheduler.step()
+        return self.core.last_chosen
+
+    @property
+    def lr(self) -> float:
+        return float(self.lr_holder.param_groups[0]["lr"])
+
+    @property
+    def grad_norm(self) -> float:
+        """The masked gradient's norm before clipping (chosen entries + fully trainable)."""
+        return self.core.last_norm
+
+    @property
+    def budget(self) -> int:
+        return self.id3.budget
+
+    @property
+    def chosen_total(self) -> int:
+        return self.id3.chosen_total
+
+    @property
+    def steps(self) -> int:
+        return self.id3.schedule.steps
+
+    def fisher_pass(self, micro_batch, batches: int, accum: int) -> None:
+        raise ID3Error("method fish is not supported with id3.state=sparse")
+
+    def progress(self, chosen_this_step: int) -> dict:
+        return {"chosen": self.chosen_total, "budget": self.budget, "chosen_this_step": chosen_this_step}
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def shard_state(self) -> MaskState:
+        """This rank's chosen entries with fp32 master and moments; stage 0 replicates: rank 0 alone saves."""
+        if self.stage == 0 and dist.is_initialized() and dist.get_rank() > 0:
+            return MaskState()
+        return self.core.state()
+
+    def state_meta(self) -> dict:
+        return self.core.state_meta()
+
+    def load_state(self, state: MaskState, meta: dict) -> None:
+        """Mask, masters and moments from every shard (any world size), re-sliced onto this rank; the masters
+        are written into the freshly loaded base weights."""
+        if self.stage == 3:
+            self.engine.optimizer.empty_partition_cache()
+        self.core.load_state(state, meta)
+
+    def restore_values(self, state: MaskState) -> None:
+        """load_state already wrote every chosen entry's master."""
+
+    def trainer_state(self) -> dict:
+        """What a sparse checkpoint keeps besides the shards (JSON): the LR schedule's state."""
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_trainer_state(self, saved: dict) -> None:
+        """Restore the LR schedule; the next step then runs at the rate the uninterrupted run had."""
+        self.scheduler.load_state_dict(saved["scheduler"])
+        for group, lr in zip(self.lr_holder.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
