@@ -28,23 +28,14 @@ Clipping sees the masked gradient: the norm over chosen entries plus fully train
 (`sq_norm` per holder, summed over holders, then `clip_coef`), exactly as dense mode's mask_grads +
 clip_grad_norm_.
 
-What the ZeRO-3 integration (a later session) still needs:
-- a transient reduce-scattered gradient per partition: the selectable parameters are not DeepSpeed
-  trainable (no fp32 partition, no optimizer state), so their gradient must come from a custom autograd
-  Function around the gathered weight whose backward reduce-scatters the full gradient and hands each rank
-  its partition (flat coordinates [start, start + numel) of the ParamSlice); ID3.select scores that
-  partition (the reducer all-gathers candidates as today), then `SparseSlice.align`, `sq_norm`
-  (all-reduced with the fully trainable norm DeepSpeed computes), `adamw_update`, and the buffer is freed.
-- an accumulation buffer: with gradient accumulation the partitioned gradient must be summed across
-  micro-batches (one buffer per partition, model dtype or fp32, alive from the first backward of a step to
-  its optimizer step), because the reduce-scatter happens per backward.
-- the write-back target is the rank's own flat ZeRO-3 partition (through
-  `id3_ds.integration.params.write_local_partition`), not `param.data` (empty outside a gather).
-  The persistence-threshold trap: parameters smaller than stage3_param_persistence_threshold stay
-  gathered (`ds_persist`), so the full tensor lives in `param.data` as well and must be written too
-  (or kept out of sparse state), else the next forward reads a stale copy; check both after a step.
-- checkpoints: each rank saves `MaskState.from_slices(..., adam=...)` of its partition (global flat
-  coordinates, O(B)); `MaskState.union` + `slice_mask`/`slice_adam` re-slice onto any world size.
+Where it runs: `algorithm/sparse.py` (`SparseID3`) is the step over any holder's slices; under DeepSpeed
+(`integration/sparse_update.py`) a post-accumulate-grad hook on each trainable parameter averages its
+transient gradient over ranks into the rank's ZeRO-3 partition (reduce-scatter; all-reduce at stage 0) and
+adds it to an fp32 buffer that lives from a step's first backward to its update; the norm's squares are
+all-reduced over ranks (disjoint entries); the masters are written into the rank's own partition, and no
+ZeRO-3 parameter is kept persistently gathered (the next forward re-gathers the new values).
+Checkpoints: each rank saves `MaskState.from_slices(..., adam=...)` of its partition (global flat
+coordinates, O(B)); `MaskState.union` + `slice_mask`/`slice_adam` re-slice onto any world size.
 """
 
 from __future__ import annotations

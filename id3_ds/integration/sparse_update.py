@@ -82,7 +82,7 @@ class SparseDeepSpeedID3:
         weight_decay: float,
         lr: float,
         max_grad_norm: float | None,
-        make_scheduler: Callable[[torch.optim.Optimizer], object],
+        make_scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
         *,
         scorer: Scorer | None = None,
         static: bool = False,
@@ -135,7 +135,8 @@ class SparseDeepSpeedID3:
         )
         self.id3 = id3
         self.lr_holder = LrHolder(lr)
-        self.scheduler = make_scheduler(self.lr_holder)
+        constant = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)  # noqa: E731
+        self.scheduler = (make_scheduler or constant)(self.lr_holder)
 
     # -- gradients ------------------------------------------------------------------------------------
 
