@@ -268,3 +268,126 @@ def test_dense_mode_mask_file_is_refused(tmp_path) -> None:
     id3.mask_state(with_values=True).save(tmp_path / "dense.safetensors", id3.state_meta())
     with pytest.raises(ID3Error, match="dense-mode"):
         sparse_driver(tiny_llama(), config()).load(tmp_path / "dense.safetensors")
+
+
+# -- streamed gradients (issue 14): the dense gradient lives only inside its hook -------------------------
+
+
+def run_streamed(drv: SparseID3, model, batches):
+    """Sparse steps whose last micro-batch streams: each parameter's post-accumulate-grad hook absorbs its
+    held slices' (accumulated) gradient and drops `.grad`, as SparseDeepSpeedID3 does on one process."""
+    live: dict[str, object] = {}
+    by_param: dict[int, tuple[torch.nn.Parameter, list[int]]] = {}
+    for i, h in enumerate(drv.id3.held):
+        by_param.setdefault(id(h.access.param), (h.access.param, []))[1].append(i)
+
+    def hook_for(idx: list[int]):
+        def absorb(p: torch.Tensor) -> None:
+            stream = live.get("stream")
+            if stream is None:  # an earlier micro-batch: autograd accumulates into .grad
+                return
+            g, p.grad = p.grad.view(-1), None
+            for i in idx:
+                info = drv.id3.held[i].info
+                stream.absorb(i, g[info.start : info.start + info.numel])
+
+        return absorb
+
+    handles = [p.register_post_accumulate_grad_hook(hook_for(idx)) for p, idx in by_param.values()]
+    trace, norms, held = [], [], []
+    for micro in batches:
+        k, before = drv.id3.pending(), drv.id3.chosen_total if drv.id3.step else 0
+        for j, ids in enumerate(micro):
+            if j == len(micro) - 1:
+                live["stream"] = drv.stream()
+            (model(input_ids=ids, labels=ids).loss / len(micro)).backward()
+        stream = live.pop("stream")
+        assert all(p.grad is None for p in model.parameters() if p.requires_grad)  # no dense gradient left
+        held.append((stream.entries, before, k))
+        norms.append(drv.step(streamed=stream))
+        trace.append(chosen(drv.id3.mask_state()))
+    for handle in handles:
+        handle.remove()
+    return trace, norms, held
+
+
+def streamed_pair(make_id3, batches, dtype=torch.float32):
+    """(buffered model, trace, norms), (streamed model, trace, norms, held) of the same run."""
+    out = []
+    for streamed in (False, True):
+        model = tiny_llama(dtype)
+        drv = SparseID3(make_id3(model), lr=LR, weight_decay=WD, max_grad_norm=CLIP)
+        out.append((model, *(run_streamed(drv, model, batches) if streamed else run_sparse(drv, model, batches))))
+    return out
+
+
+def _bitfit_id3(model):
+    from id3_ds.methods.registry import method_spec
+
+    spec = method_spec("bitfit")
+    cfg = ID3Config(budget=HEAD + 40, fully_trainable=("lm_head.*",))
+    return from_module(model, cfg, STEPS, scorer=spec.scorer, static=True, keep=spec.keep)
+
+
+def _static_id3(method: str):
+    from id3_ds.methods.registry import method_spec
+
+    spec = method_spec(method, seed=3)
+    return lambda model: from_module(model, config(), STEPS, scorer=spec.scorer, static=True, keep=spec.keep)
+
+
+@pytest.mark.parametrize(
+    "name, make_id3, accum, dtype",
+    [
+        ("id3", lambda m: from_module(m, config(), STEPS), 1, torch.float32),
+        ("id3 accum 2", lambda m: from_module(m, config("per_entry"), STEPS), 2, torch.float32),
+        ("id3 bf16", lambda m: from_module(m, config(), STEPS), 2, torch.bfloat16),
+        ("id3 two slices per tensor", lambda m: halves(m, config()), 1, torch.float32),
+        ("random", _static_id3("random"), 1, torch.float32),
+        ("pafi", _static_id3("pafi"), 2, torch.float32),
+        ("bitfit", _bitfit_id3, 1, torch.float32),
+    ],
+)
+def test_streamed_gradients_train_bit_identically_to_buffered_ones(name, make_id3, accum, dtype) -> None:
+    batches = micro_batches(STEPS, accum)
+    (ref, ref_trace, ref_norms), (model, trace, norms, held) = streamed_pair(make_id3, batches, dtype)
+    assert_same_trace(ref_trace, trace)  # the same winners at every step
+    assert norms == ref_norms
+    assert max_diff(ref, model) == 0.0  # bit-identical weights
+    for entries, chosen_before, k in held:  # O(k + chosen) held at the step, never a dense gradient
+        assert entries <= chosen_before + HEAD + 5 * k, name
+
+
+def test_a_parameter_the_last_micro_batch_missed_is_scored_from_its_accumulated_gradient() -> None:
+    """A step's first micro-batch reaches every weight, its last one (simulated) only the head: the other
+    slices' candidates must come from their accumulated gradient (access.grad()), as in the buffered step."""
+    out = []
+    for streamed in (False, True):
+        model = tiny_llama()
+        drv = sparse_driver(model, config())
+        stream = None
+        for micro in micro_batches(STEPS, 1):
+            backward(model, micro)
+            if streamed:
+                stream = drv.stream()
+                for i, h in enumerate(drv.id3.held):  # the last micro-batch reaches the head alone
+                    if h.info.name.startswith("lm_head"):
+                        stream.absorb(i, h.access.grad())
+            drv.step(streamed=stream)
+        out.append((model, chosen(drv.id3.mask_state())))
+    (ref, ref_chosen), (model, got) = out
+    assert ref_chosen.keys() == got.keys() and all(torch.equal(ref_chosen[n], got[n]) for n in got)
+    assert max_diff(ref, model) == 0.0
+
+
+def test_a_stream_refuses_a_slice_twice_and_another_step() -> None:
+    model = tiny_llama()
+    drv = sparse_driver(model, config())
+    backward(model, micro_batches(1, 1)[0])
+    stream = drv.stream()
+    stream.absorb(0, drv.id3.held[0].access.grad())
+    with pytest.raises(RuntimeError, match="streamed twice"):
+        stream.absorb(0, drv.id3.held[0].access.grad())
+    drv.step()
+    with pytest.raises(RuntimeError, match="the step it was opened for"):
+        stream.candidates()

@@ -122,8 +122,13 @@ class ID3:
 
     # -- the per-step API -------------------------------------------------------------------------
 
-    def select(self, step: int | None = None) -> int:
-        """Unmask this step's entries; returns how many were chosen (globally). Call once per step."""
+    def select(self, step: int | None = None, candidates: Candidates | None = None) -> int:
+        """Unmask this step's entries; returns how many were chosen (globally). Call once per step.
+
+        candidates: this holder's local top-`pending()` candidates, precomputed slice by slice with
+        `slice_candidates` while the gradients existed (sparse state streams them during backward); None
+        scores the held slices' gradients now.
+        """
         if step is not None and step != self.step:
             raise ID3Error(
                 f"select(step={step}) but the selector is at step {self.step}: call it exactly once per "
@@ -136,7 +141,7 @@ class ID3:
         k = self.schedule.target_after(self.step) - self.chosen
         if k > 0:
             with self.timer("score_topk"):
-                local = self._local_candidates(k)
+                local = self._local_candidates(k) if candidates is None else candidates
             with self.timer("merge"):
                 winners = self.reducer(local, k)
             if len(winners) != k:
@@ -155,6 +160,25 @@ class ID3:
                 g = h.access.grad()
                 if g is not None:
                     h.mask.zero_unchosen(g)
+
+    def pending(self) -> int:
+        """k of the coming `select()`: entries it will choose (0 once the budget is reached)."""
+        return max(self.schedule.target_after(self.step) - self.chosen, 0)
+
+    def slice_candidates(self, i: int, grad: torch.Tensor | None, k: int) -> Candidates:
+        """Held slice i's top-k unchosen candidates for `grad` (its 1-D reduced gradient; None = not reached
+        by the loss), scored exactly as `select` scores it, each carrying its fp32 gradient as payload."""
+        h = self.held[i]
+        value = h.access.value()
+        if grad is None:
+            grad = torch.zeros_like(value)
+        score_chunk = None if self.scorer is None else functools.partial(self.scorer, h.info, h.access)
+        cfg = self.config
+        c = slice_candidates(
+            grad, value, h.mask.positions, h.info.first_key, k, cfg.eps, cfg.exp, score_chunk=score_chunk
+        )
+        c.payload = grad[c.keys - h.info.first_key].to(torch.float32)
+        return c
 
     @property
     def chosen_total(self) -> int:

@@ -27,10 +27,15 @@ ChunkScorer = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 @dataclass
 class Candidates:
-    """Proposed entries: fp32 scores and int64 global keys, the same length, keys ascending."""
+    """Proposed entries: fp32 scores and int64 global keys, the same length, keys ascending.
+
+    payload: optional per-entry values carried alongside (sparse state streams each candidate's fp32
+    gradient with it, so no dense gradient has to survive until the step); cat/_reduce/merge keep it aligned.
+    """
 
     scores: torch.Tensor
     keys: torch.Tensor
+    payload: torch.Tensor | None = None
 
     @staticmethod
     def empty() -> Candidates:
@@ -43,7 +48,12 @@ class Candidates:
     def cat(parts: list[Candidates]) -> Candidates:
         if not parts:
             return Candidates.empty()
-        return Candidates(torch.cat([p.scores for p in parts]), torch.cat([p.keys for p in parts]))
+        payload = None if any(p.payload is None for p in parts) else torch.cat([p.payload for p in parts])
+        return Candidates(torch.cat([p.scores for p in parts]), torch.cat([p.keys for p in parts]), payload)
+
+    def take(self, pos: torch.Tensor) -> Candidates:
+        """The entries at `pos`, payload included."""
+        return Candidates(self.scores[pos], self.keys[pos], None if self.payload is None else self.payload[pos])
 
 
 def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -67,8 +77,7 @@ def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
 def _reduce(parts: list[Candidates], k: int) -> Candidates:
     """Top-k of key-ordered parts whose concatenation is still key-ordered."""
     merged = Candidates.cat(parts)
-    pos = top_positions(merged.scores, k)
-    return Candidates(merged.scores[pos], merged.keys[pos])
+    return merged.take(top_positions(merged.scores, k))
 
 
 def slice_candidates(
@@ -164,9 +173,6 @@ def merge_candidates(parts: list[Candidates], k: int) -> Candidates:
     Padding (score -inf) is dropped first, so ranks may pad to a fixed length for an all-gather.
     """
     merged = Candidates.cat(parts)
-    real = merged.scores > float("-inf")
-    scores, keys = merged.scores[real], merged.keys[real]
-    order = torch.argsort(keys)
-    scores, keys = scores[order], keys[order]
-    pos = top_positions(scores, k)
-    return Candidates(scores[pos], keys[pos])
+    real = merged.take((merged.scores > float("-inf")).nonzero().squeeze(1))
+    ordered = real.take(torch.argsort(real.keys))
+    return ordered.take(top_positions(ordered.scores, k))

@@ -32,6 +32,7 @@ from id3_ds.algorithm.config import ID3Config
 from id3_ds.algorithm.id3 import ID3, Keep, from_module
 from id3_ds.algorithm.mask import MaskState
 from id3_ds.algorithm.sparse_state import AdamWHyper, SparseSlice, adamw_update, clip_coef, sq_norm
+from id3_ds.algorithm.streaming import GradStream
 from id3_ds.errors import ID3Error
 
 STATE_KIND = "sparse"
@@ -85,20 +86,32 @@ class SparseID3:
 
     # -- the step ---------------------------------------------------------------------------------
 
-    def step(self, lr: float | None = None) -> float:
+    def stream(self) -> GradStream:
+        """Open this step's gradient stream: absorb each held slice's final reduced gradient into it as
+        backward produces it (then drop the gradient), and pass it to `step`."""
+        return GradStream(self.id3)
+
+    def step(self, lr: float | None = None, streamed: GradStream | None = None) -> float:
         """Select, clip, update, release the gradients; returns the masked gradient's norm before clipping.
 
-        lr: this step's learning rate (a schedule's value); None keeps the last one.
+        lr: this step's learning rate (a schedule's value); None keeps the last one. streamed: the step's
+        gradient stream (slices it lacks are absorbed now from `access.grad()`); None reads every held
+        slice's dense gradient from `access.grad()`.
         """
         if lr is not None:
             self.lr = lr
         id3 = self.id3
-        self.last_chosen = id3.select()
+        if streamed is None:
+            self.last_chosen = id3.select()
+        else:
+            for i in streamed.missing():  # not reached by the last micro-batch: its accumulated grad, or none
+                streamed.absorb(i, id3.held[i].access.grad())
+            self.last_chosen = id3.select(candidates=streamed.candidates())
         grads: dict[int, torch.Tensor] = {}
         for i, st in self.states.items():
             h = id3.held[i]
             st.align(h.mask, h.access.value())
-            grads[i] = st.gather(h.access.grad())
+            grads[i] = st.gather(h.access.grad()) if streamed is None else streamed.chosen_grads(i)
         squares = sq_norm(grads.values())
         if self.all_reduce is not None:  # holders own disjoint entries: the squares add up
             self.all_reduce(squares)

@@ -6,13 +6,18 @@ Each selectable or fully trainable parameter keeps requires_grad=True and gets a
 autograd hands it the whole (gathered-shape) gradient of one backward; the hook averages it over the
 data-parallel ranks into this rank's share (ZeRO-3: padded to P * world and reduce-scattered; stage 0 on
 several ranks: all-reduced; one process: as is), adds it to an fp32 accumulation buffer and drops `.grad`
-at once. So a dense gradient lives only while its backward runs; the buffers are the step's accumulated
-gradient partitions (4 B per entry / world, allocated at a step's first backward and freed by its update).
+at once. So a dense gradient lives only while its backward runs. During the last micro-batch of a step
+(every backward at grad_accum 1) the hook streams the share instead (algorithm/streaming.py): buffer +
+share are scored at once into this rank's running top-k candidates, the gradients of the candidates and
+of the chosen entries are kept, and share and buffer are freed, so at grad_accum 1 no full-size gradient
+outlives its hook. Earlier micro-batches still add into fp32 buffers (4 B per entry / world, from a step's
+first backward to its last). ID3_DS_SPARSE_GRAD=buffered keeps every share in the buffer until the step
+instead (the former path, bit-identical: the reference for tests and memory comparisons).
 Hooks fire in autograd's order, the same on every rank (same graph), so the collectives pair up; a tied
 weight is one leaf and fires once; a checkpointed layer's recomputed backward fires it once too.
 
 At the boundary, `SparseID3` (algorithm/sparse.py) runs the step: the same ID3 selection as dense mode over
-this rank's partitions (value = the model's own weight partition, model dtype; grad = the buffer), the
+this rank's partitions (value = the model's own weight partition, model dtype; the streamed candidates), the
 clipping norm all-reduced over ranks (ZeRO-3 ranks own disjoint entries), sparse AdamW on the chosen
 entries, and the rounded masters written straight into the rank's partition (ZeRO-3) or the weight
 (stage 0), read by the next forward's gather.
@@ -22,6 +27,7 @@ The learning rate comes from an HF scheduler driving `LrHolder`, a parameterless
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -32,6 +38,7 @@ from id3_ds.algorithm.id3 import ID3, Keep, Scorer, local_reducer
 from id3_ds.algorithm.mask import MaskState
 from id3_ds.algorithm.slices import ParamSlice
 from id3_ds.algorithm.sparse import SparseID3
+from id3_ds.algorithm.streaming import GradStream
 from id3_ds.errors import ID3Error
 from id3_ds.integration.collectives import allgather_reducer
 from id3_ds.integration.hook import trainable_layout
@@ -40,6 +47,7 @@ from id3_ds.integration.zero_slices import check_deepspeed_version
 
 # torch >= 2.13 names it reduce_scatter_single (reduce_scatter_tensor is deprecated there); older torch lacks it
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+GRAD_MODE_ENV = "ID3_DS_SPARSE_GRAD"  # "buffered": keep whole gradient partitions until the step (reference)
 
 
 class LrHolder(torch.optim.Optimizer):
@@ -98,6 +106,9 @@ class SparseDeepSpeedID3:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.accum = engine.gradient_accumulation_steps()
         self.buffers: dict[str, torch.Tensor] = {}
+        self.streaming = os.environ.get(GRAD_MODE_ENV, "streamed") != "buffered"
+        self._micro = 0  # micro-batches backpropagated in this step
+        self._stream: GradStream | None = None  # open during the step's last backward
         wanted, selectable, full = trainable_layout(engine.module, config, keep)
         params = dict(engine.module.named_parameters())
         slices = []
@@ -134,6 +145,7 @@ class SparseDeepSpeedID3:
             release=self.buffers.clear,
         )
         self.id3 = id3
+        self.index = {h.info.name: i for i, h in enumerate(id3.held)}  # one share per parameter and rank
         self.lr_holder = LrHolder(lr)
         constant = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)  # noqa: E731
         self.scheduler = (make_scheduler or constant)(self.lr_holder)
@@ -154,7 +166,12 @@ class SparseDeepSpeedID3:
             if g is None:
                 return
             share = self._reduce(p, g.reshape(-1), valid)
+            del g
             if share is None:
+                return
+            if self._stream is not None:  # the step's last backward: score and keep O(k + chosen), drop the rest
+                buf = self.buffers.pop(name, None)
+                self._stream.absorb(self.index[name], share if buf is None else buf.add_(share))
                 return
             buf = self.buffers.get(name)
             if buf is None:
@@ -187,14 +204,19 @@ class SparseDeepSpeedID3:
         return self.engine.module(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of one micro-batch (divided by grad_accum, as engine.backward does); hooks reduce."""
+        """Backward of one micro-batch (divided by grad_accum, as engine.backward does); hooks reduce, and
+        during the step's last micro-batch stream into this step's candidates."""
+        self._micro += 1
+        if self.streaming and self._micro == self.accum:
+            self._stream = self.core.stream()
         (loss / self.accum).backward()
 
     def step(self) -> int:
         """Select, clip, update, write back; advance the LR schedule. Returns the entries chosen this step."""
         if self.stage == 3:  # nothing may stay gathered across the write: the next forward must re-gather
             self.engine.optimizer.empty_partition_cache()
-        self.core.step(lr=self.lr)
+        streamed, self._stream, self._micro = self._stream, None, 0
+        self.core.step(lr=self.lr, streamed=streamed)
         self.lr_holder.step()  # a no-op the scheduler expects before its own step
         self.scheduler.step()
         return self.core.last_chosen
