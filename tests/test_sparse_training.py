@@ -2,8 +2,11 @@
 
 One module's runs are shared by every test: dense and sparse ZeRO-3 fp32 (gradient accumulation 2), a
 sparse run killed after step 4 and resumed on 2 ranks and, from its step-3 checkpoint, on 1 rank, a bf16
-pair, and sparse at stage 0. The final-norm weight is fully trainable, so every step writes a small
-(formerly persistent) ZeRO-3 parameter that the next forward must see.
+pair, and sparse at stage 0. Sparse runs stream each step's last micro-batch's gradient into candidates
+(issue 14); two runs keep whole gradient buffers instead (ID3_DS_SPARSE_GRAD=buffered), the reference the
+streamed runs must equal bit for bit: 2 ranks with accumulation, and 1 rank at grad_accum 1. The
+final-norm weight is fully trainable, so every step writes a small (formerly persistent) ZeRO-3 parameter
+that the next forward must see.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ COMMON = [
 # every sparse run checkpoints activations: a recomputed backward must fire each gradient hook once (the
 # logged grad_norm, compared with dense mode's, would double otherwise)
 SPARSE = ["id3.state=sparse", "model.gradient_checkpointing=true"]
+BUFFERED = {"ID3_DS_SPARSE_GRAD": "buffered"}  # the pre-streaming gradient path, kept as the reference
 SIZE = ["train.steps=1", "train.save_steps=1", "id3.budget=0.001", "id3.fully_trainable=[]", "train.grad_accum=1"]
 
 
@@ -46,9 +50,10 @@ SIZE = ["train.steps=1", "train.save_steps=1", "id3.budget=0.001", "id3.fully_tr
 def runs(tmp_path_factory, env) -> dict:
     out = {}
 
-    def run(name: str, *extra: str, nproc: int = 2, fault: str | None = None):
+    def run(name: str, *extra: str, nproc: int = 2, fault: str | None = None, more: dict | None = None):
         d = tmp_path_factory.mktemp(name)
-        proc = train([*COMMON, *extra, f"train.output_dir={d}"], nproc=nproc, env={**env, **_fault(fault)})
+        more = {**_fault(fault), **(more or {})}
+        proc = train([*COMMON, *extra, f"train.output_dir={d}"], nproc=nproc, env={**env, **more})
         out[name] = d
         return proc
 
@@ -62,6 +67,8 @@ def runs(tmp_path_factory, env) -> dict:
         ok(run(name, *extra))
     for name, extra in {"size_dense": SIZE, "size_sparse": [*SIZE, *SPARSE]}.items():  # B = 0.1 %, one rank
         ok(run(name, *extra, nproc=1))
+    ok(run("sparse_buffered", *SPARSE, more=BUFFERED))
+    ok(run("size_sparse_buffered", *SIZE, *SPARSE, nproc=1, more=BUFFERED))
     assert run("killed", *SPARSE, fault="kill_after_step:4:1").returncode != 0
     out["killed_at3"] = tmp_path_factory.mktemp("killed_at3")
     shutil.copytree(checkpoint_dir(out["killed"], 3), checkpoint_dir(out["killed_at3"], 3))
@@ -117,6 +124,22 @@ def test_sparse_chooses_the_same_entries_and_trains_the_same_weights_as_dense(ru
         assert pm.exp_avg is not None and pm.exp_avg_sq is not None
         assert pm.indices.numel() == 0 or bool((pm.exp_avg_sq > 0).any()), name
     assert not (checkpoint_dir(runs["sparse"], STEPS) / "ds").exists()
+
+
+@pytest.mark.parametrize("streamed, buffered", [("sparse", "sparse_buffered"), ("size_sparse", "size_sparse_buffered")])
+def test_streamed_gradients_train_bit_identically_to_buffered_ones(runs, streamed: str, buffered: str) -> None:
+    """2 ranks with grad_accum 2 (the last micro-batch streams buffer + share) and 1 rank at grad_accum 1."""
+    steps = STEPS if streamed == "sparse" else 1
+    for step in sorted({3, steps} & set(range(1, steps + 1))):
+        a, ameta = read_id3_state(checkpoint_dir(runs[streamed], step))
+        b, bmeta = read_id3_state(checkpoint_dir(runs[buffered], step))
+        assert ameta == bmeta  # the winners digest chains every step's winners
+        for n, pm in a.params.items():
+            for f in ("indices", "value", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(getattr(pm, f), getattr(b.params[n], f)), (n, f)
+    want, got = weights(runs[buffered] / "final_model"), weights(runs[streamed] / "final_model")
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    assert _logged(runs[streamed], "grad_norm") == _logged(runs[buffered], "grad_norm")
 
 
 def test_sparse_stage0_matches_dense_zero3(runs) -> None:
