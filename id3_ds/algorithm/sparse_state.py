@@ -30,8 +30,9 @@ clip_grad_norm_.
 
 Where it runs: `algorithm/sparse.py` (`SparseID3`) is the step over any holder's slices; under DeepSpeed
 (`integration/sparse_update.py`) a post-accumulate-grad hook on each trainable parameter averages its
-transient gradient over ranks into the rank's ZeRO-3 partition (reduce-scatter; all-reduce at stage 0) and
-adds it to an fp32 buffer that lives from a step's first backward to its update; the norm's squares are
+transient gradient over ranks into the rank's ZeRO-3 partition (reduce-scatter; all-reduce at stage 0);
+during a step's last micro-batch it streams that share into the step's candidates and kept gradient
+values (`streaming.py`), earlier micro-batches add it to an fp32 buffer; the norm's squares are
 all-reduced over ranks (disjoint entries); the masters are written into the rank's own partition, and no
 ZeRO-3 parameter is kept persistently gathered (the next forward re-gathers the new values).
 Checkpoints: each rank saves `MaskState.from_slices(..., adam=...)` of its partition (global flat

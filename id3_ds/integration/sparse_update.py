@@ -191,7 +191,8 @@ class SparseDeepSpeedID3:
             return flat.div_(self.world)
         per = p.ds_tensor.ds_numel
         group = p.ds_process_group
-        padded = torch.nn.functional.pad(flat, (0, per * self.world - flat.numel()))
+        pad = per * self.world - flat.numel()  # a padded copy only when numel is not a multiple of world
+        padded = torch.nn.functional.pad(flat, (0, pad)) if pad else flat.contiguous()
         out = flat.new_empty(per)
         _reduce_scatter(out, padded, group=group)
         return out.narrow(0, 0, valid).div_(self.world) if valid else None
