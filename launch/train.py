@@ -251,8 +251,9 @@ def main(argv: list[str]) -> None:
         out = os.path.join(t.output_dir, "delta")
         export_delta(checkpoints.checkpoint_dir(t.output_dir, steps), model_dir, out, overwrite=True)
         print(f"sparse delta written to {out}", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()  # the documented clean exit: the backend shuts down before interpreter teardown
+    from id3_ds.integration.shutdown import shutdown
+
+    shutdown()  # barrier, then every process group released now: a clean, quick interpreter exit (its docstring)
     print_final_line(cfg, is_main)  # the last line: output folder, checkpoint, next command
 
 
