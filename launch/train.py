@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
     from id3_ds.algorithm.decay import decay_groups
@@ -84,6 +84,7 @@ def main(argv: list[str]) -> None:
     from id3_ds.training.faults import maybe_hang, maybe_kill, maybe_poison
     from id3_ds.training.guards import clear_stale_build_locks, stop_if_nonfinite
     from id3_ds.training.loss import step_loss
+    from id3_ds.training.lr_schedule import lr_scheduler
     from id3_ds.training.run_log import RunLogger, print_final_line, save_resolved_config
     from id3_ds.training.startup import check_rendezvous_port, use_per_environment_extensions
 
@@ -147,13 +148,12 @@ def main(argv: list[str]) -> None:
     client_optimizer = None
     if t.optimizer == "torch_adamw":  # each dense group carries its own weight_decay
         client_optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=0.0)
-    hf_scheduler = {"constant": "constant_with_warmup"}.get(t.lr_scheduler, t.lr_scheduler)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=groups,
         optimizer=client_optimizer,
         config=ds_config,
-        lr_scheduler=lambda opt: get_scheduler(hf_scheduler, opt, t.warmup_steps, steps),
+        lr_scheduler=lambda opt: lr_scheduler(t.lr_scheduler, opt, t.warmup_steps, steps),  # HF's, without its import
     )
     update = build_update(engine, method, cfg.id3, steps, weight_decay)  # DeepSpeedID3 or DenseUpdate
     device = accel.current_device_name()
