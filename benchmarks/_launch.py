@@ -21,26 +21,35 @@ def torchrun_command(nproc: int, script: str, *args: str) -> list[str]:
     ]
 
 
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo threads still running (Linux: /proc/self/task; elsewhere none are seen)."""
+    names = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return names
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return names
+
+
 def end_worker() -> None:
     """End a 2-rank DeepSpeed/gloo worker that succeeded, once its results are written and closed.
 
-    destroy_process_group() is the documented clean exit, but under DeepSpeed it cannot end gloo's
-    threads: the engine, every ZeRO parameter (`ds_process_group`), zero.Init and
-    deepspeed.utils.groups keep the groups alive, so their C++ teardown (joining the `pt_gloo_runloop`
-    threads) would run during interpreter finalization. A runloop thread that still holds the last
-    collective's tensors must take the GIL to drop a Python-owned one; Python ends a thread that does
-    so during finalization with pthread_exit, which unwinds through a noexcept destructor: SIGABRT,
-    "terminate called without an active exception", after every byte of output was written. So after
-    the barrier (no peer waits on this rank any more) and destroy_process_group(), the process leaves
-    with os._exit(0) and skips finalization; only a run that succeeded gets here.
+    `shutdown()` (id3_ds/integration/shutdown.py: barrier, then every process group destroyed and released,
+    so gloo's threads are joined before the interpreter's exit, which would otherwise abort at times) and
+    then a normal return. The workers are the project's own: a group that outlives shutdown, or a gloo
+    thread still running, fails the worker, so a DeepSpeed that keeps groups somewhere new is caught here.
     """
-    import torch.distributed as dist
+    from id3_ds.integration.shutdown import shutdown
 
-    dist.barrier()
-    dist.destroy_process_group()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed or broken: nothing left to lose there
-            pass
-    os._exit(0)
+    left = shutdown()
+    threads = gloo_threads()
+    if left or threads:
+        raise RuntimeError(f"process groups outlived shutdown(): {left}; gloo threads still running: {threads}")

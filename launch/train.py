@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
     from id3_ds.algorithm.decay import decay_groups
@@ -84,6 +84,7 @@ def main(argv: list[str]) -> None:
     from id3_ds.training.faults import maybe_hang, maybe_kill, maybe_poison
     from id3_ds.training.guards import clear_stale_build_locks, stop_if_nonfinite
     from id3_ds.training.loss import step_loss
+    from id3_ds.training.lr_schedule import lr_scheduler
     from id3_ds.training.run_log import RunLogger, print_final_line, save_resolved_config
     from id3_ds.training.startup import check_rendezvous_port, use_per_environment_extensions
 
@@ -148,10 +149,9 @@ def main(argv: list[str]) -> None:
     client_optimizer = None
     if t.optimizer == "torch_adamw" and not sparse:  # each dense group carries its own weight_decay
         client_optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=0.0)
-    hf_scheduler = {"constant": "constant_with_warmup"}.get(t.lr_scheduler, t.lr_scheduler)
 
     def schedule(optimizer):
-        return get_scheduler(hf_scheduler, optimizer, t.warmup_steps, steps)
+        return lr_scheduler(t.lr_scheduler, optimizer, t.warmup_steps, steps)  # HF's schedules, without its import
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -256,8 +256,9 @@ def main(argv: list[str]) -> None:
         out = os.path.join(t.output_dir, "delta")
         export_delta(checkpoints.checkpoint_dir(t.output_dir, steps), model_dir, out, overwrite=True)
         print(f"sparse delta written to {out}", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()  # the documented clean exit: the backend shuts down before interpreter teardown
+    from id3_ds.integration.shutdown import shutdown
+
+    shutdown()  # barrier, then every process group released now: a clean, quick interpreter exit (its docstring)
     print_final_line(cfg, is_main)  # the last line: output folder, checkpoint, next command
 
 

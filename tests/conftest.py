@@ -5,9 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import torch
 
 from id3_ds.models import resolve_model
 from tests import launcher
+
+# One intra-op thread in the test process, as launched runs get (OMP_NUM_THREADS=1, tests/launcher.py): the
+# tests' tensors are tiny, and a 2-thread pool on 2 cores that other processes keep busy spends its time
+# waiting at every op's barrier (test_thousands_of_steps_keep_memory_flat: 388 s with 2 threads on a loaded
+# machine, 50 of its steps 16x slower than with one).
+torch.set_num_threads(1)
 
 
 @pytest.hookimpl(tryfirst=True)

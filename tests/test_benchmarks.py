@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ def run_bench(name: str, *args: str, nproc: int = 1, timeout: int = 600) -> str:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / name), "--no-record", *args],
         cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # as every launched run of the tests (tests/conftest.py: why)
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -3,12 +3,15 @@ the model family calls its norms (BERT's `LayerNorm`, GPT-2's `ln_f`), for ID3 a
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
 from id3_ds.algorithm.decay import decay_groups, decays
 from id3_ds.algorithm.id3 import from_module
+from id3_ds.checkpoint import checkpoint_dir
 from id3_ds.config import config_from_dict
 from tests.launcher import ok, train, weights
 
@@ -76,7 +79,8 @@ def test_user_patterns_add_to_the_rule_case_insensitively() -> None:
 )
 def test_dense_method_under_deepspeed_decays_no_norm_or_bias(variant, tmp_path, env) -> None:
     """One step of method full with and without decay: the norm scales move identically (no decay on them,
-    ZeRO-3 partitions included), the matrices do not."""
+    ZeRO-3 partitions included), the matrices do not. Method full also trains every entry of the model and
+    checkpoints without a mask (its resume is the dense path test_methods_deepspeed checks with lora)."""
     finals = {}
     for wd in (0.0, 0.5):
         out = tmp_path / f"wd{wd}"
@@ -84,6 +88,10 @@ def test_dense_method_under_deepspeed_decays_no_norm_or_bias(variant, tmp_path, 
         args += ["train.export_delta=false", "train.save_steps=0", f"train.output_dir={out}", *variant]
         ok(train(args, nproc=1, env=env))
         finals[wd] = weights(out / "final_model")
+    info = json.loads((checkpoint_dir(out, 1) / "COMPLETE").read_text())  # the last step is always saved
+    assert info["id3"]["budget_entries"] is None and not (checkpoint_dir(out, 1) / "id3").exists()
+    starts = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"start"' in line]
+    assert [r["budget"] for r in starts] == [sum(t.numel() for t in finals[0.5].values())]  # every entry trains
     one_d = [n for n, t in finals[0.0].items() if t.dim() < 2]
     two_d = [n for n, t in finals[0.0].items() if t.dim() >= 2]
     assert any("norm" in n for n in one_d) and two_d

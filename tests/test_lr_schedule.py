@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from id3_ds.checkpoint import checkpoint_dir
+from id3_ds.training.lr_schedule import lr_scheduler
 from tests.launcher import ok, train, weights
-
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 LR, WARMUP, STEPS = 0.003, 2, 6
 ARGS = [
@@ -40,6 +40,30 @@ def _hf_linear(done: int) -> float:
     return LR * (STEPS - done) / (STEPS - WARMUP)
 
 
+@pytest.mark.parametrize(
+    ("name", "hf_name"), [("constant", "constant_with_warmup"), ("linear", "linear"), ("cosine", "cosine")]
+)
+@pytest.mark.parametrize(("warmup", "total"), [(0, 7), (3, 10), (5, 5)])
+def test_each_schedule_is_transformers_own(name, hf_name, warmup, total) -> None:
+    """The trainer's schedules (id3_ds.training.lr_schedule) equal transformers.get_scheduler at every step, and
+    their saved states load into each other (a checkpoint from before keeps resuming)."""
+    from transformers import get_scheduler
+
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+
+    ours, hf = lr_scheduler(name, optimizer(), warmup, total), get_scheduler(hf_name, optimizer(), warmup, total)
+    for _ in range(total + 2):
+        assert ours.get_last_lr() == hf.get_last_lr()
+        ours.optimizer.step(), hf.optimizer.step()
+        ours.step(), hf.step()
+    again = lr_scheduler(name, optimizer(), warmup, total)
+    again.load_state_dict(hf.state_dict())
+    assert again.get_last_lr() == hf.get_last_lr() and again.last_epoch == total + 2
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_warmup_and_decay_resume_exactly(tmp_path, env) -> None:
     whole = tmp_path / "whole"
     ok(train([*ARGS, "deepspeed.zero_optimization.stage=2", f"train.output_dir={whole}"], nproc=1, env=env))

@@ -176,14 +176,22 @@ def test_output_dir_placeholders(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_rerunning_a_finished_run(tmp_path, env) -> None:
-    """Issue 13 item 1: the same command again is a no-op that says so; other settings are refused."""
-    out = tmp_path / "run"
-    args = [*QUICK, f"train.output_dir={out}"]
-    ok(train(args, nproc=1, env=env))
+def test_a_resume_then_rerunning_the_finished_run(tmp_path, env) -> None:
+    """Items 1 and 2 on one run: the resume line; the same command again on the finished run is a no-op that
+    says so, other settings are refused, asking for the delta only exports; the next method runs in its own
+    folder, not on the id3 checkpoint. (One run serves every step: each launch costs CI ~10 s.)"""
+    pattern = str(tmp_path / "{method}")
+    out = tmp_path / "id3"
+    args = [*QUICK, f"train.output_dir={pattern}"]
+    assert train(args, nproc=1, env={**env, "ID3_DS_FAULT": "kill_after_step:1:0"}).returncode != 0
+    log = ok(train(args, nproc=1, env=env)).stdout
+    assert f"resumed from {checkpoint_dir(out, 1)} at step 1 of 2" in log, log[-3000:]
+    starts = [r["step"] for r in _records(out) if r.get("event") == "start"]
+    assert starts == [0, 1]
+
     again = ok(train(args, nproc=1, env=env)).stdout
     assert f"nothing to train: {checkpoint_dir(out, 2)} already holds all 2 steps" in again, again[-3000:]
-    assert [r["step"] for r in _records(out) if r.get("event") == "start"] == [0]  # no second start
+    assert [r["step"] for r in _records(out) if r.get("event") == "start"] == starts  # no new start
     changed = train([*args, "train.lr=0.0001", "train.seed=7"], nproc=1, env=env)
     assert changed.returncode == 2, changed.stdout[-3000:]
     errors = [line for line in changed.stdout.splitlines() if line.startswith("error:")]
@@ -195,15 +203,6 @@ def test_rerunning_a_finished_run(tmp_path, env) -> None:
     assert "at step 2 of 2 (the run is already complete: nothing to train)" in export, export[-3000:]
     assert (out / "delta").is_dir() and [r["step"] for r in _records(out) if "loss" in r] == [1, 2]
 
-
-@pytest.mark.slow
-def test_a_resume_says_where_it_starts_and_methods_keep_apart(tmp_path, env) -> None:
-    """Item 1: the resume line; item 2: the next method runs in its own folder, not on the id3 checkpoint."""
-    pattern = str(tmp_path / "{method}")
-    args = [*QUICK, f"train.output_dir={pattern}"]
-    assert train(args, nproc=1, env={**env, "ID3_DS_FAULT": "kill_after_step:1:0"}).returncode != 0
-    log = ok(train(args, nproc=1, env=env)).stdout
-    assert f"resumed from {checkpoint_dir(tmp_path / 'id3', 1)} at step 1 of 2" in log, log[-3000:]
     pafi = ok(train([*args, "method=pafi"], nproc=1, env=env)).stdout
     assert "resumed" not in pafi and [r["step"] for r in _records(tmp_path / "pafi") if "loss" in r] == [1, 2]
 

@@ -42,7 +42,7 @@ def main(base: str, delta: str, out: str) -> None:
     if dist.get_rank() == 0:
         save_file(applied, f"{out}/applied.safetensors")
         save_file(removed, f"{out}/removed.safetensors")
-    end_worker()  # barrier, destroy_process_group, then no interpreter teardown (benchmarks/_launch.py)
+    end_worker()  # every process group released, gloo's threads joined: a clean normal exit
 
 
 if __name__ == "__main__":
