@@ -219,3 +219,26 @@ def test_quality_combine_summarises_earlier_json_logs_per_budget_and_method(tmp_
         mean = f"{statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else f"{acc[0]:.3f}"
         assert r[2] == r[0] and r[3] == mean and r[4] == f"{min(acc):.3f}..{max(acc):.3f}"
         assert r[6] == ", ".join(f"{seed}: {a:.3f}" for seed, a in accs.items())
+
+
+def test_model_state_formulas_on_known_numbers() -> None:
+    """Per-rank model state at ZeRO-3: the byte counts of each method, checked by hand on LLaMA-7B."""
+    llama7b = next(m for m in pj.MODELS if m.name == "LLaMA-7B")
+    # r=16 on q, k, v, o (4096 -> 4096) and gate, up, down (4096 <-> 11008), 32 layers, lm_head left out
+    assert pj.lora_params(llama7b) == 32 * 16 * (4 * 8192 + 3 * 15104) == 39_976_960
+    n, b = llama7b.params, 6_740_000
+    assert pj.state_full(n, 8, 2).peak == 18 * n / 8  # bf16 weight + fp32 master, 2 moments, fp32 grad
+    assert pj.state_dense_id3(n, b, 8, 2).peak == (18 * n + 16 * b) / 8
+    sparse = pj.state_sparse_id3(n, b, 8, 2)
+    assert (sparse.persistent, sparse.transient) == ((2 * n + 28 * b) / 8, 4 * n / 8)
+    assert pj.state_lora(n, 39_976_960, 8, 2).peak == (2 * n + 18 * 39_976_960) / 8
+    # the benchmark model's count is computed from its shape: bench_step_overhead's 100M LLaMA has 97,536,768
+    small = pj.llama_exact("100M", 12, 768, 2048, 8192)
+    assert small.params == 97_536_768 and pj.lora_params(small) == 12 * 16 * (4 * 1536 + 3 * 2816)
+    rows = pj.state_grid()
+    assert [(r.model, r.world, r.fraction) for r in rows] == [
+        ("LLaMA-7B", 8, 0.001),
+        ("LLaMA-7B", 8, 0.01),
+        ("LLaMA-70B", 8, 0.001),
+        ("LLaMA-70B", 8, 0.01),
+    ]
