@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import projection as pj  # noqa: E402
 from benchmarks._launch import torchrun_command  # noqa: E402
+from benchmarks.bench_step_overhead import SIZES  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
 
 VALIDATE_STEPS = 4
@@ -160,6 +161,28 @@ def validation_table(rows: list[tuple[str, str, str, bool]]) -> str:
     return "\n".join(lines)
 
 
+def bench_model(size: str = "100M") -> pj.ModelSpec:
+    """The benchmarks' LLaMA-style model (bench_step_overhead.SIZES, as bench_memory trains it)."""
+    h, n, inter, vocab = SIZES[size]
+    return pj.llama_exact(f"bench {size}", n, h, inter, vocab)
+
+
+def state_text() -> str:
+    """The model-state projection: LLaMA at scale in bf16, and the benchmark model as bench_memory runs it."""
+    small = [pj.state_row(bench_model(), 2, 0.001, "fp32")]
+    return (
+        "Model state per rank at ZeRO-3 (benchmarks/projection.py: full and dense ID3 (d + 16) B x N / world, "
+        "dense ID3 + 16 B x B / world of mask; sparse ID3 d x N / world + 28 B x B / world, plus the step's fp32 "
+        "gradient buffer 4 B x N / world, transient but part of the peak; LoRA d x N / world + (d + 16) B x "
+        "adapter / world; d = 2 in bf16, 4 in fp32). Activations, communication buffers and the runtime are "
+        "not model state and are not counted.\n\n"
+        + pj.state_table(pj.state_grid())
+        + "\n\nThe same formulas for the benchmark model (fp32, as `benchmarks/bench_memory.py` trains it on 2 "
+        "CPU ranks): to compare with its measured peak above the pre-model baseline, which also holds "
+        "activations and DeepSpeed's buffers.\n\n" + pj.state_table(small)
+    )
+
+
 def record(text: str, cmd: str) -> None:
     record_results("Projection to real scale", "ZeRO-3, all entries selectable", cmd, text)
 
@@ -184,7 +207,10 @@ def main() -> None:
         + ". mask/rank is at the end of training (16 B x B / world); all-gather is what each rank receives "
         "at the first steps, when winners are spread over the ranks; and if one rank held them all (round B, "
         "+ world x k x 16 B); delta is the upper bound B x 8 + headers (int32 indices: "
-        "no LLaMA tensor reaches 2^31 entries), without fix-ups.\n\n" + pj.table(pj.default_grid(steps))
+        "no LLaMA tensor reaches 2^31 entries), without fix-ups.\n\n"
+        + pj.table(pj.default_grid(steps))
+        + "\n\n"
+        + state_text()
     )
     measured = None
     if args.validate or not args.quick:

@@ -5,8 +5,11 @@
 
 One model, one engine per mode; optimizer steps alternate between "with ID3" (select + mask between
 backward and step) and "without" (a plain step), the order flipping every pair so drift and warm-up
-cancel. Reported: median step time of each, their ratio, the ID3 phases per step (score + local top-k,
-cross-rank merge, mask growth, gradient masking), mask bytes per rank and all-gather bytes per step.
+cancel. Reported: median step time of each, their ratio and the range of the per-pair ratios (the noise
+on a shared machine), the ID3 phases per step (score + local top-k, cross-rank merge, mask growth, gradient
+masking), mask bytes per rank and all-gather bytes per step. The plain-torch row also times the memory
+floor of ID3's per-step work, one pass that reads every gradient and weight and writes the gradient
+(g *= theta, after the step, outside the timed region), and ID3's extra time as a multiple of it.
 The budget is 0.1 % of the model over 1000 steps (k = B/T entries chosen per step).
 """
 
@@ -63,15 +66,30 @@ def batch(vocab: int, step: int, rank: int, micro: int = 2, seq: int = 128) -> d
 def summarize(times: dict[str, list[float]], id3, pairs: int, world: int, k: int) -> dict:
     phases = {p: s / pairs * 1e3 for p, s in id3.timer.seconds.items()}
     local_chosen = sum(len(h.mask) for h in id3.held)
+    pair_ratios = [a / b for a, b in zip(times["id3"], times["full"])]  # the j-th of each ran in pair j
     return {
         "full_ms": statistics.median(times["full"]) * 1e3,
         "id3_ms": statistics.median(times["id3"]) * 1e3,
         "ratio": statistics.median(times["id3"]) / statistics.median(times["full"]),
+        "pair_ratio_min": min(pair_ratios),
+        "pair_ratio_max": max(pair_ratios),
+        "floor_ms": statistics.median(times["floor"]) * 1e3 if times.get("floor") else None,
         "phases_ms": phases,
         "mask_bytes_per_rank": 16 * local_chosen,
         "allgather_bytes_per_step": 16 * k * world if world > 1 else 0,
         "params": sum(h.info.numel for h in id3.held),
     }
+
+
+def floor_pass(model: torch.nn.Module) -> float:
+    """Seconds of one read of every gradient and weight plus one write of the gradient (g *= theta): the
+    least memory traffic ID3's scoring and masking can need. Run after the step: the gradients are spent."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(p.data)
+    return time.perf_counter() - t0
 
 
 def run_plain(size: str, pairs: int) -> dict:
@@ -84,7 +102,7 @@ def run_plain(size: str, pairs: int) -> dict:
     id3.timer.enabled = True
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     id3.attach(opt)
-    times = {"full": [], "id3": []}
+    times = {"full": [], "id3": [], "floor": []}
     vocab = model.config.vocab_size
     for i in range(2 * pairs + 2):
         kind = ("id3", "full")[(i + i // 2) % 2]
@@ -98,6 +116,8 @@ def run_plain(size: str, pairs: int) -> dict:
         opt.step()
         if i >= 2:  # the first pair warms up
             times[kind].append(time.perf_counter() - t0)
+            if kind == "id3":
+                times["floor"].append(floor_pass(model))
         else:
             id3.timer.seconds.clear()
     return summarize(times, id3, pairs, 1, id3.schedule.per_step(0))
@@ -174,16 +194,20 @@ def run_deepspeed(size: str, pairs: int, stage: int) -> dict:
 
 def table(rows: list[tuple[str, dict]]) -> str:
     lines = [
-        "| mode | params | without ID3 (ms) | with ID3 (ms) | ratio | score+topk | merge | grow | mask "
-        "| mask bytes/rank | all-gather bytes/step |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | params | without ID3 (ms) | with ID3 (ms) | ratio | pair ratios (min-max) | score+topk | merge "
+        "| grow | mask | floor pass (ms) | ID3 extra / floor | mask bytes/rank | all-gather bytes/step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in rows:
         p = r["phases_ms"]
+        floor = r.get("floor_ms")
+        floor_cells = "- | -" if not floor else f"{floor:.0f} | {(r['id3_ms'] - r['full_ms']) / floor:.1f}"
         lines.append(
             f"| {name} | {r['params'] / 1e6:.1f}M | {r['full_ms']:.0f} | {r['id3_ms']:.0f} | {r['ratio']:.3f} "
+            f"| {r['pair_ratio_min']:.3f}-{r['pair_ratio_max']:.3f} "
             f"| {p.get('score_topk', 0):.1f} ms | {p.get('merge', 0):.2f} ms | {p.get('grow', 0):.2f} ms "
-            f"| {p.get('mask', 0):.1f} ms | {r['mask_bytes_per_rank']:,} | {r['allgather_bytes_per_step']:,} |"
+            f"| {p.get('mask', 0):.1f} ms | {floor_cells} | {r['mask_bytes_per_rank']:,} "
+            f"| {r['allgather_bytes_per_step']:,} |"
         )
     return "\n".join(lines)
 

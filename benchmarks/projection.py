@@ -15,10 +15,20 @@ against a measured small run (benchmarks/bench_projection.py --validate does, an
 - delta: per tuned tensor an index (int32, int64 for tensors of >= 2^31 entries) and an fp32 value per
   entry, so about B * 8 bytes, plus a JSON header per tensor (safetensors header + delta_config.json
   fingerprint) and 8 bytes per fix-up entry (the few updates no fp32 number carries exactly).
+- model state per rank at ZeRO-3 (N weights, B chosen entries, d = bytes of the model dtype; activations,
+  DeepSpeed's communication buckets and the CUDA/CPU runtime are not model state and are left out):
+  full fine-tuning and dense-state ID3 keep per weight the d-byte partition plus TRAINED_BYTES = 16 (fp32
+  master, exp_avg, exp_avg_sq, fp32 gradient partition): (d + 16) N / world, 18 N / world in bf16; dense
+  ID3 adds its mask, 16 B / world per chosen entry. Sparse-state ID3 (id3.state: sparse) keeps the frozen
+  d-byte partition, 28 B per chosen entry (mask 16 + fp32 master and both moments 12), and during each step
+  a transient fp32 accumulation buffer of the rank's gradient partition, 4 N / world, counted in the peak.
+  LoRA keeps the frozen base (d N / world) and trains its A/B matrices like full fine-tuning trains
+  weights, (d + 16) bytes each / world.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from id3_ds.algorithm.schedule import UnmaskSchedule, resolve_budget
@@ -31,27 +41,50 @@ PAIR_BYTES = 16  # one (score, key) float64 pair in the all-gather
 VALUE_BYTES = 4  # fp32 delta value
 HEADER_BYTES_PER_TENSOR = 1024  # generous: up to 4 safetensors header entries + 2 delta_config.json entries
 HEADER_BYTES_FIXED = 4096  # delta_config.json's fixed fields and the safetensors preamble
+TRAINED_BYTES = 16  # per densely trained weight beyond its d-byte partition: fp32 master + 2 moments + fp32 grad
+SPARSE_ENTRY_BYTES = MASK_BYTES_PER_ENTRY + 12  # sparse state per chosen entry: mask + fp32 master + 2 moments
+GRAD_BUFFER_BYTES = 4  # sparse state: the step's fp32 gradient buffer per weight of the partition (transient)
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+LORA_RANK = 16
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model as the calculator needs it: parameter count, tensor count, largest tensor's entry count."""
+    """A model as the calculator needs it: parameter count, tensor count, largest tensor's entry count, and
+    the (in, out) features of the linear layers LoRA adapts (one layer's, repeated `layers` times)."""
 
     name: str
     params: int
     tensors: int
     largest_tensor: int
+    layers: int = 0
+    linear_shapes: tuple[tuple[int, int], ...] = ()
 
 
-def llama(name: str, params: float, layers: int, hidden: int, vocab: int = 32000) -> ModelSpec:
-    """LLaMA: per layer q, k, v, o, gate, up, down + 2 norms; plus embedding, final norm, lm_head."""
-    return ModelSpec(name, int(params), 9 * layers + 3, vocab * hidden)
+def llama(
+    name: str, params: float, layers: int, hidden: int, intermediate: int, vocab: int = 32000, kv: int | None = None
+) -> ModelSpec:
+    """LLaMA: per layer q, k, v, o, gate, up, down + 2 norms; plus embedding, final norm, lm_head.
+
+    kv: the width of the k and v projections (grouped-query attention; the hidden size without it)."""
+    kv = hidden if kv is None else kv
+    linear = ((hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden))
+    linear += ((hidden, intermediate), (hidden, intermediate), (intermediate, hidden))
+    return ModelSpec(name, int(params), 9 * layers + 3, vocab * hidden, layers, linear)
+
+
+def llama_exact(name: str, layers: int, hidden: int, intermediate: int, vocab: int, kv: int | None = None) -> ModelSpec:
+    """A LLaMA whose parameter count is computed, not quoted (untied embeddings): for the small models the
+    benchmarks build, so a prediction can be checked against a measured run of the same model."""
+    spec = llama(name, 0, layers, hidden, intermediate, vocab, kv)
+    per_layer = sum(i * o for i, o in spec.linear_shapes) + 2 * hidden
+    return ModelSpec(name, layers * per_layer + 2 * vocab * hidden + hidden, *dataclasses.astuple(spec)[2:])
 
 
 MODELS = (
-    llama("LLaMA-7B", 6.74e9, 32, 4096),
-    llama("LLaMA-13B", 13.0e9, 40, 5120),
-    llama("LLaMA-70B", 69.0e9, 80, 8192),
+    llama("LLaMA-7B", 6.74e9, 32, 4096, 11008),
+    llama("LLaMA-13B", 13.0e9, 40, 5120, 13824),
+    llama("LLaMA-70B", 69.0e9, 80, 8192, 28672, kv=1024),
 )
 
 ALPACA_EXAMPLES = 52002
@@ -113,6 +146,45 @@ def allgather_bytes_run_worst(budget: int, steps: int, world: int) -> int:
 def scoring_buffer_bytes() -> int:
     """Transient bytes of scoring one chunk: score buffer + |theta| + eps temporary + block maxima."""
     return 2 * 4 * CHUNK + 4 * (CHUNK // BLOCK)
+
+
+def lora_params(model: ModelSpec, rank: int = LORA_RANK) -> int:
+    """LoRA A (r x in) and B (out x r) on every linear layer of every decoder layer (PEFT's "all-linear":
+    q, k, v, o, gate, up, down; the output head is left out, as PEFT leaves it out)."""
+    return model.layers * sum(rank * (i + o) for i, o in model.linear_shapes)
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """Model-state bytes per rank: what stays for the run, and what one step adds on top (its peak)."""
+
+    persistent: float
+    transient: float = 0.0
+
+    @property
+    def peak(self) -> float:
+        return self.persistent + self.transient
+
+
+def state_full(params: int, world: int, dtype_bytes: int) -> ModelState:
+    """Full fine-tuning (and ID3's dense state less its mask): (d + 16) bytes per weight / world."""
+    return ModelState((dtype_bytes + TRAINED_BYTES) * params / world)
+
+
+def state_dense_id3(params: int, budget: int, world: int, dtype_bytes: int) -> ModelState:
+    """Dense-state ID3: full fine-tuning's state plus the mask, 16 B per chosen entry / world."""
+    return ModelState(state_full(params, world, dtype_bytes).persistent + MASK_BYTES_PER_ENTRY * budget / world)
+
+
+def state_sparse_id3(params: int, budget: int, world: int, dtype_bytes: int) -> ModelState:
+    """Sparse-state ID3: frozen d-byte partition + 28 B per chosen entry; the fp32 gradient buffer is transient."""
+    persistent = (dtype_bytes * params + SPARSE_ENTRY_BYTES * budget) / world
+    return ModelState(persistent, GRAD_BUFFER_BYTES * params / world)
+
+
+def state_lora(params: int, adapter: int, world: int, dtype_bytes: int) -> ModelState:
+    """LoRA: the frozen base (d bytes per weight) + adapter weights trained densely ((d + 16) bytes each)."""
+    return ModelState((dtype_bytes * params + (dtype_bytes + TRAINED_BYTES) * adapter) / world)
 
 
 def delta_payload_bytes(budget: int, largest_tensor: int = 0) -> int:
@@ -196,3 +268,58 @@ def table(rows: list[Projection]) -> str:
 
 def default_grid(steps: int) -> list[Projection]:
     return [project(m, w, f, steps) for m in MODELS for w in (8, 64, 512) for f in (0.0001, 0.001, 0.01)]
+
+
+@dataclass(frozen=True)
+class StateRow:
+    """Per-rank model state of one (model, world, budget, dtype) under every method, ZeRO-3."""
+
+    model: str
+    world: int
+    dtype: str
+    fraction: float
+    budget: int
+    adapter: int
+    full: ModelState
+    dense: ModelState
+    sparse: ModelState
+    lora: ModelState
+
+
+def state_row(model: ModelSpec, world: int, fraction: float, dtype: str = "bf16") -> StateRow:
+    """Every method's model state for one case, all entries selectable, LoRA r=16 on every linear layer."""
+    d, n = DTYPE_BYTES[dtype], model.params
+    b, adapter = budget_entries(n, fraction), lora_params(model)
+    return StateRow(
+        model.name,
+        world,
+        dtype,
+        fraction,
+        b,
+        adapter,
+        full=state_full(n, world, d),
+        dense=state_dense_id3(n, b, world, d),
+        sparse=state_sparse_id3(n, b, world, d),
+        lora=state_lora(n, adapter, world, d),
+    )
+
+
+def state_grid() -> list[StateRow]:
+    """LLaMA-7B and LLaMA-70B on 8 GPUs at B = 0.1 % and 1 %, bf16."""
+    return [state_row(m, 8, f) for m in MODELS if m.name in ("LLaMA-7B", "LLaMA-70B") for f in (0.001, 0.01)]
+
+
+def state_table(rows: list[StateRow]) -> str:
+    lines = [
+        "| model | GPUs | dtype | budget | B (entries) | full | dense ID3 | sparse ID3: persistent + transient = peak "
+        "| LoRA r=16 (adapter weights) | sparse peak / full | sparse peak / LoRA |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        sp = r.sparse
+        lines.append(
+            f"| {r.model} | {r.world} | {r.dtype} | {r.fraction * 100:g} % | {r.budget:,} | {human(r.full.peak)} "
+            f"| {human(r.dense.peak)} | {human(sp.persistent)} + {human(sp.transient)} = {human(sp.peak)} "
+            f"| {human(r.lora.peak)} ({r.adapter:,}) | {sp.peak / r.full.peak:.3f} | {sp.peak / r.lora.peak:.2f} |"
+        )
+    return "\n".join(lines)
