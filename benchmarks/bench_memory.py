@@ -42,10 +42,10 @@ from benchmarks.memstat import proc_status  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every linear layer
-# name -> launch/train.py overrides; the sparse-state mode, once id3.state exists, is one more line here:
-#   "id3 (sparse state)": ["method=id3", "id3.state=sparse"],
+# name -> launch/train.py overrides ('full' first: the others are reported against it)
 VARIANTS: dict[str, list[str]] = {
     "full": ["method=full"],
+    "id3 (sparse state)": ["method=id3", "id3.state=sparse"],
     "id3 (dense state)": ["method=id3"],
     "lora r=16": ["method=lora", "lora.rank=16", "lora.alpha=32", f"lora.target_modules={json.dumps(LINEAR)}"],
 }

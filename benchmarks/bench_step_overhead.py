@@ -11,6 +11,12 @@ masking), mask bytes per rank and all-gather bytes per step. The plain-torch row
 floor of ID3's per-step work, one pass that reads every gradient and weight and writes the gradient
 (g *= theta, after the step, outside the timed region), and ID3's extra time as a multiple of it.
 The budget is 0.1 % of the model over 1000 steps (k = B/T entries chosen per step).
+
+The sparse-state row (`id3.state: sparse`) cannot share an engine with the plain step: its engine has no
+DeepSpeed optimizer. So that worker builds two ZeRO-3 engines of the same model, the plain one (DeepSpeed
+AdamW, every weight trained: full fine-tuning) and a sparse-state one (DeepSpeed config from
+id3_ds.integration.ds_config, update from build_update, as launch/train.py builds them), and alternates
+their steps in the same way. Its phase columns stay empty: the scoring runs inside backward's hooks.
 """
 
 from __future__ import annotations
@@ -181,10 +187,78 @@ def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
     end_worker()  # every process group released, gloo's threads joined: a clean normal exit
 
 
-def run_deepspeed(size: str, pairs: int, stage: int) -> dict:
+def sparse_engine(size: str, world: int):
+    """(update, model): the benchmark model with sparse-state ID3 at ZeRO-3, built as launch/train.py does."""
+    import deepspeed
+
+    from id3_ds.config import config_from_dict
+    from id3_ds.integration.ds_config import build_ds_config
+    from id3_ds.integration.hook import build_update, freeze_outside
+    from id3_ds.methods import method_spec
+
+    raw = {
+        "model": {"name_or_path": "builtin:tiny-llama", "dtype": "fp32"},  # only the config's rules are used
+        "data": {"path": str(ROOT / "id3_ds" / "resources" / "tiny_alpaca.jsonl")},
+        "id3": {"budget": 0.001, "state": "sparse"},
+        "train": {"steps": 1000, "lr": 1e-4, "weight_decay": 0.0, "micro_batch_size": 2, "max_grad_norm": 1.0},
+        "deepspeed": {"zero_optimization": {"stage": 3}, "steps_per_print": 10**9},
+    }
+    cfg = config_from_dict(raw)
+    ds, weight_decay = build_ds_config(cfg, world)
+    import transformers.models.llama.modeling_llama  # noqa: F401  (import torch._dynamo outside zero.Init)
+
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        model = build_model(size)
+    method = method_spec("id3")
+    freeze_outside(model, cfg.id3, method.keep)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=None, config=ds)
+    update = build_update(
+        engine, method, cfg.id3, 1000, weight_decay, lr=cfg.train.lr, max_grad_norm=cfg.train.max_grad_norm
+    )
+    return update, model
+
+
+def run_sparse_worker(size: str, pairs: int, out: str) -> None:
+    """Full fine-tuning (DeepSpeed AdamW) against sparse-state ID3, both ZeRO-3, steps interleaved."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine, model = deepspeed_llama(size, 3)
+    update, _ = sparse_engine(size, world)
+    update.id3.timer.enabled = True
+    times = {"full": [], "id3": []}
+    vocab = model.config.vocab_size
+    for i in range(2 * pairs + 2):
+        kind = ("id3", "full")[(i + i // 2) % 2]
+        b = batch(vocab, i, rank)
+        dist.barrier()
+        t0 = time.perf_counter()
+        if kind == "id3":
+            update.backward(update.forward(b).loss)
+            update.step()
+        else:
+            engine.backward(engine(**b).loss)
+            engine.step()
+        dist.barrier()
+        if i >= 2:
+            times[kind].append(time.perf_counter() - t0)
+        else:
+            update.id3.timer.seconds.clear()
+    result = summarize(times, update.id3, pairs, world, update.id3.schedule.per_step(0))
+    result["params"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    result["chosen"] = update.chosen_total
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    end_worker()
+
+
+def run_deepspeed(size: str, pairs: int, stage: int, sparse: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
         flags = ["--size", size, "--pairs", str(pairs), "--stage", str(stage), "--out", out]
+        flags += ["--sparse"] if sparse else []
         cmd = torchrun_command(2, __file__, "--worker", *flags)
         proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
@@ -221,21 +295,38 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--stage", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--sparse", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--modes", default="plain,2,3,sparse", help="modes to run, comma separated (plain,2,3,sparse)")
     args = ap.parse_args()
     size = args.size or ("10M" if args.quick else "100M")
     pairs = args.pairs or (3 if args.quick else 8)
     if args.worker:
-        run_deepspeed_worker(size, pairs, args.stage, args.out)
+        if args.sparse:
+            run_sparse_worker(size, pairs, args.out)
+        else:
+            run_deepspeed_worker(size, pairs, args.stage, args.out)
         return
-    rows = [("plain torch, 1 process", run_plain(size, pairs))]
+    modes = args.modes.split(",")
+    if not modes or set(modes) - {"plain", "2", "3", "sparse"}:
+        raise SystemExit(f"--modes {args.modes!r}: choose from plain, 2, 3, sparse")
+    rows = []
+    if "plain" in modes:
+        rows.append(("plain torch, 1 process", run_plain(size, pairs)))
     for stage in (2, 3):
-        rows.append((f"DeepSpeed ZeRO-{stage}, 2 ranks", run_deepspeed(size, pairs, stage)))
+        if str(stage) in modes:
+            rows.append((f"DeepSpeed ZeRO-{stage}, 2 ranks", run_deepspeed(size, pairs, stage)))
+    if "sparse" in modes:  # against full fine-tuning in the same worker (two engines)
+        rows.append(("DeepSpeed ZeRO-3, sparse state vs full, 2 ranks", run_deepspeed(size, pairs, 3, sparse=True)))
     text = table(rows)
     print(text)
     if not args.no_record:
         details = "fp32, micro-batch 2x128 tokens, budget 0.1 % over 1000 steps"
         flag = " --quick" if args.quick else ""
-        record_results("Step overhead", details, f"python benchmarks/bench_step_overhead.py{flag}", text)
+        title = "Step overhead"  # a run of some modes only gets its own section: the full table stays
+        if args.modes != ap.get_default("modes"):
+            flag += f" --modes {args.modes}"
+            title += f", modes {args.modes}"
+        record_results(title, details, f"python benchmarks/bench_step_overhead.py{flag}", text)
 
 
 if __name__ == "__main__":
