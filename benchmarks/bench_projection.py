@@ -169,16 +169,19 @@ def bench_model(size: str = "100M") -> pj.ModelSpec:
 
 def state_text() -> str:
     """The model-state projection: LLaMA at scale in bf16, and the benchmark model as bench_memory runs it."""
-    small = [pj.state_row(bench_model(), 2, 0.001, "fp32")]
+    small = [pj.state_row(bench_model(), 2, 0.001, "fp32", steps=3)]  # bench_memory runs 3 steps
     return (
         "Model state per rank at ZeRO-3 (benchmarks/projection.py: full and dense ID3 (d + 16) B x N / world, "
-        "dense ID3 + 16 B x B / world of mask; sparse ID3 d x N / world + 28 B x B / world, plus the step's fp32 "
-        "gradient buffer 4 B x N / world, transient but part of the peak; LoRA d x N / world + (d + 16) B x "
-        "adapter / world; d = 2 in bf16, 4 in fp32). Activations, communication buffers and the runtime are "
-        "not model state and are not counted.\n\n"
+        "dense ID3 + 16 B x B / world of mask; sparse ID3 d x N / world + 28 B x B / world, plus the step's "
+        "transient, part of the peak: with the gradient streamed (grad_accum 1) one parameter's at a time, the "
+        "largest tensor L's gradient d x L, its share d x L / world (and a padded copy when L is not a multiple "
+        "of world), the scoring scratch (32 MiB) and the kept values 4 B x B / world + 16 B x 5k; with "
+        "grad_accum > 1 also the fp32 accumulation buffer 4 B x N / world; LoRA d x N / world + (d + 16) B x "
+        "adapter / world; d = 2 in bf16, 4 in fp32; k = ceil(B / T) with T as above). Activations, "
+        "communication buffers and the runtime are not model state and are not counted.\n\n"
         + pj.state_table(pj.state_grid())
         + "\n\nThe same formulas for the benchmark model (fp32, as `benchmarks/bench_memory.py` trains it on 2 "
-        "CPU ranks): to compare with its measured peak above the pre-model baseline, which also holds "
+        "CPU ranks, 3 steps): to compare with its measured peak above the pre-model baseline, which also holds "
         "activations and DeepSpeed's buffers.\n\n" + pj.state_table(small)
     )
 

@@ -20,8 +20,14 @@ against a measured small run (benchmarks/bench_projection.py --validate does, an
   full fine-tuning and dense-state ID3 keep per weight the d-byte partition plus TRAINED_BYTES = 16 (fp32
   master, exp_avg, exp_avg_sq, fp32 gradient partition): (d + 16) N / world, 18 N / world in bf16; dense
   ID3 adds its mask, 16 B / world per chosen entry. Sparse-state ID3 (id3.state: sparse) keeps the frozen
-  d-byte partition, 28 B per chosen entry (mask 16 + fp32 master and both moments 12), and during each step
-  a transient fp32 accumulation buffer of the rank's gradient partition, 4 N / world, counted in the peak.
+  d-byte partition and 28 B per chosen entry (mask 16 + fp32 master and both moments 12). Its step's
+  gradient is streamed (id3_ds/algorithm/streaming.py), so the transient, counted in the peak, is one
+  parameter's at a time: the largest tensor's whole gradient (d bytes per entry, as autograd makes it), its
+  zero-padded copy when its size is not a multiple of world (the reduce-scatter input), the rank's share of
+  it (d bytes x ceil(L / world)), the scoring scratch (scoring_buffer_bytes), and the O(k + chosen) kept
+  gradient values: 4 B per chosen entry (B / world at the end of a run) and up to 5k candidates of 16 B
+  (fp32 score + int64 key + fp32 gradient). Only with grad_accum > 1 does the fp32 accumulation buffer
+  of the rank's gradient partition, 4 N / world, exist, from a step's first backward to its last.
   LoRA keeps the frozen base (d N / world) and trains its A/B matrices like full fine-tuning trains
   weights, (d + 16) bytes each / world.
 """
@@ -43,7 +49,9 @@ HEADER_BYTES_PER_TENSOR = 1024  # generous: up to 4 safetensors header entries +
 HEADER_BYTES_FIXED = 4096  # delta_config.json's fixed fields and the safetensors preamble
 TRAINED_BYTES = 16  # per densely trained weight beyond its d-byte partition: fp32 master + 2 moments + fp32 grad
 SPARSE_ENTRY_BYTES = MASK_BYTES_PER_ENTRY + 12  # sparse state per chosen entry: mask + fp32 master + 2 moments
-GRAD_BUFFER_BYTES = 4  # sparse state: the step's fp32 gradient buffer per weight of the partition (transient)
+GRAD_BUFFER_BYTES = 4  # sparse state, grad_accum > 1: the fp32 accumulation buffer per weight of the partition
+CANDIDATE_BYTES = 16  # sparse state, streamed: one candidate's fp32 score + int64 key + fp32 gradient
+CANDIDATES_HELD = 5  # sparse state, streamed: at most 4k candidates held, plus one slice's part of up to k
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 LORA_RANK = 16
 
@@ -176,10 +184,26 @@ def state_dense_id3(params: int, budget: int, world: int, dtype_bytes: int) -> M
     return ModelState(state_full(params, world, dtype_bytes).persistent + MASK_BYTES_PER_ENTRY * budget / world)
 
 
-def state_sparse_id3(params: int, budget: int, world: int, dtype_bytes: int) -> ModelState:
-    """Sparse-state ID3: frozen d-byte partition + 28 B per chosen entry; the fp32 gradient buffer is transient."""
+def sparse_stream_bytes(largest_tensor: int, budget: int, world: int, dtype_bytes: int, k: int) -> float:
+    """The streamed step's transient per rank: one parameter's gradient at a time (the largest: whole, padded
+    copy if needed, the rank's share), the scoring scratch, and the kept O(k + chosen) gradient values."""
+    whole = dtype_bytes * largest_tensor
+    per = -(-largest_tensor // world)
+    reduce = 0 if world == 1 else dtype_bytes * per + (dtype_bytes * per * world if largest_tensor % world else 0)
+    kept = 4 * budget / world + CANDIDATE_BYTES * CANDIDATES_HELD * k
+    return whole + reduce + scoring_buffer_bytes() + kept
+
+
+def state_sparse_id3(
+    params: int, budget: int, world: int, dtype_bytes: int, largest_tensor: int, accum: int = 1, k: int = 0
+) -> ModelState:
+    """Sparse-state ID3: frozen d-byte partition + 28 B per chosen entry; transient: the streamed step's
+    (sparse_stream_bytes) and, only with grad_accum > 1, the fp32 accumulation buffer 4 B x N / world."""
     persistent = (dtype_bytes * params + SPARSE_ENTRY_BYTES * budget) / world
-    return ModelState(persistent, GRAD_BUFFER_BYTES * params / world)
+    transient = sparse_stream_bytes(largest_tensor, budget, world, dtype_bytes, k)
+    if accum > 1:
+        transient += GRAD_BUFFER_BYTES * params / world
+    return ModelState(persistent, transient)
 
 
 def state_lora(params: int, adapter: int, world: int, dtype_bytes: int) -> ModelState:
@@ -282,14 +306,17 @@ class StateRow:
     adapter: int
     full: ModelState
     dense: ModelState
-    sparse: ModelState
+    sparse: ModelState  # grad_accum 1: the gradient streamed
+    sparse_accum: ModelState  # grad_accum > 1: plus the fp32 accumulation buffer
     lora: ModelState
 
 
-def state_row(model: ModelSpec, world: int, fraction: float, dtype: str = "bf16") -> StateRow:
-    """Every method's model state for one case, all entries selectable, LoRA r=16 on every linear layer."""
+def state_row(model: ModelSpec, world: int, fraction: float, dtype: str = "bf16", steps: int = 0) -> StateRow:
+    """Every method's model state for one case, all entries selectable, LoRA r=16 on every linear layer;
+    `steps` (T) sets the streamed candidates' k = ceil(B / T) (default: 3 epochs of Alpaca)."""
     d, n = DTYPE_BYTES[dtype], model.params
     b, adapter = budget_entries(n, fraction), lora_params(model)
+    k = per_step(b, steps or alpaca_steps())
     return StateRow(
         model.name,
         world,
@@ -299,7 +326,8 @@ def state_row(model: ModelSpec, world: int, fraction: float, dtype: str = "bf16"
         adapter,
         full=state_full(n, world, d),
         dense=state_dense_id3(n, b, world, d),
-        sparse=state_sparse_id3(n, b, world, d),
+        sparse=state_sparse_id3(n, b, world, d, model.largest_tensor, accum=1, k=k),
+        sparse_accum=state_sparse_id3(n, b, world, d, model.largest_tensor, accum=2, k=k),
         lora=state_lora(n, adapter, world, d),
     )
 
@@ -311,15 +339,18 @@ def state_grid() -> list[StateRow]:
 
 def state_table(rows: list[StateRow]) -> str:
     lines = [
-        "| model | GPUs | dtype | budget | B (entries) | full | dense ID3 | sparse ID3: persistent + transient = peak "
-        "| LoRA r=16 (adapter weights) | sparse peak / full | sparse peak / LoRA |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | GPUs | dtype | budget | B (entries) | full | dense ID3 "
+        "| sparse ID3, grad_accum 1: persistent + transient = peak | sparse ID3, grad_accum > 1: peak "
+        "| LoRA r=16 (adapter weights) | sparse peak / full | sparse peak / dense ID3 | sparse peak / LoRA "
+        "| same, grad_accum > 1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        sp = r.sparse
+        sp, sa = r.sparse, r.sparse_accum
         lines.append(
             f"| {r.model} | {r.world} | {r.dtype} | {r.fraction * 100:g} % | {r.budget:,} | {human(r.full.peak)} "
             f"| {human(r.dense.peak)} | {human(sp.persistent)} + {human(sp.transient)} = {human(sp.peak)} "
-            f"| {human(r.lora.peak)} ({r.adapter:,}) | {sp.peak / r.full.peak:.3f} | {sp.peak / r.lora.peak:.2f} |"
+            f"| {human(sa.peak)} | {human(r.lora.peak)} ({r.adapter:,}) | {sp.peak / r.full.peak:.3f} "
+            f"| {sp.peak / r.dense.peak:.3f} | {sp.peak / r.lora.peak:.2f} | {sa.peak / r.lora.peak:.2f} |"
         )
     return "\n".join(lines)
