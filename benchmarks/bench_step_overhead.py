@@ -266,6 +266,11 @@ def run_deepspeed(size: str, pairs: int, stage: int, sparse: bool = False) -> di
         return json.loads(Path(out).read_text())
 
 
+def phase(phases: dict[str, float], name: str, digits: int) -> str:
+    """A phase's ms per step, or '-' where it was not timed (sparse state scores inside backward's hooks)."""
+    return f"{phases[name]:.{digits}f} ms" if name in phases else "-"
+
+
 def table(rows: list[tuple[str, dict]]) -> str:
     lines = [
         "| mode | params | without ID3 (ms) | with ID3 (ms) | ratio | pair ratios (min-max) | score+topk | merge "
@@ -279,8 +284,8 @@ def table(rows: list[tuple[str, dict]]) -> str:
         lines.append(
             f"| {name} | {r['params'] / 1e6:.1f}M | {r['full_ms']:.0f} | {r['id3_ms']:.0f} | {r['ratio']:.3f} "
             f"| {r['pair_ratio_min']:.3f}-{r['pair_ratio_max']:.3f} "
-            f"| {p.get('score_topk', 0):.1f} ms | {p.get('merge', 0):.2f} ms | {p.get('grow', 0):.2f} ms "
-            f"| {p.get('mask', 0):.1f} ms | {floor_cells} | {r['mask_bytes_per_rank']:,} "
+            f"| {phase(p, 'score_topk', 1)} | {phase(p, 'merge', 2)} | {phase(p, 'grow', 2)} "
+            f"| {phase(p, 'mask', 1)} | {floor_cells} | {r['mask_bytes_per_rank']:,} "
             f"| {r['allgather_bytes_per_step']:,} |"
         )
     return "\n".join(lines)
@@ -292,7 +297,7 @@ def main() -> None:
     ap.add_argument("--no-record", action="store_true", help="do not record this run in benchmarks/RESULTS.md")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--size", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--pairs", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--pairs", type=int, default=None, help="step pairs timed per mode (default 8; quick 3)")
     ap.add_argument("--stage", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--sparse", action="store_true", help=argparse.SUPPRESS)
@@ -322,6 +327,7 @@ def main() -> None:
     if not args.no_record:
         details = "fp32, micro-batch 2x128 tokens, budget 0.1 % over 1000 steps"
         flag = " --quick" if args.quick else ""
+        flag += f" --pairs {args.pairs}" if args.pairs else ""
         title = "Step overhead"  # a run of some modes only gets its own section: the full table stays
         if args.modes != ap.get_default("modes"):
             flag += f" --modes {args.modes}"
