@@ -1,8 +1,9 @@
-"""Per-rank peak memory by method at ZeRO-3 on 2 ranks: dense-state ID3, full fine-tuning, LoRA r=16.
+"""Per-rank peak memory by method at ZeRO-3 on 2 ranks: sparse- and dense-state ID3, full, LoRA r=16.
 
     python benchmarks/bench_memory.py            # the ~100M LLaMA-style model (97.5M), grad_accum 1 and 4
-    python benchmarks/bench_memory.py --quick    # ~10M parameters, grad_accum 1: about three launches
+    python benchmarks/bench_memory.py --quick    # ~10M parameters, grad_accum 1: four launches
     python benchmarks/bench_memory.py --json     # also print the rows as one JSON line
+    python benchmarks/bench_memory.py --from-json LOG   # tabulate (and record) an earlier --json run's rows
 
 Why: the claim to check is what a method costs a rank, measured on what a user runs. Each variant is a
 list of launch/train.py overrides on one shared config (VARIANTS), so a new mode is one more entry; each
@@ -15,7 +16,8 @@ slack, which the prediction leaves out.
 
 The budget is 0.1 % of the model over the steps run. DeepSpeed's reduce bucket is set to 10^7 entries for
 every variant (its default, 5 x 10^8, allocates a 2 GB fp32 buffer per rank whatever the method, which
-would hide the differences measured here). glibc's mmap threshold is fixed at 1 MiB in every worker, so
+would hide the differences measured here); sparse state lowers it to 10^6 itself (ds_config: it reduces
+nothing through DeepSpeed). glibc's mmap threshold is fixed at 1 MiB in every worker, so
 freed big blocks go back to the OS at once and RSS reflects what tensors hold.
 """
 
