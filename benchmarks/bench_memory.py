@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import projection as pj  # noqa: E402
 from benchmarks._launch import torchrun_command  # noqa: E402
 from benchmarks.bench_step_overhead import SIZES, build_model  # noqa: E402
-from benchmarks.memstat import proc_status  # noqa: E402
+from benchmarks.memstat import proc_status, reset_peak  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every linear layer
@@ -53,6 +53,9 @@ VARIANTS: dict[str, list[str]] = {
 }
 BUDGET = 0.001
 MICRO_BATCH = 2
+# a rank's phase marks (bytes; phase_hooks): RSS and peak once the engine is built, the peak of the steps alone,
+# RSS before the final checkpoint save, the save's (and exit's) peak, RSS at the end
+PHASES = ("built_rss", "built_peak", "steps_peak", "pre_save_rss", "save_peak", "end_rss")
 
 
 def fix_mmap_threshold() -> None:
@@ -124,22 +127,58 @@ def write_config(model_dir: Path, folder: Path) -> Path:
     return path
 
 
+def reset_or_stop() -> None:
+    """Reset VmHWM, or stop: without the reset every phase's 'peak' would be the lifetime peak so far."""
+    if not reset_peak():
+        raise SystemExit("bench_memory: cannot write /proc/self/clear_refs to reset VmHWM (Linux >= 4.0 needed)")
+
+
+def phase_hooks(marks: dict) -> None:
+    """Split the rank's lifetime peak into phases without editing launch/train.py: train.py calls
+    checkpoint.resume right after the engine and the update are built (before step 1) and checkpoint.save
+    after the last step, so wrapping those two records RSS and VmHWM there and resets VmHWM (so each phase's
+    peak is its own). 'build' = model load, zero.Init partitioning, engine and update construction."""
+    from id3_ds import checkpoint
+
+    resume, save = checkpoint.resume, checkpoint.save
+
+    def resume_then_mark(*args, **kwargs):
+        start = resume(*args, **kwargs)
+        marks.update(built_rss=proc_status("VmRSS:"), built_peak=proc_status("VmHWM:"))
+        reset_or_stop()
+        return start
+
+    def mark_then_save(*args, **kwargs):
+        if "steps_peak" not in marks:  # the first save ends the steps (save_steps=0: only the final one)
+            marks.update(steps_peak=proc_status("VmHWM:"), pre_save_rss=proc_status("VmRSS:"))
+            reset_or_stop()
+        return save(*args, **kwargs)
+
+    checkpoint.resume, checkpoint.save = resume_then_mark, mark_then_save
+
+
 def run_worker(out: str, train_args: list[str]) -> None:
-    """One rank: baseline RSS after the imports, launch/train.py in this process, then its peak RSS."""
+    """One rank: baseline RSS after the imports, launch/train.py in this process, then its peak RSS; the
+    phase marks split that lifetime peak into build, steps and the final save (phase_hooks)."""
     fix_mmap_threshold()
     import deepspeed  # noqa: F401  (imported before the baseline: libraries are not what a method costs)
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
     baseline = proc_status("VmRSS:")
+    marks: dict = {}
+    phase_hooks(marks)
     sys.argv = [str(ROOT / "launch" / "train.py"), *train_args]
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
     except SystemExit as e:
         if e.code not in (None, 0):
             raise
+    marks.update(save_peak=proc_status("VmHWM:"), end_rss=proc_status("VmRSS:"))
+    # VmHWM was reset at each mark: the lifetime peak is the largest phase peak
+    lifetime = max(marks.get("built_peak", 0), marks.get("steps_peak", 0), marks["save_peak"])
     rank = os.environ.get("RANK", "0")
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"baseline": baseline, "peak": proc_status("VmHWM:")}))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"baseline": baseline, "peak": lifetime, **marks}))
 
 
 def launch(config: Path, variant: str, accum: int, steps: int, tmp: Path) -> list[dict]:
@@ -190,6 +229,7 @@ def measure(size: str, steps: int, accums: list[int], variants: list[str]) -> li
                             "above_baseline": above,
                             "vs_full": above / full[r] if r in full else None,
                             "predicted_state": predicted_state(variant, size, accum, steps),
+                            **{key: got.get(key) for key in PHASES},
                         }
                     )
     return rows
@@ -216,19 +256,38 @@ def goal_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def phase_lines(rows: list[dict]) -> list[str]:
+    """The same ratios for the peak during the training steps alone (VmHWM reset once the engine was built)."""
+    above = {
+        (r["variant"], r["grad_accum"], r["rank"]): r["steps_peak"] - r["baseline"] for r in rows if r.get("steps_peak")
+    }
+    lines = []
+    for (variant, accum, rank), mine in above.items():
+        others = [(o, above.get((o, accum, rank))) for o in GOALS]
+        if variant == SPARSE and all(v for _, v in others):
+            parts = [f"{mine / v:.2f} x {o}" for o, v in others]
+            lines.append(f"- steps only, grad_accum {accum}, rank {rank}: sparse-state ID3 = " + "; ".join(parts))
+    return lines
+
+
 def table(rows: list[dict]) -> str:
     mib = 2**20
+
+    def above(r: dict, key: str) -> str:  # a phase figure above the baseline; '-' in logs from before the phases
+        return "-" if r.get(key) is None else f"{(r[key] - r['baseline']) / mib:.0f}"
+
     lines = [
         "| variant | grad_accum | rank | peak RSS | pre-model baseline | peak above baseline | vs full "
-        "| predicted model state |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| predicted model state | after build: RSS / peak | steps peak | save peak | RSS at end |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         vs = "" if r["vs_full"] is None else f"{r['vs_full']:.3f}"
         lines.append(
             f"| {r['variant']} | {r['grad_accum']} | {r['rank']} | {r['peak'] / mib:.0f} MiB "
             f"| {r['baseline'] / mib:.0f} MiB | {r['above_baseline'] / mib:.0f} MiB | {vs} "
-            f"| {r['predicted_state'] / mib:.0f} MiB |"
+            f"| {r['predicted_state'] / mib:.0f} MiB | {above(r, 'built_rss')} / {above(r, 'built_peak')} "
+            f"| {above(r, 'steps_peak')} | {above(r, 'save_peak')} | {above(r, 'end_rss')} |"
         )
     return "\n".join(lines)
 
@@ -261,7 +320,7 @@ def main() -> None:
             r["predicted_state"] = predicted_state(r["variant"], size, r["grad_accum"], steps)
     else:
         rows = measure(size, steps, accums, variants)
-    goals = goal_lines(rows)
+    goals = goal_lines(rows) + phase_lines(rows)
     text = (
         f"{table(rows)}\n\n"
         + ("\n".join(goals) + "\n\n" if goals else "")
@@ -271,7 +330,12 @@ def main() -> None:
         "state' is benchmarks/projection.py's formula for the same model in fp32 (weights, fp32 masters, Adam "
         "moments, gradient partitions, mask; for sparse state also the step's transient: the streamed gradient "
         "of the largest tensor, scoring scratch, and at grad_accum > 1 the fp32 accumulation buffer): the "
-        "measured figure also holds activations, DeepSpeed's buffers and allocator slack."
+        "measured figure also holds activations, DeepSpeed's buffers and allocator slack. The last four columns "
+        "split the lifetime peak by phase, each in MiB above the baseline: 'after build' is RSS and VmHWM once "
+        "the model is loaded and partitioned and the engine and update are built (before step 1); 'steps peak' "
+        "is VmHWM over the training steps alone (reset after the build); 'save peak' that of the final "
+        "checkpoint save and exit; 'RSS at end' after train.py returned. 'steps only' lines: the ratios of the "
+        "steps peak."
     )
     print(text)
     if args.json:

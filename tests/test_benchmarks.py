@@ -114,6 +114,11 @@ def test_memory_quick_runs_every_variant_and_rank_and_derives_its_figures() -> N
         assert r["vs_full"] == pytest.approx(r["above_baseline"] / full[r["rank"]])
         assert r["predicted_state"] == bm.predicted_state(r["variant"], "10M", 1, 2)
         assert cells[:3] == [r["variant"], "1", str(r["rank"])] and cells[6] == f"{r['vs_full']:.3f}"
+        # the phases split the lifetime peak: it is the largest phase peak, and each peak covers its phase's RSS
+        assert r["peak"] == max(r["built_peak"], r["steps_peak"], r["save_peak"])
+        assert r["built_rss"] <= r["built_peak"] and r["built_rss"] <= r["steps_peak"]  # reset: VmHWM := RSS
+        assert r["pre_save_rss"] <= r["steps_peak"] and r["end_rss"] <= r["save_peak"]
+        assert len(cells) == 12 and cells[9] == f"{(r['steps_peak'] - r['baseline']) / 2**20:.0f}"
     by = {(r["variant"], r["rank"]): r["predicted_state"] for r in rows}
     for rank in (0, 1):  # the formulas order the methods: LoRA < full < dense ID3 (full + its mask)
         assert by[("lora r=16", rank)] < by[("full", rank)] < by[("id3 (dense state)", rank)]
@@ -123,6 +128,7 @@ def test_memory_quick_runs_every_variant_and_rank_and_derives_its_figures() -> N
         assert above[("id3 (sparse state)", rank)] < above[("id3 (dense state)", rank)]
     goals = [line for line in out.splitlines() if line.startswith("- grad_accum 1, rank")]
     assert len(goals) == 2 and all("x lora r=16 (goal <= 1.15)" in g for g in goals)
+    assert sum(line.startswith("- steps only, grad_accum 1, rank") for line in out.splitlines()) == 2
 
 
 @pytest.mark.slow
