@@ -12,7 +12,9 @@ rank records its RSS once torch, DeepSpeed, transformers and PEFT are imported (
 then runs launch/train.py in-process and records its peak (VmHWM); the table reports the peak above that
 baseline, next to the model state benchmarks/projection.py predicts for the same model (fp32 here: the
 CPU ranks train in fp32). The measured figure also holds activations, DeepSpeed's buffers and allocator
-slack, which the prediction leaves out.
+slack, which the prediction leaves out. To say where the peak is set, each rank also marks RSS and VmHWM at
+the phase boundaries train.py crosses (phase_hooks: once the engine is built, after the last step, at the
+end), resetting VmHWM at each, so the table splits the lifetime peak into build, steps and final save.
 
 The budget is 0.1 % of the model over the steps run. DeepSpeed's reduce bucket is set to 10^7 entries for
 every variant (its default, 5 x 10^8, allocates a 2 GB fp32 buffer per rank whatever the method, which
