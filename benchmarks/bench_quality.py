@@ -84,7 +84,7 @@ MODELS = {
         overrides=_rt("rotten_tomatoes", "classification", False),
         budgets={"0.1%": 31_874, "1%": 221_954},
         methods=METHODS,
-        steps=40,
+        steps=100,
         lora_per_rank=9_216,  # 6 layers x 2 modules x (384 + 384)
         head=770,  # 384 x 2 + 2
         bitfit=31_874,
@@ -365,7 +365,7 @@ def main() -> None:
     p.add_argument("--budgets", nargs="+", help="budget names of the model (default: all)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: the model's set")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="grid: the first only")
-    p.add_argument("--steps", type=int, help="default: the model's (minilm 40, smollm2 40)")
+    p.add_argument("--steps", type=int, help="default: the model's (minilm 100, smollm2 40)")
     p.add_argument("--evals", type=int, help="eval points per run, the last at the final step (grid 1, seeds 2)")
     p.add_argument("--part", help="K/N: only the K-th of N parts of the phase's runs (round robin)")
     p.add_argument("--list", action="store_true", help="print the phase's runs (with --parts N: by part) and stop")

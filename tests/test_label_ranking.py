@@ -118,3 +118,36 @@ def test_ranks_split_the_records_and_run_the_same_number_of_forward_passes(tok, 
         counts.append(rank_labels(forward, data, tok.eos_token_id, 2, rank=rank, world=2)["eval_label_examples"])
         calls.append(n)
     assert counts == [3, 2] and calls[0] == calls[1]  # a ZeRO-3 forward is a collective: equal counts
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_generative_run_with_labels_logs_the_label_accuracy_of_its_whole_eval_set(tmp_path, env) -> None:
+    """2 ranks under ZeRO-3 with an odd number of eval records: equal forward passes (no hang), and the
+    logged accuracy covers every record once."""
+    import json
+
+    from tests.launcher import ok, train
+
+    files = {}
+    for name, n in (("train", 16), ("eval", 7)):  # train: one global batch (4 x 2 accum x 2 ranks)
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(_alpaca(i, LABELS[i % 2])[1]) + "\n" for i in range(n)))
+    out = tmp_path / "run"
+    overrides = [
+        f"data.path={files['train']}",
+        f"data.eval_path={files['eval']}",
+        'data.labels=["negative", "positive"]',
+        "deepspeed.zero_optimization.stage=3",
+        "train.steps=2",
+        "train.eval_steps=1",
+        "train.export_delta=false",
+        f"train.output_dir={out}",
+    ]
+    ok(train(overrides, nproc=2, env=env))
+    evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "eval_label_accuracy" in line]
+    assert [e["step"] for e in evals] == [1, 2]
+    for e in evals:
+        assert e["eval_label_examples"] == 7
+        assert e["eval_label_accuracy"] * 7 == pytest.approx(round(e["eval_label_accuracy"] * 7))
+        assert e["eval_predicted_negative"] + e["eval_predicted_positive"] == pytest.approx(1.0)
