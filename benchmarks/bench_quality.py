@@ -29,8 +29,9 @@ Models and budgets (`--model`):
 Learning-rate grids (3 values each, one per family: a sparse update of few entries tolerates a far larger
 step than dense full fine-tuning): masked methods and BitFit 1e-3, 3e-3, 1e-2 (first tried 3e-3, 1e-2,
 3e-2: ID3 at 0.1 % reached 0.681 on validation at 3e-3 and collapsed to one class at 1e-2, so the grid
-moved down); LoRA 1e-3, 3e-3, 1e-2; full 3e-5, 1e-4, 3e-4. A chosen LR at a grid's edge is flagged in
-the table: the grid may be too narrow.
+moved down); LoRA 1e-3, 3e-3, 1e-2; full 3e-5, 1e-4, 3e-4. A chosen LR at the edge of the LRs run is
+flagged in the table: the grid may be too narrow, and `--lrs` runs a step beyond it, which the choice then
+includes.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def plan(a: argparse.Namespace, chosen: dict[tuple[str, str, str], float] | None
             if method not in model.methods or not applies(model, method, group):
                 continue
             if a.phase == "grid":
-                runs += [Run(a.model, "grid", group, method, lr, a.seeds[0]) for lr in grid_of(method)]
+                lrs = a.lrs or grid_of(method)  # --lrs: a subset, or a step past an edge the best LR sat on
+                runs += [Run(a.model, "grid", group, method, lr, a.seeds[0]) for lr in lrs]
             elif chosen is not None and (a.model, group, method) in chosen:
                 runs += [Run(a.model, "seeds", group, method, chosen[(a.model, group, method)], s) for s in a.seeds]
     return runs
@@ -304,9 +306,10 @@ def grid_table(rows: list[dict]) -> str:
         for r in sorted(rs, key=lambda r: r["lr"]):
             cell = f"{r['lr']:g}: {r['accuracy']:.3f}"
             cells.append(f"**{cell}**" if r["lr"] == pick else cell)
-        grid = grid_of(r0["method"])
-        edge = " (edge)" if pick in (grid[0], grid[-1]) and len(rs) == len(grid) else ""
-        missing = "" if len(rs) == len(grid) else f" ({len(grid) - len(rs)} LR not run)"
+        run_lrs = {r["lr"] for r in rs}
+        left = [lr for lr in grid_of(r0["method"]) if lr not in run_lrs]
+        edge = " (best at the edge)" if not left and pick in (min(run_lrs), max(run_lrs)) else ""
+        missing = f" ({len(left)} LR not run)" if left else ""
         secs = ", ".join(f"{r['seconds']:.0f}" for r in sorted(rs, key=lambda r: r["lr"]))
         lines.append(
             f"| {r0['model']} | {r0['group']} | {_name(r0)} | {_share(r0)} | {r0['steps']} "
@@ -398,7 +401,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="grid: the first only")
     p.add_argument("--steps", type=int, help="default: the model's (minilm 100, smollm2 40)")
     p.add_argument("--evals", type=int, help="eval points per run, the last at the final step (grid 1, seeds 2)")
-    p.add_argument("--lrs", type=float, nargs="+", help="grid: only these of each method's LRs (a rerun)")
+    p.add_argument("--lrs", type=float, nargs="+", help="grid: these LRs instead of the method's grid")
     p.add_argument("--part", help="K/N: only the K-th of N parts of the phase's runs (round robin)")
     p.add_argument("--list", action="store_true", help="print the phase's runs (with --parts N: by part) and stop")
     p.add_argument("--parts", type=int, default=1)
@@ -438,8 +441,6 @@ def main() -> None:
     if a.phase == "seeds" and chosen is None:
         raise SystemExit("--phase seeds needs --grid LOG... (the grid phase's --json output)")
     runs = plan(a, chosen)
-    if a.lrs:
-        runs = [r for r in runs if r.lr in a.lrs]
     if a.quick:
         runs = [r for r in runs if r.lr == grid_of(r.method)[0]]  # one LR each: plumbing, not a choice
     if a.list:
