@@ -409,7 +409,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="id3 and LoRA, 4 steps, 64 validation records (CI)")
     p.add_argument("--json", action="store_true", help="also print every result as one JSON line")
     p.add_argument("--no-record", action="store_true", help="do not record in benchmarks/RESULTS.md")
-    p.add_argument("--note", default="", help="--combine: a sentence added to the RESULTS.md section")
+    p.add_argument("--note", default="", help="--combine: a paragraph put above the tables in RESULTS.md")
     p.add_argument("--combine", nargs="+", metavar="LOG", help="tabulate earlier --json logs instead of running")
     a = p.parse_args()
     if a.combine:
@@ -426,8 +426,9 @@ def main() -> None:
         print(text)
         if not a.no_record:
             commands = sorted({r["command"] for r in rows})
-            details = f"combined from {len(rows)} runs{'; partial' if todo else ''}; {a.note}".rstrip("; ")
-            body = "Runs:\n\n" + "\n".join(f"- `{c}`" for c in commands) + "\n\n" + text
+            details = f"combined from {len(rows)} runs{'; partial' if todo else ''}"
+            runs = "Runs:\n\n" + "\n".join(f"- `{c}`" for c in commands)
+            body = "\n\n".join(x for x in (a.note, runs, text) if x)
             cmd = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
             record_results(TITLE, details, cmd.strip(), body)
         return
