@@ -271,8 +271,9 @@ def spread(xs: list[float]) -> str:
 
 
 def _order(r: dict) -> tuple:
+    """Table order and grouping: model, budget, method, then steps (a longer check is its own row)."""
     model = MODELS[r["model"]]
-    return (r["model"], list(model.budgets).index(r["group"]), METHODS.index(r["method"]))
+    return (r["model"], list(model.budgets).index(r["group"]), METHODS.index(r["method"]), r["steps"])
 
 
 def _name(r: dict) -> str:
@@ -365,6 +366,7 @@ def report(rows: list[dict]) -> str:
 def missing(rows: list[dict], seeds: list[int]) -> list[str]:
     """Commands for the runs of the full plan (every model, budget and method, 3 LRs, the
     given seeds) that no row holds: empty when the table is complete."""
+    rows = [r for r in rows if r["steps"] == MODELS[r["model"]].steps]  # the plan's steps; longer checks aside
     done = {(r["model"], r["phase"], r["group"], r["method"], r["lr"], r["seed"]) for r in rows}
     chosen = best_lrs(rows)
     out = []
