@@ -6,13 +6,25 @@
     python benchmarks/bench_quality.py --phase grid --part 2/6 --json > grid-2.log  # one part (of six) per command
     python benchmarks/bench_quality.py --combine grid-*.log seeds-*.log        # one table; records RESULTS.md
     python benchmarks/bench_quality.py --list --phase grid --parts 6           # the runs of each part, no training
+    python benchmarks/bench_quality.py --phase grid --methods id3 --lrs 3e-4 --json   # one step past an edge
     python benchmarks/bench_quality.py --quick                                 # id3 and LoRA, 4 steps (CI)
+
+The runs recorded in RESULTS.md are kept as JSON lines in benchmarks/quality_logs/ (minilm_grid.jsonl is
+what `--phase seeds --grid` reads for the cells still to run; `--combine benchmarks/quality_logs/*.jsonl
+NEW_LOGS` gives the table with new parts added).
 
 The data: Rotten Tomatoes critic snippets (`id3_ds/data/sources.py`). Every run trains on `train_fit`
 (train minus validation). `--phase grid` scores each method at 3 learning rates on `validation` (one seed);
 `--phase seeds` reads those grid results, takes each method's best LR (ties: the smaller LR) and trains
 `--seeds` seeds scored on `eval`, which no choice ever saw. Each run is `launch/train.py` with the README
-main job's config and overrides (DeepSpeed ZeRO-2, fp32), so it measures what a user gets.
+main job's config and overrides (DeepSpeed ZeRO-2, fp32, micro-batch 16, one process), so it measures what
+a user gets. Grid runs are scored once, at the last step; seed runs at half-way and the end (`--evals`):
+an eval pass over ~1,250 reviews costs about as much as 10-20 training steps on 2 CPU cores.
+
+Steps: MiniLM runs 100 steps (1,600 reviews, 0.16 epoch) by default, what the 2 shared CPU cores allowed
+for the 0.1 % cells in one session (40 steps left ID3 at one-class guessing); every method was still
+improving at step 100 (curves in RESULTS.md), so `--steps 300 --evals 3` on the seeds phase is the check
+of whether the order holds with more training (rows of other step counts are tabulated separately).
 
 Models and budgets (`--model`):
 - minilm: all-MiniLM-L6-v2 + a fresh 2-way head (22,713,986 entries; the head's 770 are charged to every
@@ -20,8 +32,8 @@ Models and budgets (`--model`):
   `1%` = 221,954 (0.977 %: dense LoRA r=24's exact size). Masked methods (id3, random, pafi, fish) train
   exactly B entries; dense LoRA (query/value) gets the rank closest to B (r=3, 28,418, at 0.1 %); BitFit
   exists only at its own size (0.1 %); ID3 over LoRA selects B entries inside LoRA A/B (r=8 at 0.1 %, r=32
-  at 1 %: more LoRA entries than B) plus the head; `full` trains everything (reported under each budget it
-  is run with, as the reference).
+  at 1 %: more LoRA entries than B) plus the head; `full` trains everything, once, under the first budget
+  (the reference for both).
 - smollm2: SmolLM2-135M-Instruct generating the label after an alpaca prompt (loss on the label only);
   accuracy = the label whose tokens the model finds most likely (`id3_ds/data/label_ranking.py`). Budget
   `bitfit` = 35,136 (every norm entry; LLaMA has no biases); LoRA r=1 (57,600) is the nearest rank.
@@ -31,7 +43,8 @@ step than dense full fine-tuning): masked methods and BitFit 1e-3, 3e-3, 1e-2 (f
 3e-2: ID3 at 0.1 % reached 0.681 on validation at 3e-3 and collapsed to one class at 1e-2, so the grid
 moved down); LoRA 1e-3, 3e-3, 1e-2; full 3e-5, 1e-4, 3e-4. A chosen LR at the edge of the LRs run is
 flagged in the table: the grid may be too narrow, and `--lrs` runs a step beyond it, which the choice then
-includes.
+includes. At 0.1 % the best LR of id3, BitFit, LoRA and full sat on the low edge, so each got one step
+more (3e-4, 3e-4, 3e-4, 1e-5), which none of them won.
 """
 
 from __future__ import annotations
