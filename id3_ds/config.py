@@ -309,8 +309,14 @@ def _check_method(cfg: RunConfig) -> None:
             "hold, so a sparse delta against it cannot be written; set train.export_delta=false "
             "(train.save_final_model=true keeps the model)"
         )
-    if cfg.data.labels is not None and cfg.data.format != "classification":
-        raise ID3Error("data.labels applies only to data.format 'classification'; remove it")
+    # alpaca/messages with data.labels: the eval set's responses are class names, ranked by likelihood
+    if cfg.data.labels is not None and cfg.data.format not in ("classification", "alpaca", "messages"):
+        raise ID3Error(f"data.labels does not apply to data.format '{cfg.data.format}'; remove it")
+    if cfg.data.labels is not None and cfg.data.format != "classification" and not cfg.data.eval_path:
+        raise ID3Error(
+            f"data.labels with data.format '{cfg.data.format}' ranks the eval set's responses by likelihood: "
+            "set data.eval_path, or remove data.labels"
+        )
 
 
 # -- paths --------------------------------------------------------------------------------------------

@@ -122,6 +122,14 @@ def main(argv: list[str]) -> None:
         eval_labels = tuple(label_names) if label_names else None
         eval_spec = d.spec(path=d.eval_path, packing=False, labels=eval_labels)
         eval_set, _ = cached_dataset(eval_spec, tokenizer, model_dir, cache_root, is_main)
+    ranked = None  # a generative run whose responses are class names: accuracy of the top-ranked label
+    if d.eval_path and d.labels and not classification:
+        from id3_ds.data import load_records
+        from id3_ds.data.label_ranking import rank_labels, ranking_set
+
+        ranked = ranking_set(load_records(d.eval_path), d.format, tokenizer, d.max_length, list(d.labels))
+        if is_main:
+            print(f"label ranking: {len(ranked)} eval records, {ranked.dropped} dropped", flush=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t = cfg.train
     masked = cfg.method in MASKED
@@ -204,6 +212,10 @@ def main(argv: list[str]) -> None:
             len(label_names) if classification else None,
             all_reduce=lambda x: _all_reduce_cpu(x, device),
         )
+        if ranked is not None:
+            metrics |= rank_labels(
+                engine, ranked, pad_id, t.micro_batch_size, device, rank, world, lambda x: _all_reduce_cpu(x, device)
+            )
         engine.train()
         logger.log({"step": done, **metrics})
 

