@@ -444,7 +444,11 @@ def main() -> None:
             details = f"combined from {len(rows)} runs{'; partial' if todo else ''}"
             runs = "Runs:\n\n" + "\n".join(f"- `{c}`" for c in commands)
             body = "\n\n".join(x for x in (a.note, runs, text) if x)
-            cmd = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
+            argv = sys.argv[1:]
+            if "--note" in argv:  # the note is printed above the tables, not repeated in the command
+                i = argv.index("--note")
+                argv = [*argv[:i], "--note", "TEXT", *argv[i + 2 :]]
+            cmd = "python benchmarks/bench_quality.py " + " ".join(argv)
             record_results(TITLE, details, cmd.strip(), body)
         return
     if a.quick:
