@@ -7,3 +7,8 @@ one-line message that names the problem and the fix, so the CLI can print it wit
 
 class ID3Error(ValueError):
     """A user-facing error: the message names what is wrong and how to fix it."""
+
+
+class SameOnEveryRank(ID3Error):
+    """A user error that every rank finds identically (the config, the files it names, the data's size): rank 0
+    reports it, the other ranks exit with the same code and say nothing, so the user reads it once."""

@@ -46,8 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     from id3_ds import checkpoint as checkpoints
     from id3_ds.config import load_config
-    from id3_ds.errors import ID3Error
-    from id3_ds.training.preflight import SameOnEveryRank, preflight
+    from id3_ds.errors import ID3Error, SameOnEveryRank
+    from id3_ds.training.preflight import preflight
     from id3_ds.training.startup import quiet_third_party_noise
 
     quiet_third_party_noise()  # third-party warnings nobody can act on; transformers' reports once, on rank 0
@@ -133,7 +133,7 @@ def main(argv: list[str]) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t = cfg.train
     masked = cfg.method in MASKED
-    steps = total_steps(len(dataset), t.global_batch(world), t.steps, t.epochs)
+    steps = total_steps(len(dataset), t.global_batch(world), t.steps, t.epochs, t.micro_batch_size)
 
     ds_config, weight_decay = build_ds_config(cfg, world)
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
@@ -284,8 +284,7 @@ def _all_reduce_cpu(x: torch.Tensor, device: str) -> None:
 
 
 if __name__ == "__main__":
-    from id3_ds.errors import ID3Error
-    from id3_ds.training.preflight import SameOnEveryRank
+    from id3_ds.errors import ID3Error, SameOnEveryRank
 
     rank = int(os.environ.get("RANK", "0"))
     try:

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from id3_ds.errors import SameOnEveryRank
+
 
 def global_batch(micro_batch_size: int, grad_accum: int, world: int) -> int:
     """Examples per optimizer step over all ranks (the run config's `train.global_batch(world)`)."""
@@ -22,7 +24,17 @@ def steps_per_epoch(n_examples: int, global_batch: int) -> int:
     return max(1, n_examples // global_batch)
 
 
-def total_steps(n_examples: int, global_batch: int, steps: int | None, epochs: float | None) -> int:
+def total_steps(
+    n_examples: int, global_batch: int, steps: int | None, epochs: float | None, micro_batch_size: int = 1
+) -> int:
+    """The run's optimizer steps. Refuses a training set so small that a rank's micro-batch would be empty (a
+    smaller one is fine: the last micro-batches of the one global batch are then short)."""
+    if n_examples <= global_batch - micro_batch_size:
+        raise SameOnEveryRank(
+            f"the training data has {n_examples} usable examples, too few for one global batch of {global_batch} "
+            "(train.micro_batch_size x train.grad_accum x ranks; some micro-batch would be empty): lower those "
+            "or add data"
+        )
     if steps is not None:
         return steps
     return max(1, math.ceil(epochs * steps_per_epoch(n_examples, global_batch)))

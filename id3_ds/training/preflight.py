@@ -3,7 +3,7 @@
 launch/train.py calls `preflight(cfg)` right after `load_config`, so a bad budget, ZeRO stage, data or
 model path fails in seconds with one line instead of after the model loaded, and leaves nothing on disk.
 Every rank runs the same checks on the same config and files, so every rank fails the same way:
-`SameOnEveryRank` tells the launcher's error handler that rank 0 alone needs to say it.
+`SameOnEveryRank` (id3_ds.errors) tells the launcher's error handler that rank 0 alone needs to say it.
 
 Nothing here imports DeepSpeed or builds a model: `builtin:` models are checked by name only, `package:`
 ones with importlib's finder (which does not import the package).
@@ -20,11 +20,6 @@ from id3_ds.errors import ID3Error
 
 DATA_SUFFIXES = (".json", ".jsonl")
 BF16_OPTIMIZER_ACCUM = ("fp32", "float32", "float")  # data_types.grad_accum_dtype values that pick it
-
-
-class SameOnEveryRank(ID3Error):
-    """A user error that every rank finds identically (the config, the files it names): rank 0 reports it,
-    the other ranks exit with the same code and say nothing, so the user reads it once."""
 
 
 def preflight(cfg: RunConfig, world: int | None = None) -> list[str]:
