@@ -88,7 +88,32 @@ class _EngineSteps:
         return float(self.engine.get_global_grad_norm() or 0.0)
 
 
-class DeepSpeedID3(_EngineSteps):
+class MaskProgress:
+    """What the loop and the log read of a masked update (dense or sparse state): its `id3` selector's counts."""
+
+    id3: ID3
+
+    @property
+    def budget(self) -> int:
+        """B: the entries the run may move in all, fully trainable ones included."""
+        return self.id3.budget
+
+    @property
+    def chosen_total(self) -> int:
+        """Entries that may move so far."""
+        return self.id3.chosen_total
+
+    @property
+    def steps(self) -> int:
+        """The optimizer steps the mask schedule spans (the run's length when it was built)."""
+        return self.id3.schedule.steps
+
+    def progress(self, chosen_this_step: int) -> dict:
+        """Fields for the step's log record."""
+        return {"chosen": self.chosen_total, "budget": self.budget, "chosen_this_step": chosen_this_step}
+
+
+class DeepSpeedID3(MaskProgress, _EngineSteps):
     """A masked method (ID3 or a static baseline) on a DeepSpeed engine: grows the mask, masks gradients."""
 
     masked = True  # checkpoints carry this rank's mask shard; the run exports a sparse delta
@@ -145,21 +170,6 @@ class DeepSpeedID3(_EngineSteps):
     # -- what the loop reads ------------------------------------------------------------------------
 
     @property
-    def budget(self) -> int:
-        """B: the entries the run may move in all, fully trainable ones included."""
-        return self.id3.budget
-
-    @property
-    def chosen_total(self) -> int:
-        """Entries that may move so far."""
-        return self.id3.chosen_total
-
-    @property
-    def steps(self) -> int:
-        """The optimizer steps the mask schedule spans (the run's length when it was built)."""
-        return self.id3.schedule.steps
-
-    @property
     def wants_fisher_pass(self) -> bool:
         """FISH before its first step: the Fisher must be summed before the mask is chosen from it."""
         return self.fisher is not None and self.id3.step == 0
@@ -180,10 +190,6 @@ class DeepSpeedID3(_EngineSteps):
         if self.offloaded:
             refresh_offload_norms(self.engine, [h.access for h in self.id3.held])
         return chosen
-
-    def progress(self, chosen_this_step: int) -> dict:
-        """Fields for the step's log record."""
-        return {"chosen": self.chosen_total, "budget": self.budget, "chosen_this_step": chosen_this_step}
 
     # -- what the checkpoints read and restore -------------------------------------------------------
 

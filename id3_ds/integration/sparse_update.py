@@ -41,7 +41,7 @@ from id3_ds.algorithm.sparse import SparseID3
 from id3_ds.algorithm.streaming import GradStream
 from id3_ds.errors import ID3Error
 from id3_ds.integration.collectives import allgather_reducer
-from id3_ds.integration.hook import trainable_layout
+from id3_ds.integration.hook import MaskProgress, trainable_layout
 from id3_ds.integration.params import full_numel
 from id3_ds.integration.zero_slices import check_deepspeed_version
 
@@ -75,7 +75,7 @@ class _Partition:
         return self.buffers.get(self.name)
 
 
-class SparseDeepSpeedID3:
+class SparseDeepSpeedID3(MaskProgress):
     """A masked method (ID3, random, pafi, bitfit) with sparse optimizer state on a DeepSpeed engine."""
 
     masked = True
@@ -231,23 +231,8 @@ class SparseDeepSpeedID3:
         """The masked gradient's norm before clipping (chosen entries + fully trainable)."""
         return self.core.last_norm
 
-    @property
-    def budget(self) -> int:
-        return self.id3.budget
-
-    @property
-    def chosen_total(self) -> int:
-        return self.id3.chosen_total
-
-    @property
-    def steps(self) -> int:
-        return self.id3.schedule.steps
-
     def fisher_pass(self, micro_batch, batches: int, accum: int) -> None:
         raise ID3Error("method fish is not supported with id3.state=sparse")
-
-    def progress(self, chosen_this_step: int) -> dict:
-        return {"chosen": self.chosen_total, "budget": self.budget, "chosen_this_step": chosen_this_step}
 
     # -- checkpoints --------------------------------------------------------------------------------
 
