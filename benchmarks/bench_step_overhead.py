@@ -152,6 +152,25 @@ def deepspeed_llama(size: str, stage: int):
     return engine, model
 
 
+def interleaved_times(pairs: int, step, timer) -> dict[str, list[float]]:
+    """Seconds of `step(kind, i)` per kind, id3 and full alternating (id3, full, full, id3, ...) between
+    barriers so every rank times the same step; the first two steps warm up and reset ID3's phase timer."""
+    import torch.distributed as dist
+
+    times: dict[str, list[float]] = {"full": [], "id3": []}
+    for i in range(2 * pairs + 2):
+        kind = ("id3", "full")[(i + i // 2) % 2]
+        dist.barrier()
+        t0 = time.perf_counter()
+        step(kind, i)
+        dist.barrier()
+        if i >= 2:
+            times[kind].append(time.perf_counter() - t0)
+        else:
+            timer.seconds.clear()
+    return times
+
+
 def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
     import deepspeed
     import torch.distributed as dist
@@ -164,22 +183,15 @@ def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
     engine, model = deepspeed_llama(size, stage)
     hook = DeepSpeedID3(engine, ID3Config(budget=0.001), steps=1000, weight_decay=0.0)
     hook.id3.timer.enabled = True
-    times = {"full": [], "id3": []}
     vocab = model.config.vocab_size
-    for i in range(2 * pairs + 2):
-        kind = ("id3", "full")[(i + i // 2) % 2]
-        dist.barrier()
-        t0 = time.perf_counter()
-        loss = engine(**batch(vocab, i, rank)).loss
-        engine.backward(loss)
+
+    def step(kind: str, i: int) -> None:
+        engine.backward(engine(**batch(vocab, i, rank)).loss)
         if kind == "id3":
             hook.before_step()
         engine.step()
-        dist.barrier()
-        if i >= 2:
-            times[kind].append(time.perf_counter() - t0)
-        else:
-            hook.id3.timer.seconds.clear()
+
+    times = interleaved_times(pairs, step, hook.id3.timer)
     result = summarize(times, hook.id3, pairs, world, hook.id3.schedule.per_step(0))
     result["params"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     if rank == 0:
@@ -228,24 +240,18 @@ def run_sparse_worker(size: str, pairs: int, out: str) -> None:
     engine, model = deepspeed_llama(size, 3)
     update, _ = sparse_engine(size, world)
     update.id3.timer.enabled = True
-    times = {"full": [], "id3": []}
     vocab = model.config.vocab_size
-    for i in range(2 * pairs + 2):
-        kind = ("id3", "full")[(i + i // 2) % 2]
+
+    def step(kind: str, i: int) -> None:
         b = batch(vocab, i, rank)
-        dist.barrier()
-        t0 = time.perf_counter()
         if kind == "id3":
             update.backward(update.forward(b).loss)
             update.step()
         else:
             engine.backward(engine(**b).loss)
             engine.step()
-        dist.barrier()
-        if i >= 2:
-            times[kind].append(time.perf_counter() - t0)
-        else:
-            update.id3.timer.seconds.clear()
+
+    times = interleaved_times(pairs, step, update.id3.timer)
     result = summarize(times, update.id3, pairs, world, update.id3.schedule.per_step(0))
     result["params"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     result["chosen"] = update.chosen_total
