@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._launch import end_worker, torchrun_command  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
+from id3_ds.training.startup import use_per_environment_extensions  # noqa: E402
 
 SIZES = {  # hidden, layers, intermediate, vocab
     "100M": (768, 12, 2048, 8192),
@@ -178,6 +179,7 @@ def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
     from id3_ds import ID3Config
     from id3_ds.integration.hook import DeepSpeedID3
 
+    use_per_environment_extensions(os.environ.get("RANK", "0") == "0")  # the trainer's op folder
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     engine, model = deepspeed_llama(size, stage)
@@ -235,6 +237,7 @@ def run_sparse_worker(size: str, pairs: int, out: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    use_per_environment_extensions(os.environ.get("RANK", "0") == "0")  # the trainer's op folder
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     engine, model = deepspeed_llama(size, 3)

@@ -34,6 +34,9 @@ def deepspeed_steps() -> None:
     import deepspeed
     import torch
 
+    from id3_ds.training.startup import use_per_environment_extensions
+
+    use_per_environment_extensions(os.environ.get("RANK", "0") == "0")  # the trainer's op folder: no second build
     deepspeed.init_distributed(dist_backend="gloo")
     ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "steps_per_print": 10**9}
     ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3}}

@@ -76,6 +76,7 @@ def main(argv: list[str]) -> None:
     from id3_ds.integration.ds_config import build_ds_config
     from id3_ds.integration.hook import build_update, freeze_outside
     from id3_ds.integration.params import full_shape
+    from id3_ds.integration.start_costs import avoid_start_costs
     from id3_ds.methods import MASKED, method_spec
     from id3_ds.models import load_model, resolve_model, wrap_lora
     from id3_ds.processes import free_port
@@ -95,6 +96,7 @@ def main(argv: list[str]) -> None:
     check_rendezvous_port()  # a port another job holds: one line naming --master_port, not EADDRINUSE later
     use_per_environment_extensions(os.environ["RANK"] == "0")  # ops built once per venv; rank 0 says when
     clear_stale_build_locks()  # before DeepSpeed builds its CPU ops: a dead build's lock would hang us forever
+    avoid_start_costs()  # no torch.compile import for DeepSpeed's Muon, one CPU query per rank (its docstring)
     accel = get_accelerator()
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
     # a hung rank ends the job instead of hanging: the progress watchdog (train.collective_timeout_s, started at

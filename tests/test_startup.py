@@ -194,3 +194,13 @@ def test_ranks_above_0_keep_transformers_to_errors(monkeypatch) -> None:
     finally:
         hf_logging.set_verbosity(before)
         hf_logging.enable_progress_bar()
+
+
+def test_every_deepspeed_worker_builds_its_ops_in_the_trainers_folder() -> None:
+    """A worker that starts DeepSpeed without `use_per_environment_extensions` builds its ops again in torch's
+    shared default folder, which another venv may have built over (2 min on 2 cores; one CI launch took 124 s)."""
+    scripts = [*(ROOT / "launch").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "tests").glob("*.py")]
+    starters = [p for p in scripts if "deepspeed.init_distributed(" in p.read_text() and p.name != Path(__file__).name]
+    assert any(p.name == "zero3_apply_worker.py" for p in starters)
+    missing = [p.name for p in starters if "use_per_environment_extensions(" not in p.read_text()]
+    assert not missing, f"call use_per_environment_extensions() before deepspeed.init_distributed in {missing}"

@@ -5,6 +5,7 @@ Writes, from rank 0, the gathered weights after apply_delta and after remove_del
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from id3_ds import apply_delta, remove_delta
+from id3_ds.training.startup import use_per_environment_extensions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root for benchmarks/
 from benchmarks._launch import end_worker  # noqa: E402
@@ -30,6 +32,8 @@ def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main(base: str, delta: str, out: str) -> None:
+    # the trainer's op folder: torch's shared default one would build DeepSpeed's shm op again (2 min on 2 cores)
+    use_per_environment_extensions(os.environ.get("RANK", "0") == "0")
     deepspeed.init_distributed(dist_backend="gloo")
     ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     keep = HfDeepSpeedConfig(ds)  # noqa: F841  (from_pretrained builds the model partitioned)
