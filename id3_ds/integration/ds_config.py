@@ -82,9 +82,9 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> tuple[dict, float]:
 def _sparse_state(ds: dict, zero: dict) -> dict:
     """id3.state=sparse: DeepSpeed only partitions and gathers parameters; the update holds Adam itself.
 
-ZeRO stage 1 and 2 partition optimizer state and gradients, and sparse state has neither in DeepSpeed
-(deepspeed.initialize even asserts "zero stage 2 requires an optimizer" without one): they run as stage 0,
-each rank holding the whole model, gradients all-reduced as they arrive, the O(B) state replicated.
+    ZeRO stage 1 and 2 partition optimizer state and gradients, and sparse state has neither in DeepSpeed
+    (deepspeed.initialize even asserts "zero stage 2 requires an optimizer" without one): they run as stage
+    0, each rank holding the whole model, gradients all-reduced as they arrive, the O(B) state replicated.
 
     No optimizer or scheduler block (deepspeed.initialize then builds no ZeRO optimizer: no fp32 masters,
     moments or gradient partitions); a small reduce bucket (the default 5e8 entries would be allocated

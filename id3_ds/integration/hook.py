@@ -46,7 +46,9 @@ from id3_ds.methods.scorers import FisherScorer
 def trainable_layout(model: torch.nn.Module, config: ID3Config, keep: Keep | None = None):
     """Whole-parameter slices (full shapes, also under zero.Init) and entry counts, in model order; weights
     held outside parameters (a quantized base) count as parameters."""
-    named = [(n, full_shape(w) if isinstance(w, torch.nn.Parameter) else tuple(w.shape)) for n, w in named_weights(model)]
+    named = [
+        (n, full_shape(w) if isinstance(w, torch.nn.Parameter) else tuple(w.shape)) for n, w in named_weights(model)
+    ]
     return layout(named, config, keep)
 
 

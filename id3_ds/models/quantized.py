@@ -115,7 +115,9 @@ class _QuantizedLinearFn(torch.autograd.Function):
         grad_x = torch.matmul(grad_out, w) if ctx.needs_input_grad[0] else None
         del w
         if module.collect_grad:
-            dw = torch.matmul(grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1]).to(grad_out.dtype))
+            dw = torch.matmul(
+                grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
+            )
             module.receive_grad(dw)
         return grad_x, None, None
 
@@ -237,7 +239,6 @@ def quantize_linears(model: torch.nn.Module, names: Iterable[str], kind: str) ->
 def packed_bytes(model: torch.nn.Module) -> int:
     """Bytes of every quantized base in `model` (for memory reports)."""
     return sum(m.qweight.nbytes for m in model.modules() if isinstance(m, QuantizedLinear))
-
 
 
 def quantize_selectable(model: torch.nn.Module, selectable: Iterable[str], kind: str) -> dict[str, QuantizedLinear]:
