@@ -62,8 +62,8 @@ def check_deepspeed(cfg: RunConfig, world: int) -> None:
     stage = zero.get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ID3Error(f"deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    check_quantization(cfg, stage)  # first: its lines name the quantization, not sparse state's own fixes
     check_sparse_state(cfg, stage, zero, ds)
-    check_quantization(cfg, stage)
     build_ds_config(cfg, world)  # its own checks: batch sizes against train, fp16, bf16, offload, optimizer, "auto"
     if cfg.method not in MASKED:
         return
