@@ -40,6 +40,7 @@ LLAMA = dict(
     max_position_embeddings=32,
 )
 STEPS, LR = 4, 1e-2
+NF4_HALF_GAP = (1.0 - 0.6961928009986877) / 2  # README: a merged model's bound on unchosen entries
 
 
 def quantized_llama(kind: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -198,5 +199,105 @@ def test_preflight_accepts_sparse_id3_on_a_quantized_base(tmp_path, stage) -> No
     _check(tmp_path, *QUANT, f"deepspeed.zero_optimization.stage={stage}", "model.quantization=int8")
 
 
-def _json(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+# -- the trainer: 2 ranks, ZeRO-2 (run as stage 0: see ds_config._sparse_state), nf4 ---------------------------
+
+RUN_STEPS = 6
+RUN = [
+    *QUANT,
+    "id3.budget=600",
+    f"train.steps={RUN_STEPS}",
+    "train.save_steps=3",
+    "train.log_steps=1",
+    "train.micro_batch_size=2",
+    "train.export_delta=true",
+    "model.gradient_checkpointing=true",  # a recomputed forward must hand dW over once per backward
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, env) -> dict:
+    """One uninterrupted run and one killed after step 4 (its last checkpoint: step 3), then resumed."""
+    from tests.launcher import ok
+    from tests.launcher import train as launch
+
+    out = {name: tmp_path_factory.mktemp(name) for name in ("whole", "killed")}
+    out["whole_log"] = ok(launch([*RUN, f"train.output_dir={out['whole']}"], env=env)).stdout
+    killed = launch([*RUN, f"train.output_dir={out['killed']}"], env={**env, "ID3_DS_FAULT": "kill_after_step:4:1"})
+    assert killed.returncode != 0
+    out["resumed_log"] = ok(launch([*RUN, f"train.output_dir={out['killed']}"], env=env)).stdout
+    return out
+
+
+def _log(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_train_sparse_id3_on_an_nf4_base_and_agree(runs) -> None:
+    from id3_ds.checkpoint import checkpoint_dir, read_id3_state
+
+    assert "model.quantization=nf4: 15 linear weights packed" in runs["whole_log"]
+    steps = [r for r in _log(runs["whole"]) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, RUN_STEPS + 1))
+    assert steps[-1]["chosen"] == steps[-1]["budget"] == 600
+    assert all(r["grad_norm"] > 0 for r in steps)
+    # every save compares the ranks' replicated state (winners digest, masters, moments): the run got past it
+    state, meta = read_id3_state(checkpoint_dir(runs["whole"], RUN_STEPS))
+    assert meta["state"] == "sparse" and len(state) == 600
+    chosen_in = {n for n, pm in state.params.items() if pm.indices.numel()}
+    assert len(chosen_in & set(quantized_names_of(runs))) >= 5  # quantized weights trained, next to embeddings
+
+
+def quantized_names_of(runs) -> list[str]:
+    from id3_ds.checkpoint import checkpoint_dir, read_complete
+
+    info = read_complete(checkpoint_dir(runs["whole"], RUN_STEPS))
+    assert info["model"]["quantization"] == "nf4"
+    return info["model"]["quantized"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_uninterrupted_runs_state(runs) -> None:
+    from id3_ds.checkpoint import checkpoint_dir, read_id3_state
+
+    assert "resumed from" in runs["resumed_log"]
+    a, ameta = read_id3_state(checkpoint_dir(runs["whole"], RUN_STEPS))
+    b, bmeta = read_id3_state(checkpoint_dir(runs["killed"], RUN_STEPS))
+    assert ameta == bmeta  # the winners digest chains every step's winners
+    for n, pm in a.params.items():
+        for f in ("indices", "value", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(getattr(pm, f), getattr(b.params[n], f)), (n, f)
+    losses = [[r["loss"] for r in _log(d) if "loss" in r] for d in (runs["whole"], runs["killed"])]
+    assert losses[0][-2:] == losses[1][-2:]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_the_delta_merged_into_the_unquantized_base_gives_trained_values_at_chosen_entries(
+    runs, base_dir, tmp_path
+) -> None:
+    from id3_ds.checkpoint import checkpoint_dir, read_id3_state
+    from id3_ds.delta.merge import merge
+    from tests.launcher import weights
+
+    merge(base_dir, runs["whole"] / "delta", tmp_path / "merged")
+    merged, base = weights(tmp_path / "merged"), weights(base_dir)
+    state, _ = read_id3_state(checkpoint_dir(runs["whole"], RUN_STEPS))
+    names = quantized_names_of(runs)
+    for name, w in base.items():
+        m = merged[name].reshape(-1)
+        pm = state.params.get(name)
+        at = pm.indices if pm is not None else torch.empty(0, dtype=torch.int64)
+        if pm is not None:
+            assert torch.equal(m[at], pm.value.to(m.dtype)), name  # the trained (fp32) masters
+        rest = torch.ones(m.numel(), dtype=torch.bool)
+        rest[at] = False
+        assert torch.equal(m[rest], w.reshape(-1)[rest]), name  # the unquantized base, not what training saw
+        if name in names:  # how far the merged model is from the trained quantized one: the nf4 error there
+            flat = w.reshape(-1)
+            err = (dequantized_reference(w, "nf4").reshape(-1) - flat)[rest].abs()
+            # half NF4's widest code gap (-1 to -0.6962) times the absmax of the entry's 64-entry block
+            bound = (NF4_HALF_GAP * flat.reshape(-1, 64).abs().amax(1)).repeat_interleave(64)[rest]
+            assert float(err.max()) > 0 and bool((err <= bound * (1 + 1e-6)).all()), name

@@ -275,9 +275,27 @@ class SparseDeepSpeedID3(MaskProgress):
 
     def shard_state(self) -> MaskState:
         """This rank's chosen entries with fp32 master and moments; stage 0 replicates: rank 0 alone saves."""
-        if self.stage == 0 and dist.is_initialized() and dist.get_rank() > 0:
-            return MaskState()
-        return self.core.state()
+        state = self.core.state()
+        if self.stage == 0 and self.world > 1:
+            self._check_replicas_agree(state)
+            if dist.get_rank() > 0:
+                return MaskState()
+        return state
+
+    def _check_replicas_agree(self, state: MaskState) -> None:
+        """Replicated state (stage 0, several ranks) must be equal on every rank: each rank updates its own copy
+        from the same all-reduced gradients. Compares the winners digest and fp64 checksums of every chosen
+        entry's position, master and moments (one small all-gather per checkpoint); differing replicas would
+        be a bug that rank 0's shard alone would hide."""
+        sums = [
+            [float(t.double().sum()) for t in (pm.indices, pm.value, pm.exp_avg, pm.exp_avg_sq) if t is not None]
+            for _, pm in sorted(state.params.items())
+        ]
+        mine = (self.id3.digest, sums)
+        every: list = [None] * self.world
+        dist.all_gather_object(every, mine)
+        if any(other != mine for other in every):
+            raise RuntimeError("sparse-state replicas differ across ranks (stage 0): the ranks trained differently")
 
     def state_meta(self) -> dict:
         return self.core.state_meta()
