@@ -142,13 +142,19 @@ def main(argv: list[str]) -> None:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if cfg.method == "lora" and cfg.model.quantization == "nf4":  # QLoRA: PEFT's LoRA over bnb Linear4bit layers
+        from id3_ds.models.quantized import quantize_for_lora
+
+        n = quantize_for_lora(model)
+        if is_main:
+            print(f"model.quantization=nf4: {n} linear layers as bitsandbytes Linear4bit (QLoRA)", flush=True)
     if cfg.lora.rank:
         lo = cfg.lora
         model = wrap_lora(model, lo.rank, lo.alpha, lo.dropout, lo.target_modules, classification)
     method = method_spec(cfg.method, t.seed) if masked else None  # None: a dense method (full, lora)
     if masked:
         freeze_outside(model, cfg.id3, method.keep)
-    if cfg.model.quantization != "none":  # selectable linear weights -> bitsandbytes-packed base + overlay
+    if masked and cfg.model.quantization != "none":  # selectable linear weights -> bitsandbytes-packed base + overlay
         from id3_ds.models.quantized import packed_bytes, quantize_selectable
 
         selectable = [s.name for s in trainable_layout(model, cfg.id3, method.keep)[0] if not s.fully_trainable]

@@ -2,9 +2,10 @@
 
 Unit tests (no launch): the custom Function's outputs and gradients against autograd on the dense effective
 weight; training steps change nothing but the overlay at chosen entries; save/load on a freshly quantized
-base continues bit-identically; preflight refusals. One launched pair (2 ranks, ZeRO-2, nf4) covers the
-trainer: it trains, ranks agree, a killed run resumes to the same state, and the exported delta merged into
-the unquantized base gives the trained values at chosen entries and the base elsewhere.
+base continues bit-identically; preflight refusals. One module fixture of launched runs (2 ranks, ZeRO-2,
+nf4) covers the trainer: sparse ID3 trains, ranks agree, a killed run resumes to the same state, and the
+exported delta merged into the unquantized base gives the trained values at chosen entries and the base
+elsewhere; QLoRA (method lora on the same nf4 base, the memory baseline) trains and resumes.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from id3_ds.models.quantized import (
 )
 from id3_ds.training import preflight as pf
 from tests.launcher import TINY_CONFIG
-
-pytest.importorskip("bitsandbytes")
 
 KINDS = ["nf4", "int8"]
 LLAMA = dict(
@@ -183,7 +182,8 @@ def _check(tmp_path, *overrides: str) -> None:
         (["method=full", "train.export_delta=false"], "does not support method 'full'"),
         (["method=fish"], "does not support method 'fish'"),
         (["method=bitfit"], "does not support method 'bitfit'"),
-        (["lora.rank=4"], "with LoRA is not supported"),
+        (["lora.rank=4"], "does not support ID3 over LoRA"),
+        (["method=lora", "lora.rank=4", "model.quantization=int8", "train.export_delta=false"], "supports nf4 on"),
         (["train.save_final_model=true"], "no dense weights to save"),
         (["model.quantization=fp8"], "model.quantization"),
     ],
@@ -214,6 +214,19 @@ RUN = [
 ]
 
 
+QLORA = [  # PEFT LoRA on the same nf4 base: the baseline of the memory comparison
+    "method=lora",
+    "lora.rank=4",
+    "model.quantization=nf4",
+    "deepspeed.zero_optimization.stage=2",
+    "train.steps=4",
+    "train.save_steps=2",
+    "train.log_steps=1",
+    "train.micro_batch_size=2",
+    "train.export_delta=false",
+]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, env) -> dict:
     """One uninterrupted run and one killed after step 4 (its last checkpoint: step 3), then resumed."""
@@ -225,6 +238,10 @@ def runs(tmp_path_factory, env) -> dict:
     killed = launch([*RUN, f"train.output_dir={out['killed']}"], env={**env, "ID3_DS_FAULT": "kill_after_step:4:1"})
     assert killed.returncode != 0
     out["resumed_log"] = ok(launch([*RUN, f"train.output_dir={out['killed']}"], env=env)).stdout
+    out["qlora"] = tmp_path_factory.mktemp("qlora")
+    qlora = launch([*QLORA, f"train.output_dir={out['qlora']}"], env={**env, "ID3_DS_FAULT": "kill_after_step:3:1"})
+    assert qlora.returncode != 0
+    out["qlora_log"] = qlora.stdout + ok(launch([*QLORA, f"train.output_dir={out['qlora']}"], env=env)).stdout
     return out
 
 
@@ -301,3 +318,14 @@ def test_the_delta_merged_into_the_unquantized_base_gives_trained_values_at_chos
             # half NF4's widest code gap (-1 to -0.6962) times the absmax of the entry's 64-entry block
             bound = (NF4_HALF_GAP * flat.reshape(-1, 64).abs().amax(1)).repeat_interleave(64)[rest]
             assert float(err.max()) > 0 and bool((err <= bound * (1 + 1e-6)).all()), name
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_qlora_trains_peft_lora_on_linear4bit_layers_and_resumes(runs) -> None:
+    assert "model.quantization=nf4: 14 linear layers as bitsandbytes Linear4bit (QLoRA)" in runs["qlora_log"]
+    assert "resumed from" in runs["qlora_log"]
+    records = [r for r in _log(runs["qlora"]) if "loss" in r]
+    # killed after step 3 (last checkpoint: step 2): the resumed run redoes step 3 exactly, then step 4
+    assert [r["step"] for r in records] == [1, 2, 3, 3, 4]
+    assert records[2]["loss"] == records[3]["loss"] and records[2]["grad_norm"] == records[3]["grad_norm"]

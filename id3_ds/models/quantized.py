@@ -266,3 +266,37 @@ def quantize_selectable(model: torch.nn.Module, selectable: Iterable[str], kind:
 def quantized_names(model: torch.nn.Module) -> list[str]:
     """Parameter-style names (`<module>.weight`) of every quantized base in `model`, in model order."""
     return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+
+
+def quantize_for_lora(model: torch.nn.Module) -> int:
+    """QLoRA's base (method lora + model.quantization nf4): every nn.Linear but the output head and tied
+    weights becomes a `bitsandbytes.nn.Linear4bit` (nf4, blocks of 64, compute in the model dtype), which PEFT
+    wraps with its own 4-bit LoRA layer. Its packed bytes equal `QuantizedWeight`'s nf4 for the same weight, so
+    QLoRA and sparse ID3 train on the same base. Returns the layers quantized."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    uses: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    names = [
+        n for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head and uses[id(m.weight)] == 1
+    ]
+    modules = dict(model.named_modules())
+    for name in names:
+        linear = modules[name]
+        q = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=linear.weight.dtype,
+            quant_type="nf4",
+            device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCK)
+        q.bias = linear.bias
+        q = q.to(linear.weight.device)  # packs the weight (Params4bit quantizes on its first move)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, q)
+    return len(names)

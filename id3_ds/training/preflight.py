@@ -125,10 +125,27 @@ def check_quantization(cfg: RunConfig, stage: int) -> None:
     q = cfg.model.quantization
     if q == "none":
         return
-    if cfg.method == "lora" or cfg.lora.rank:
+    if stage == 3:
         raise ID3Error(
-            f"model.quantization={q} with LoRA is not supported; quantize for sparse ID3 (id3.state=sparse, "
-            "lora.rank=0) or set model.quantization=none"
+            f"model.quantization={q} does not work with ZeRO stage 3 (ZeRO-3 partitions nn.Parameters, and a "
+            "bitsandbytes-packed base is none: every rank holds it whole); use deepspeed.zero_optimization.stage 2"
+        )
+    if cfg.train.save_final_model:
+        raise ID3Error(
+            f"train.save_final_model=true with model.quantization={q}: the trained model has no dense weights to "
+            "save; set it to false (sparse ID3: merge its delta into the unquantized base)"
+        )
+    if cfg.method == "lora":  # QLoRA: PEFT's LoRA layers over bnb Linear4bit
+        if q != "nf4" or cfg.data.format == "classification":
+            raise ID3Error(
+                f"method lora with model.quantization={q} supports nf4 on a causal LM (QLoRA) only; use "
+                "model.quantization=nf4, or none"
+            )
+        return
+    if cfg.lora.rank:
+        raise ID3Error(
+            f"model.quantization={q} does not support ID3 over LoRA (lora.rank > 0); set lora.rank=0 (sparse ID3 on "
+            "the quantized base) or method=lora (QLoRA)"
         )
     if cfg.method in ("full", "fish", "bitfit"):
         why = {
@@ -141,16 +158,6 @@ def check_quantization(cfg: RunConfig, stage: int) -> None:
         raise ID3Error(
             f"model.quantization={q} needs id3.state=sparse (a quantized base has no dense fp32 master for "
             "DeepSpeed's optimizer to update); set id3.state=sparse"
-        )
-    if stage == 3:
-        raise ID3Error(
-            f"model.quantization={q} does not work with ZeRO stage 3 (ZeRO-3 partitions nn.Parameters, and a "
-            "bitsandbytes-packed base is none: every rank holds it whole); use deepspeed.zero_optimization.stage 2"
-        )
-    if cfg.train.save_final_model:
-        raise ID3Error(
-            f"train.save_final_model=true with model.quantization={q}: the trained model has no dense weights to "
-            "save; set it to false and merge the delta (train.export_delta=true) into the unquantized base"
         )
 
 
