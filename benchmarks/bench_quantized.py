@@ -106,12 +106,12 @@ def table(rows: list[dict]) -> str:
         return f"{(r[key] - r['baseline']) / MIB:.0f}" if r.get(key) is not None else "-"
 
     lines = [
-        "| variant | run | rank | peak above baseline | after build: RSS / peak | steps peak | save peak |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | steps | run | rank | peak above baseline | after build: RSS / peak | steps peak | save peak |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['run']} | {r['rank']} | {above(r, 'peak')} MiB "
+            f"| {r['variant']} | {r['steps']} | {r['run']} | {r['rank']} | {above(r, 'peak')} MiB "
             f"| {above(r, 'built_rss')} / {above(r, 'built_peak')} | {above(r, 'steps_peak')} "
             f"| {above(r, 'save_peak')} |"
         )
@@ -123,17 +123,16 @@ def _ratio(mine: dict, other: dict, key: str) -> str:
 
 
 def ratio_lines(rows: list[dict], sparse: str, qlora: str) -> list[str]:
-    """sparse / QLoRA per run and rank: lifetime peak and steps peak, both above the baseline."""
-    by = {(r["variant"], r["run"], r["rank"]): r for r in rows}
+    """sparse / QLoRA per steps, run and rank: lifetime peak and steps peak, both above the baseline."""
+    by = {(r["variant"], r["steps"], r["run"], r["rank"]): r for r in rows}
     lines = []
-    for (variant, run, rank), mine in by.items():
-        other = by.get((qlora, run, rank))
+    for (variant, steps, run, rank), mine in by.items():
+        other = by.get((qlora, steps, run, rank))
         if variant != sparse or other is None:
             continue
-
         lines.append(
-            f"- run {run}, rank {rank}: sparse ID3 on nf4 = {_ratio(mine, other, 'peak')} x QLoRA's peak "
-            f"(goal <= 1.1); steps only {_ratio(mine, other, 'steps_peak')} x"
+            f"- {steps} steps, run {run}, rank {rank}: sparse ID3 on nf4 = {_ratio(mine, other, 'peak')} x "
+            f"QLoRA's peak (goal <= 1.1); steps only {_ratio(mine, other, 'steps_peak')} x"
         )
     return lines
 
@@ -142,10 +141,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the builtin tiny LLaMA on its shipped data, 2 steps")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank; ID3's budget is LoRA's trainable count")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=30, help="T: ID3 grows the mask by budget / T entries a step")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each variant, alternating")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--from-json", nargs="+", help="tabulate (and record) the rows of earlier --json logs instead")
     args = ap.parse_args()
     from id3_ds.models import resolve_model
 
@@ -160,17 +160,20 @@ def main() -> None:
     named = variants(args.rank, budget)
     qlora, sparse = list(named)
     rows = []
+    if args.from_json:  # earlier runs' rows (the last line of each log), e.g. two schedules in one table
+        rows = [r for f in args.from_json for r in json.loads(Path(f).read_text().strip().splitlines()[-1])]
     with tempfile.TemporaryDirectory(prefix="id3-quant-") as d:
         tmp = Path(d)
         config = write_config(model, data, fmt, tmp, steps)
-        for run in range(1, args.repeats + 1):
+        for run in range(1, 0 if args.from_json else args.repeats + 1):
             for variant, overrides in named.items():
                 for rank, got in enumerate(launch(config, overrides, tmp)):
-                    rows.append({"variant": variant, "run": run, "rank": rank, **got})
+                    rows.append({"variant": variant, "steps": steps, "run": run, "rank": rank, **got})
+    schedules = " and ".join(sorted({str(r["steps"]) for r in rows}, key=int))
     text = (
         f"{table(rows)}\n\n"
         + "\n".join(ratio_lines(rows, sparse, qlora))
-        + f"\n\n{model} in bf16, ZeRO-2, 2 ranks, {steps} steps of micro-batch 2 x <= 128 tokens ({data}); "
+        + f"\n\n{model} in bf16, ZeRO-2, 2 ranks, {schedules} steps of micro-batch 2 x <= 128 tokens ({data}); "
         f"trainable count {budget:,} on every linear projection of every layer (LoRA r={args.rank} on "
         f"{', '.join(LINEAR)}; ID3's id3.budget the same), both on the same nf4 base. Figures in MiB above the "
         "rank's RSS once the libraries were imported: 'peak' is the lifetime VmHWM; the phase columns reset VmHWM "
@@ -183,8 +186,10 @@ def main() -> None:
     if not args.no_record:
         flags = " --quick" if args.quick else ""
         flags += f" --rank {args.rank}" if args.rank != 16 else ""
+        flags += f" --steps {args.steps}" if args.steps != 30 and not args.quick else ""
         flags += f" --repeats {args.repeats}" if args.repeats != 1 else ""
-        details = f"bf16, {model}, ZeRO-2, 2 ranks, {steps} steps, trainable {budget:,}"
+        flags += " --from-json " + " ".join(args.from_json) if args.from_json else ""
+        details = f"bf16, {model}, ZeRO-2, 2 ranks, trainable {budget:,}"
         record_results(
             "Quantized base: sparse ID3 vs QLoRA", details, f"python benchmarks/bench_quantized.py{flags}", text
         )
