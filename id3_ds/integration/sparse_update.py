@@ -15,6 +15,10 @@ first backward to its last). ID3_DS_SPARSE_GRAD=buffered keeps every share in th
 instead (the former path, bit-identical: the reference for tests and memory comparisons).
 Hooks fire in autograd's order, the same on every rank (same graph), so the collectives pair up; a tied
 weight is one leaf and fires once; a checkpointed layer's recomputed backward fires it once too.
+A quantized base (`model.quantization`, id3_ds/models/quantized.py) is no parameter: its autograd Function
+hands the dense dW of the effective weight to `_held_hook`, which feeds the same `_receive` as a parameter's
+hook; its slice's value is the dequantized effective weight and its write goes to the overlay. ZeRO-1/2
+runs as stage 0 here (ds_config._sparse_state): every rank holds every weight and all-reduces gradients.
 
 At the boundary, `SparseID3` (algorithm/sparse.py) runs the step: the same ID3 selection as dense mode over
 this rank's partitions (value = the model's own weight partition, model dtype; the streamed candidates), the
