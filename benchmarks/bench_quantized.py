@@ -177,8 +177,12 @@ def main() -> None:
         f"trainable count {budget:,} on every linear projection of every layer (LoRA r={args.rank} on "
         f"{', '.join(LINEAR)}; ID3's id3.budget the same), both on the same nf4 base. Figures in MiB above the "
         "rank's RSS once the libraries were imported: 'peak' is the lifetime VmHWM; the phase columns reset VmHWM "
-        "after the build (load, quantize, engine) and after the steps. CPU ranks on a machine shared with other "
-        "jobs: memory is the reliable figure here, time is not."
+        "after the build (load, quantize, engine) and after the steps. ID3 grows its mask by budget / steps "
+        "entries a step, and a step holds up to ~5x that many candidates (key, score and gradient: 16 B each) "
+        "while it scores: with few steps (3: 1.6M a step) that transient, not the 28 B per chosen entry, sets "
+        "sparse ID3's peak; with 30 it is a tenth of it. The steps peak also depends on the longest batch seen, "
+        "so it differs between step counts (both variants see the same batches within one). CPU ranks on a "
+        "machine shared with other jobs: memory is the reliable figure here, time is not."
     )
     print(text)
     if args.json:
