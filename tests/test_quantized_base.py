@@ -329,3 +329,16 @@ def test_qlora_trains_peft_lora_on_linear4bit_layers_and_resumes(runs) -> None:
     # killed after step 3 (last checkpoint: step 2): the resumed run redoes step 3 exactly, then step 4
     assert [r["step"] for r in records] == [1, 2, 3, 3, 4]
     assert records[2]["loss"] == records[3]["loss"] and records[2]["grad_norm"] == records[3]["grad_norm"]
+
+
+def test_the_memory_benchmark_gives_id3_the_trainable_count_of_qlora(base_dir) -> None:
+    """benchmarks/bench_quantized.py compares at one trainable count: id3.budget = PEFT LoRA's count on LINEAR."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.bench_quantized import LINEAR, lora_count, variants
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules=LINEAR))
+    peft_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora_count(base_dir, 4) == peft_count
+    assert f"id3.budget={peft_count}" in variants(4, peft_count)["id3 sparse, nf4"]
