@@ -86,9 +86,10 @@ class QuantizedWeight:
 
     def to(self, device: torch.device) -> QuantizedWeight:
         self.packed = self.packed.to(device)
-        self.state = self.state.to(device) if self.kind == "int8" else self.state
         if self.kind == "nf4":
-            self.state.to(device)  # QuantState.to moves in place
+            self.state.to(device)  # QuantState.to moves its tensors in place
+        else:
+            self.state = self.state.to(device)
         return self
 
 
@@ -114,25 +115,21 @@ class _QuantizedLinearFn(torch.autograd.Function):
         w = module.effective_weight()
         grad_x = torch.matmul(grad_out, w) if ctx.needs_input_grad[0] else None
         del w
-        if module.collect_grad:
-            dw = torch.matmul(
-                grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
-            )
-            module.receive_grad(dw)
+        dw = torch.matmul(grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1]).to(grad_out.dtype))
+        module.receive_grad(dw)
         return grad_x, None, None
 
 
 class QuantizedLinear(torch.nn.Module):
     """An nn.Linear whose weight is a bitsandbytes-packed base plus an overlay of trained entries."""
 
-    def __init__(self, linear: torch.nn.Linear, kind: str, collect_grad: bool = True) -> None:
+    def __init__(self, linear: torch.nn.Linear, kind: str) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.qweight = QuantizedWeight(linear.weight.data, kind)
         self.bias = linear.bias
         self.positions = torch.empty(0, dtype=torch.int64, device=self.qweight.device)
         self.values = torch.empty(0, dtype=self.qweight.dtype, device=self.qweight.device)
-        self.collect_grad = collect_grad  # False: a frozen quantized layer, backward computes grad_x only
         self.weight_grad: torch.Tensor | None = None  # the accumulated dW (flat), like a parameter's .grad
         self.grad_hook: Callable[[QuantizedLinear], None] | None = None
         # unregistered, so no optimizer, state dict or DeepSpeed ever sees it; only makes backward reach us
