@@ -50,6 +50,8 @@ class ModelSection(_Section):
     name_or_path: str = ""
     dtype: Literal["bf16", "fp32"] = "bf16"
     gradient_checkpointing: bool = False
+    # nf4 / int8: selectable linear weights stored by bitsandbytes (id3.state=sparse; models/quantized.py)
+    quantization: Literal["none", "nf4", "int8"] = "none"
 
 
 class DataSection(_Section):

@@ -74,7 +74,7 @@ def main(argv: list[str]) -> None:
     from id3_ds.data import cached_dataset, collate
     from id3_ds.data.evaluate import evaluate
     from id3_ds.integration.ds_config import build_ds_config
-    from id3_ds.integration.hook import build_update, freeze_outside
+    from id3_ds.integration.hook import build_update, freeze_outside, trainable_layout
     from id3_ds.integration.params import full_shape
     from id3_ds.integration.start_costs import avoid_start_costs
     from id3_ds.methods import MASKED, method_spec
@@ -144,12 +144,29 @@ def main(argv: list[str]) -> None:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if cfg.method == "lora" and cfg.model.quantization == "nf4":  # QLoRA: PEFT's LoRA over bnb Linear4bit layers
+        from id3_ds.models.quantized import quantize_for_lora
+
+        n = quantize_for_lora(model)
+        if is_main:
+            print(f"model.quantization=nf4: {n} linear layers as bitsandbytes Linear4bit (QLoRA)", flush=True)
     if cfg.lora.rank:
         lo = cfg.lora
         model = wrap_lora(model, lo.rank, lo.alpha, lo.dropout, lo.target_modules, classification)
     method = method_spec(cfg.method, t.seed) if masked else None  # None: a dense method (full, lora)
     if masked:
         freeze_outside(model, cfg.id3, method.keep)
+    if masked and cfg.model.quantization != "none":  # selectable linear weights -> bitsandbytes-packed base + overlay
+        from id3_ds.models.quantized import packed_bytes, quantize_selectable
+
+        selectable = [s.name for s in trainable_layout(model, cfg.id3, method.keep)[0] if not s.fully_trainable]
+        quantized = quantize_selectable(model, selectable, cfg.model.quantization)
+        if is_main:
+            print(
+                f"model.quantization={cfg.model.quantization}: {len(quantized)} linear weights packed into "
+                f"{packed_bytes(model) / 2**20:.1f} MiB",
+                flush=True,
+            )
 
     # -- DeepSpeed engine and the method's update (the mask hook, dense, or sparse state) -------------------
     sparse = masked and cfg.id3.state == "sparse"  # no DeepSpeed optimizer: the update holds Adam for B entries

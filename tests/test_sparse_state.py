@@ -13,6 +13,7 @@ import torch
 from id3_ds.algorithm import ID3, ID3Config, MaskState, ParamSlice, SparseID3, SparseSlice, from_module
 from id3_ds.algorithm.id3 import layout
 from id3_ds.algorithm.mask import SliceMask
+from id3_ds.algorithm.slices import write_entries
 from id3_ds.algorithm.sparse_state import BYTES_PER_ENTRY
 from id3_ds.errors import ID3Error
 from tests.assertions import assert_only_chosen_moved, chosen_indices
@@ -157,6 +158,12 @@ def halves(model: torch.nn.Module, cfg: ID3Config) -> ID3:
 
         def value(self) -> torch.Tensor:
             return self.param.data.view(-1)[self.start : self.start + self.numel]
+
+        def write(self, positions: torch.Tensor, values: torch.Tensor) -> None:
+            write_entries(self.value(), positions, values)
+
+        def clear_grad(self) -> None:
+            self.param.grad = None
 
     params = dict(model.named_parameters())
     slices, selectable, full = layout([(n, tuple(p.shape)) for n, p in params.items()], cfg)

@@ -31,7 +31,7 @@ from id3_ds.algorithm.decay import decays
 from id3_ds.algorithm.mask import MaskState, SliceMask
 from id3_ds.algorithm.schedule import UnmaskSchedule, resolve_budget
 from id3_ds.algorithm.selection import Candidates, _reduce, merge_candidates, slice_candidates
-from id3_ds.algorithm.slices import ParamSlice, SliceAccess, TensorSliceAccess
+from id3_ds.algorithm.slices import ParamSlice, SliceAccess, TensorSliceAccess, named_weights
 from id3_ds.algorithm.static import StaticSchedule
 from id3_ds.errors import ID3Error
 
@@ -381,14 +381,15 @@ def from_module(
     does), so they cost no gradient memory and can never move. scorer/static/keep select a baseline
     method (see id3_ds.methods); the defaults are ID3 itself.
     """
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    slices, selectable, full = layout([(n, tuple(p.shape)) for n, p in params.items()], config, keep)
+    weights = dict(named_weights(model))  # parameters, and weights held outside them (a quantized base)
+    slices, selectable, full = layout([(n, tuple(w.shape)) for n, w in weights.items()], config, keep)
     kept = {s.name for s in slices}
-    for n, p in params.items():
-        if n not in kept:
-            p.requires_grad_(False)
+    for n, w in weights.items():
+        if n not in kept and isinstance(w, torch.nn.Parameter):
+            w.requires_grad_(False)
+    accesses = {n: TensorSliceAccess(w) if isinstance(w, torch.nn.Parameter) else w for n, w in weights.items()}
     return ID3(
-        [(s, TensorSliceAccess(params[s.name])) for s in slices],
+        [(s, accesses[s.name]) for s in slices],
         config,
         steps,
         selectable=selectable,

@@ -41,7 +41,9 @@ class ParamSlice:
 
 
 class SliceAccess(Protocol):
-    """Writable 1-D views of one slice's reduced gradient and fp32 master weights."""
+    """Writable 1-D views of one slice's reduced gradient and fp32 master weights; sparse state also calls
+    `write(positions, values)` to set chosen entries (a weight it cannot reach by `value()`: a quantized base
+    keeps them in an overlay)."""
 
     def grad(self) -> torch.Tensor | None: ...
 
@@ -60,3 +62,39 @@ class TensorSliceAccess:
 
     def value(self) -> torch.Tensor:
         return self.param.data.view(-1)
+
+    def write(self, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Round `values` into the weight at `positions` (local flat), in place; nothing else changes."""
+        write_entries(self.value(), positions, values)
+
+    def clear_grad(self) -> None:
+        self.param.grad = None
+
+
+def write_entries(flat: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """flat[positions] = values in flat's dtype, outside autograd: how every plain slice kind writes."""
+    with torch.no_grad():
+        flat[positions] = values.to(flat.dtype)
+
+
+def named_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter | SliceAccess]]:
+    """Every trainable parameter and every weight a module holds outside nn.Parameter, by name, in model
+    order (the order of `named_parameters`, each tied parameter once).
+
+    A module holding such a weight (a quantized base, id3_ds/models/quantized.py) says so with
+    `held_weights() -> {local name: access}`; the access has `shape`, `grad()`, `value()` and `write()`.
+    """
+    out: list[tuple[str, torch.nn.Parameter | SliceAccess]] = []
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        held = getattr(module, "held_weights", None)
+        if callable(held):
+            out += [(dot + local, access) for local, access in held().items()]
+        for local, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.requires_grad:
+                out.append((dot + local, p))
+    return out

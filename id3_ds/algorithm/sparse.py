@@ -79,10 +79,10 @@ class SparseID3:
 
     def _drop_param_grads(self) -> None:
         for h in self.id3.held:
-            p = getattr(h.access, "param", None)
-            if p is None:
-                raise ID3Error("the sparse driver needs slice accesses with a .param, or a release callable")
-            p.grad = None
+            clear = getattr(h.access, "clear_grad", None)
+            if clear is None:
+                raise ID3Error("the sparse driver needs slice accesses with clear_grad(), or a release callable")
+            clear()
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -122,7 +122,7 @@ class SparseID3:
             h = id3.held[i]
             g = grads[i].mul_(coef) if coef != 1.0 else grads[i]
             adamw_update(st, g, h.mask.chosen_at, id3.step, hyper, h.weight_decay)
-            st.write_back(h.access.value())
+            st.write_back(h.access)
         self.release()
         self.last_norm = float(norm)
         return self.last_norm
@@ -170,4 +170,4 @@ class SparseID3:
                 raise ID3Error(f"sparse-state checkpoint lacks the master/moments of {h.info.name}: it is corrupt")
             value, m, v = adam
             self.states[i] = SparseSlice(h.mask.positions, value, m, v)
-            self.states[i].write_back(h.access.value())
+            self.states[i].write_back(h.access)

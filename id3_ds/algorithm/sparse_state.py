@@ -120,10 +120,10 @@ class SparseSlice:
             return torch.zeros(len(self), dtype=torch.float32)
         return grad[self.positions].to(torch.float32)
 
-    def write_back(self, weight: torch.Tensor) -> None:
-        """Round the master into the frozen weight (1-D view) in place; every other entry is untouched."""
-        with torch.no_grad():
-            weight[self.positions] = self.master.to(weight.dtype)
+    def write_back(self, access) -> None:
+        """Round the master into the frozen weight through its slice access (`write`: in place for a plain
+        weight or partition, the overlay of a quantized base); every other entry is untouched."""
+        access.write(self.positions, self.master)
 
 
 def sq_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -42,6 +42,7 @@ RESULT_KEYS = (
     "method",
     "model.name_or_path",
     "model.dtype",
+    "model.quantization",
     "data.format",
     "data.max_length",
     "data.packing",
@@ -74,6 +75,7 @@ _FIXED_KEYS = (
     "method",
     "model.name_or_path",
     "model.dtype",
+    "model.quantization",  # the base training saw: the masters are values of that effective weight
     "lora.rank",
     "lora.target_modules",
     "id3.targets",

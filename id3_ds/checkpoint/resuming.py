@@ -56,11 +56,12 @@ def resume(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, world: in
         return _resume_sparse(update, ckpt, info, step, world)
     stage = engine.zero_optimization_stage()
     same_world = info.get("world_size") == world and info.get("zero_stage") == stage
+    strict = cfg.model.quantization == "none"  # QLoRA: bitsandbytes' quantization constants are not loaded back
     if same_world:
-        load_checkpoint(engine, ckpt / "ds", DS_TAG)
+        load_checkpoint(engine, ckpt / "ds", DS_TAG, strict)
         moments = None
     else:
-        moments = _load_resharded(engine, ckpt, info)
+        moments = _load_resharded(engine, ckpt, info, strict)
     if update.masked:
         state, meta = read_id3_state(ckpt)
         update.load_state(state, meta)
@@ -123,7 +124,7 @@ def global_batch_note(info: dict, cfg: RunConfig, world: int) -> str | None:
     )
 
 
-def _load_resharded(engine, ckpt: Path, info: dict) -> str | None:
+def _load_resharded(engine, ckpt: Path, info: dict, strict: bool = True) -> str | None:
     """Load DeepSpeed's state saved by another world size or stage; None, or why the moments restart.
 
     ZeRO-1/2 to ZeRO-1/2, or ZeRO-3 to ZeRO-3: DeepSpeed's universal checkpoint, converted once by rank 0
@@ -132,7 +133,7 @@ def _load_resharded(engine, ckpt: Path, info: dict) -> str | None:
     """
     src, dst = info.get("zero_stage"), engine.zero_optimization_stage()
     if src == 0 and dst == 0:
-        load_checkpoint(engine, ckpt / "ds", DS_TAG)
+        load_checkpoint(engine, ckpt / "ds", DS_TAG, strict)
         return None
     if src == 0 or dst == 0:
         return f"DeepSpeed's universal checkpoint needs ZeRO stage 1-3 on both sides, not ZeRO-{src} -> ZeRO-{dst}"

@@ -29,6 +29,7 @@ from id3_ds.checkpoint.layout import (
 from id3_ds.errors import ID3Error
 from id3_ds.files.atomic import staged_dir
 from id3_ds.integration.params import full_shape, gathered
+from id3_ds.models.quantized import quantized_names
 from id3_ds.training import guards  # a module, not its names: guards reads this package's layout (an import cycle)
 from id3_ds.training.faults import maybe_kill
 
@@ -83,7 +84,12 @@ def save(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, step: int, 
                 "world_size": world,
                 "method": cfg.method,
                 "zero_stage": engine.zero_optimization_stage(),
-                "model": {"name_or_path": model_dir, "dtype": cfg.model.dtype},
+                "model": {
+                    "name_or_path": model_dir,
+                    "dtype": cfg.model.dtype,
+                    "quantization": cfg.model.quantization,  # and which weights: the export re-quantizes them
+                    "quantized": quantized_names(engine.module),
+                },
                 **({"classification": classification_info(engine.module)} if classify else {}),
                 "id3": {**cfg.id3.__dict__, "budget_entries": update.budget if update.masked else None},
                 "train": {

@@ -109,6 +109,8 @@ def export_delta(
     fixes = 0
     trained_in = (info.get("model") or {}).get("dtype") if isinstance(info.get("model"), dict) else None
     train_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained_in)
+    model_info = info.get("model") if isinstance(info.get("model"), dict) else {}
+    quantized, kind = set(model_info.get("quantized") or []), model_info.get("quantization")
     for name in sorted(plain):
         pm, bname = state.params[name], plain[name]
         if pm.indices.numel() == 0:  # a parameter the mask never reached: nothing to ship
@@ -120,6 +122,12 @@ def export_delta(
         # a run may train in a lower precision than the base file (bf16 on an fp32 base): its starting
         # weights are the base rounded to that dtype
         as_trained = on_disk.to(train_dtype).to(torch.float32) if train_dtype is not None else on_disk
+        if name in quantized:  # a quantized base (models/quantized.py): training started from dequantize(quantize(w))
+            from id3_ds.models.quantized import dequantized_reference
+
+            seen = dequantized_reference(tensor.to(train_dtype or torch.float32), kind)
+            as_trained = seen.reshape(-1)[pm.indices].to(torch.float32)
+            del seen
         differs = int((as_trained != pm.base).sum())
         if differs and not force:
             raise ID3Error(
@@ -127,7 +135,8 @@ def export_delta(
                 "was trained from another base; pass that one (or --force to export against this base anyway)"
             )
         del tensor
-        # the delta is against the base as stored, so base + delta gives the trained value exactly
+        # the delta is against the base as stored, so base + delta gives the trained value exactly (for a
+        # quantized run too: merged, unchosen entries keep the unquantized base, not what training saw)
         d, fix_at, fix = exact_delta(pm.value, on_disk)
         fixes += fix_at.numel()
         params[bname] = _param(t.shape, t.dtype, pm.indices, d, fix_at, fix, dtype)

@@ -82,6 +82,10 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> tuple[dict, float]:
 def _sparse_state(ds: dict, zero: dict) -> dict:
     """id3.state=sparse: DeepSpeed only partitions and gathers parameters; the update holds Adam itself.
 
+    ZeRO stage 1 and 2 partition optimizer state and gradients, and sparse state has neither in DeepSpeed
+    (deepspeed.initialize even asserts "zero stage 2 requires an optimizer" without one): they run as stage
+    0, each rank holding the whole model, gradients all-reduced as they arrive, the O(B) state replicated.
+
     No optimizer or scheduler block (deepspeed.initialize then builds no ZeRO optimizer: no fp32 masters,
     moments or gradient partitions); a small reduce bucket (the default 5e8 entries would be allocated
     for nothing); and no persistent parameters (stage3_param_persistence_threshold 0): a parameter kept
@@ -89,6 +93,8 @@ def _sparse_state(ds: dict, zero: dict) -> dict:
     """
     ds.pop("optimizer", None)
     ds.pop("scheduler", None)
+    if zero.get("stage") in (1, 2):  # nothing to partition without an optimizer: DeepSpeed's stage 0 (below)
+        zero["stage"] = 0
     bucket = zero.get("reduce_bucket_size")
     zero["reduce_bucket_size"] = min(int(bucket), SPARSE_BUCKET) if isinstance(bucket, (int, float)) else SPARSE_BUCKET
     if zero.get("stage") == 3:

@@ -59,9 +59,12 @@ def optimizer_step_disabled(engine) -> Iterator[None]:
         del inner.step
 
 
-def load_checkpoint(engine, path: str | Path, tag: str) -> None:
-    """Load a DeepSpeed checkpoint saved by this world size and stage: weights, optimizer and LR scheduler."""
-    loaded, _ = engine.load_checkpoint(str(path), tag=tag, load_lr_scheduler_states=True)
+def load_checkpoint(engine, path: str | Path, tag: str, strict: bool = True) -> None:
+    """Load a DeepSpeed checkpoint saved by this world size and stage: weights, optimizer and LR scheduler.
+
+    strict=False for a QLoRA run: its bitsandbytes base saves quantization constants (`weight.absmax`, ...)
+    that loading does not take back; the base is re-quantized identically at every load anyway."""
+    loaded, _ = engine.load_checkpoint(str(path), tag=tag, load_lr_scheduler_states=True, load_module_strict=strict)
     if loaded is None:
         raise ID3Error(f"DeepSpeed could not load {path}: the checkpoint is incomplete or corrupt")
 

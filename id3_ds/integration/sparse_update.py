@@ -15,6 +15,10 @@ first backward to its last). ID3_DS_SPARSE_GRAD=buffered keeps every share in th
 instead (the former path, bit-identical: the reference for tests and memory comparisons).
 Hooks fire in autograd's order, the same on every rank (same graph), so the collectives pair up; a tied
 weight is one leaf and fires once; a checkpointed layer's recomputed backward fires it once too.
+A quantized base (`model.quantization`, id3_ds/models/quantized.py) is no parameter: its autograd Function
+hands the dense dW of the effective weight to `_held_hook`, which feeds the same `_receive` as a parameter's
+hook; its slice's value is the dequantized effective weight and its write goes to the overlay. ZeRO-1/2
+runs as stage 0 here (ds_config._sparse_state): every rank holds every weight and all-reduces gradients.
 
 At the boundary, `SparseID3` (algorithm/sparse.py) runs the step: the same ID3 selection as dense mode over
 this rank's partitions (value = the model's own weight partition, model dtype; the streamed candidates), the
@@ -36,7 +40,7 @@ import torch.distributed as dist
 from id3_ds.algorithm.config import ID3Config
 from id3_ds.algorithm.id3 import ID3, Keep, Scorer, local_reducer
 from id3_ds.algorithm.mask import MaskState
-from id3_ds.algorithm.slices import ParamSlice
+from id3_ds.algorithm.slices import ParamSlice, named_weights, write_entries
 from id3_ds.algorithm.sparse import SparseID3
 from id3_ds.algorithm.streaming import GradStream
 from id3_ds.errors import ID3Error
@@ -74,6 +78,24 @@ class _Partition:
     def grad(self) -> torch.Tensor | None:
         return self.buffers.get(self.name)
 
+    def write(self, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """The chosen entries' rounded masters into the rank's partition (ZeRO-3) or the whole weight."""
+        write_entries(self.value(), positions, values)
+
+
+class _HeldPartition(_Partition):
+    """A weight held outside nn.Parameter (a quantized base, never partitioned): its own value and write
+    (the effective weight and its overlay), the step's gradient from the shared buffers like a parameter's."""
+
+    def __init__(self, access, buffers: dict[str, torch.Tensor], name: str) -> None:
+        self.access, self.buffers, self.name = access, buffers, name
+
+    def value(self) -> torch.Tensor:
+        return self.access.value()
+
+    def write(self, positions: torch.Tensor, values: torch.Tensor) -> None:
+        self.access.write(positions, values)
+
 
 class SparseDeepSpeedID3(MaskProgress):
     """A masked method (ID3, random, pafi, bitfit) with sparse optimizer state on a DeepSpeed engine."""
@@ -110,15 +132,21 @@ class SparseDeepSpeedID3(MaskProgress):
         self._micro = 0  # micro-batches backpropagated in this step
         self._stream: GradStream | None = None  # open during the step's last backward
         wanted, selectable, full = trainable_layout(engine.module, config, keep)
-        params = dict(engine.module.named_parameters())
+        weights = dict(named_weights(engine.module))  # parameters, and quantized bases (models/quantized.py)
         slices = []
         for whole in wanted:
-            p = params[whole.name]
-            start, valid = self._share(p)
+            w = weights[whole.name]
+            if not isinstance(w, torch.nn.Parameter):  # a quantized base: whole on every rank, dW from its Function
+                if self.stage == 3:
+                    raise ID3Error("model.quantization does not work with ZeRO stage 3; use zero stage 2 or 0")
+                slices.append((whole, _HeldPartition(w, self.buffers, whole.name)))
+                w.module.grad_hook = self._held_hook(whole.name, whole.numel, w)
+                continue
+            start, valid = self._share(w)
             if valid:
                 piece = ParamSlice(whole.name, whole.shape, whole.key_base, start, valid, whole.fully_trainable)
-                slices.append((piece, _Partition(p, valid, self.buffers, whole.name)))
-            p.register_post_accumulate_grad_hook(self._hook(whole.name, start, valid))
+                slices.append((piece, _Partition(w, valid, self.buffers, whole.name)))
+            w.register_post_accumulate_grad_hook(self._hook(whole.name, valid))
         partitioned = self.stage == 3 and self.world > 1
         if partitioned:
             from deepspeed.accelerator import get_accelerator
@@ -160,32 +188,45 @@ class SparseDeepSpeedID3(MaskProgress):
         start = dist.get_rank(group=p.ds_process_group) * per
         return start, max(0, min(per, full_numel(p) - start))
 
-    def _hook(self, name: str, start: int, valid: int) -> Callable[[torch.Tensor], None]:
-        def reduce_into_buffer(p: torch.Tensor) -> None:
-            g, p.grad = p.grad, None  # the whole gradient lives only inside this call
-            if g is None:
-                return
-            share = self._reduce(p, g.reshape(-1), valid)
-            del g
-            if share is None:
-                return
-            if self._stream is not None:  # the step's last backward: score and keep O(k + chosen), drop the rest
-                buf = self.buffers.pop(name, None)
-                self._stream.absorb(self.index[name], share if buf is None else buf.add_(share))
-                return
-            buf = self.buffers.get(name)
-            if buf is None:
-                self.buffers[name] = share.to(torch.float32, copy=True)
-            else:
-                buf.add_(share)
+    def _hook(self, name: str, valid: int) -> Callable[[torch.Tensor], None]:
+        """A parameter's post-accumulate-grad hook: its whole gradient, taken off `.grad`, to `_receive`."""
 
-        return reduce_into_buffer
+        def take(p: torch.Tensor) -> torch.Tensor | None:
+            g, p.grad = p.grad, None
+            return g
 
-    def _reduce(self, p: torch.Tensor, flat: torch.Tensor, valid: int) -> torch.Tensor | None:
-        """This rank's share of the gradient averaged over ranks (None where the rank holds none of p)."""
+        return lambda p: self._receive(name, valid, take(p), p)
+
+    def _held_hook(self, name: str, valid: int, access) -> Callable[[torch.nn.Module], None]:
+        """A quantized base's hook: the dW its Function collected (gradient of the effective weight)."""
+        return lambda module: self._receive(name, valid, access.take_grad(), None)
+
+    def _receive(self, name: str, valid: int, g: torch.Tensor | None, p: torch.Tensor | None) -> None:
+        """One backward's whole gradient of a held weight: averaged over ranks into this rank's share, then
+        added to the step's buffer or (the step's last backward) streamed; the whole gradient lives only
+        inside this call (the hooks pass it without keeping a reference)."""
+        if g is None:
+            return
+        share = self._reduce(p, g.reshape(-1), valid)
+        del g
+        if share is None:
+            return
+        if self._stream is not None:  # the step's last backward: score and keep O(k + chosen), drop the rest
+            buf = self.buffers.pop(name, None)
+            self._stream.absorb(self.index[name], share if buf is None else buf.add_(share))
+            return
+        buf = self.buffers.get(name)
+        if buf is None:
+            self.buffers[name] = share.to(torch.float32, copy=True)
+        else:
+            buf.add_(share)
+
+    def _reduce(self, p: torch.Tensor | None, flat: torch.Tensor, valid: int) -> torch.Tensor | None:
+        """This rank's share of the gradient averaged over ranks (None where the rank holds none of p);
+        p is None for a weight no stage partitions (a quantized base)."""
         if self.world == 1:
             return flat
-        if self.stage == 0:
+        if self.stage == 0 or p is None:
             flat = flat.contiguous()
             dist.all_reduce(flat)
             return flat.div_(self.world)
@@ -238,9 +279,27 @@ class SparseDeepSpeedID3(MaskProgress):
 
     def shard_state(self) -> MaskState:
         """This rank's chosen entries with fp32 master and moments; stage 0 replicates: rank 0 alone saves."""
-        if self.stage == 0 and dist.is_initialized() and dist.get_rank() > 0:
-            return MaskState()
-        return self.core.state()
+        state = self.core.state()
+        if self.stage == 0 and self.world > 1:
+            self._check_replicas_agree(state)
+            if dist.get_rank() > 0:
+                return MaskState()
+        return state
+
+    def _check_replicas_agree(self, state: MaskState) -> None:
+        """Replicated state (stage 0, several ranks) must be equal on every rank: each rank updates its own copy
+        from the same all-reduced gradients. Compares the winners digest and fp64 checksums of every chosen
+        entry's position, master and moments (one small all-gather per checkpoint); differing replicas would
+        be a bug that rank 0's shard alone would hide."""
+        sums = [
+            [float(t.double().sum()) for t in (pm.indices, pm.value, pm.exp_avg, pm.exp_avg_sq) if t is not None]
+            for _, pm in sorted(state.params.items())
+        ]
+        mine = (self.id3.digest, sums)
+        every: list = [None] * self.world
+        dist.all_gather_object(every, mine)
+        if any(other != mine for other in every):
+            raise RuntimeError("sparse-state replicas differ across ranks (stage 0): the ranks trained differently")
 
     def state_meta(self) -> dict:
         return self.core.state_meta()

@@ -62,6 +62,7 @@ def check_deepspeed(cfg: RunConfig, world: int) -> None:
     stage = zero.get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ID3Error(f"deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    check_quantization(cfg, stage)  # first: its lines name the quantization, not sparse state's own fixes
     check_sparse_state(cfg, stage, zero, ds)
     build_ds_config(cfg, world)  # its own checks: batch sizes against train, fp16, bf16, offload, optimizer, "auto"
     if cfg.method not in MASKED:
@@ -102,10 +103,6 @@ def check_sparse_state(cfg: RunConfig, stage: int, zero: dict, ds: dict) -> None
         raise ID3Error(
             "id3.state=sparse does not support ID3 over LoRA (lora.rank > 0); set lora.rank=0 or use id3.state=dense"
         )
-    if stage in (1, 2):
-        raise ID3Error(
-            f"id3.state=sparse needs deepspeed.zero_optimization.stage 3 or 0, got {stage}: use zero stage 3 or 0"
-        )
     for name in ("offload_optimizer", "offload_param"):
         if zero.get(name, {}).get("device", "none") not in ("none", None):
             raise ID3Error(
@@ -120,6 +117,48 @@ def check_sparse_state(cfg: RunConfig, stage: int, zero: dict, ds: dict) -> None
     for name in ("zero_quantized_weights", "zero_quantized_nontrainable_weights"):
         if zero.get(name):
             raise ID3Error(f"id3.state=sparse does not support deepspeed.zero_optimization.{name}; set it to false")
+
+
+def check_quantization(cfg: RunConfig, stage: int) -> None:
+    """model.quantization (nf4/int8): the selectable linear weights become a bitsandbytes-packed base plus an
+    overlay of chosen entries (models/quantized.py), which only the sparse-state update can train."""
+    q = cfg.model.quantization
+    if q == "none":
+        return
+    if stage == 3:
+        raise ID3Error(
+            f"model.quantization={q} does not work with ZeRO stage 3 (ZeRO-3 partitions nn.Parameters, and a "
+            "bitsandbytes-packed base is none: every rank holds it whole); use deepspeed.zero_optimization.stage 2"
+        )
+    if cfg.train.save_final_model:
+        raise ID3Error(
+            f"train.save_final_model=true with model.quantization={q}: the trained model has no dense weights to "
+            "save; set it to false (sparse ID3: merge its delta into the unquantized base)"
+        )
+    if cfg.method == "lora":  # QLoRA: PEFT's LoRA layers over bnb Linear4bit
+        if q != "nf4" or cfg.data.format == "classification":
+            raise ID3Error(
+                f"method lora with model.quantization={q} supports nf4 on a causal LM (QLoRA) only; use "
+                "model.quantization=nf4, or none"
+            )
+        return
+    if cfg.lora.rank:
+        raise ID3Error(
+            f"model.quantization={q} does not support ID3 over LoRA (lora.rank > 0); set lora.rank=0 (sparse ID3 on "
+            "the quantized base) or method=lora (QLoRA)"
+        )
+    if cfg.method in ("full", "fish", "bitfit"):
+        why = {
+            "full": "trains every weight densely",
+            "fish": "needs DeepSpeed's optimizer for its Fisher pass",
+            "bitfit": "trains biases and norms only, so no linear weight is selectable",
+        }[cfg.method]
+        raise ID3Error(f"model.quantization={q} does not support method '{cfg.method}' (it {why}); use method id3")
+    if cfg.id3.state != "sparse":
+        raise ID3Error(
+            f"model.quantization={q} needs id3.state=sparse (a quantized base has no dense fp32 master for "
+            "DeepSpeed's optimizer to update); set id3.state=sparse"
+        )
 
 
 def _object(section: dict, name: str, where: str) -> None:

@@ -1,0 +1,299 @@
+"""A quantized frozen base for sparse-state ID3 (`model.quantization: nf4 | int8`, issue 16): the QLoRA floor.
+
+Why: sparse state (`id3.state: sparse`) already keeps optimizer state for the B chosen entries only, so
+the base weights are what is left of a run's memory. Storing them as bitsandbytes does for QLoRA (4-bit
+NF4, or 8-bit) brings sparse ID3 down to what QLoRA costs, while still training individual weights.
+
+What a `QuantizedLinear` holds in place of an `nn.Linear`'s weight:
+
+- the packed base, `QuantizedWeight` (not a Parameter, not a buffer: nothing casts, saves or broadcasts
+  it; the model is re-quantized deterministically from the unquantized base at every load):
+  nf4 = `bitsandbytes.functional.quantize_4bit` (blocks of 64, absmax fp32: what `bnb.nn.Linear4bit` and
+  QLoRA store, 0.5 B + 4/64 B per entry); int8 = `int8_vectorwise_quant` (one absmax per output row: what
+  `bnb.nn.Linear8bitLt`, the 8-bit LoRA base, stores, 1 B + 4 B per row), so each mode is the counterpart
+  of LoRA on the same bitsandbytes base;
+- an overlay: the chosen entries' sorted flat positions and values in the model dtype, written by the
+  sparse update (`QuantizedAccess.write`); the base itself can never be written in place;
+- the bias, an ordinary Parameter.
+
+Forward computes with W = dequantize(packed), W.view(-1)[positions] = values (the *effective* weight).
+`_QuantizedLinearFn` recomputes W in backward instead of saving it, returns grad_x and hands the dense dW
+(the gradient with respect to the effective weight) to the module: it is accumulated into `weight_grad`
+(plain torch, like `.grad`) and then passed to `grad_hook` when one is set (the DeepSpeed sparse update
+reduces it there, like a post-accumulate-grad hook). A zero-size `anchor` requiring grad is an input of
+the Function, so backward reaches it even when nothing upstream requires grad (frozen embeddings).
+
+Scoring therefore uses the gradient w.r.t. the effective weight and |theta| of the effective weight, and a
+newly chosen entry's fp32 master starts at its dequantized value. Export: the masters are effective-weight
+values; the delta against the unquantized base (master - W_base) merged into that base gives the trained
+value at every chosen entry and the unquantized base elsewhere, where training saw dequantize(W_base).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from id3_ds.errors import ID3Error
+
+KINDS = ("nf4", "int8")
+NF4_BLOCK = 64  # bnb.nn.Linear4bit's (and QLoRA's) block size
+
+
+def _bnb_functional():
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        raise ID3Error(
+            "model.quantization needs bitsandbytes: pip install bitsandbytes (or set model.quantization=none)"
+        ) from None
+    return bnbf
+
+
+class QuantizedWeight:
+    """One weight as bitsandbytes packs it (nf4 or int8), dequantized on demand into `dtype`."""
+
+    def __init__(self, weight: torch.Tensor, kind: str) -> None:
+        if kind not in KINDS:
+            raise ID3Error(f"model.quantization must be one of none, {', '.join(KINDS)}; got {kind!r}")
+        bnbf = _bnb_functional()
+        self.kind = kind
+        self.shape = tuple(weight.shape)
+        self.dtype = weight.dtype
+        w = weight.detach().contiguous()
+        if kind == "nf4":
+            self.packed, self.state = bnbf.quantize_4bit(w, blocksize=NF4_BLOCK, quant_type="nf4")
+        else:
+            self.packed, self.state, _ = bnbf.int8_vectorwise_quant(w)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight and its quantization constants."""
+        absmax = self.state.absmax if self.kind == "nf4" else self.state
+        return self.packed.numel() * self.packed.element_size() + absmax.numel() * absmax.element_size()
+
+    def dequantize(self) -> torch.Tensor:
+        """A fresh dense tensor of `shape` in `dtype`: the base as training sees it."""
+        bnbf = _bnb_functional()
+        if self.kind == "nf4":
+            return bnbf.dequantize_4bit(self.packed, self.state).to(self.dtype).view(self.shape)
+        return bnbf.int8_vectorwise_dequant(self.packed, self.state).to(self.dtype).view(self.shape)
+
+    def to(self, device: torch.device) -> QuantizedWeight:
+        self.packed = self.packed.to(device)
+        if self.kind == "nf4":
+            self.state.to(device)  # QuantState.to moves its tensors in place
+        else:
+            self.state = self.state.to(device)
+        return self
+
+
+def dequantized_reference(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """What a run quantizing `weight` (already in the training dtype) trains from: dequantize(quantize(w)).
+    The export checks a checkpoint's base values against it (deterministic on one device kind)."""
+    return QuantizedWeight(weight, kind).dequantize()
+
+
+class _QuantizedLinearFn(torch.autograd.Function):
+    """y = x @ W_eff^T with W_eff recomputed in backward; dW goes to the module, not to autograd."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor, module: QuantizedLinear) -> torch.Tensor:
+        ctx.module = module
+        ctx.save_for_backward(x)
+        return torch.matmul(x, module.effective_weight().t())
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        module = ctx.module
+        w = module.effective_weight()
+        grad_x = torch.matmul(grad_out, w) if ctx.needs_input_grad[0] else None
+        del w
+        dw = torch.matmul(grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1]).to(grad_out.dtype))
+        module.receive_grad(dw)
+        return grad_x, None, None
+
+
+class QuantizedLinear(torch.nn.Module):
+    """An nn.Linear whose weight is a bitsandbytes-packed base plus an overlay of trained entries."""
+
+    def __init__(self, linear: torch.nn.Linear, kind: str) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.qweight = QuantizedWeight(linear.weight.data, kind)
+        self.bias = linear.bias
+        self.positions = torch.empty(0, dtype=torch.int64, device=self.qweight.device)
+        self.values = torch.empty(0, dtype=self.qweight.dtype, device=self.qweight.device)
+        self.weight_grad: torch.Tensor | None = None  # the accumulated dW (flat), like a parameter's .grad
+        self.grad_hook: Callable[[QuantizedLinear], None] | None = None
+        # unregistered, so no optimizer, state dict or DeepSpeed ever sees it; only makes backward reach us
+        self.anchor = torch.zeros(0, requires_grad=True)
+
+    @property
+    def kind(self) -> str:
+        return self.qweight.kind
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def effective_weight(self) -> torch.Tensor:
+        """dequantize(base) with the overlay's trained values at their positions (a fresh dense tensor)."""
+        w = self.qweight.dequantize()
+        if self.positions.numel():
+            w.view(-1)[self.positions] = self.values
+        return w
+
+    def receive_grad(self, dw: torch.Tensor) -> None:
+        """Accumulate one backward's dW, then let the hook (if any) take it, as autograd does for a leaf."""
+        flat = dw.reshape(-1)
+        self.weight_grad = flat if self.weight_grad is None else self.weight_grad.add_(flat)
+        if self.grad_hook is not None:
+            self.grad_hook(self)
+
+    def write(self, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Set the overlay to exactly these sorted flat positions and values (rounded to the model dtype)."""
+        self.positions = positions.to(self.qweight.device, torch.int64).clone()
+        self.values = values.to(self.qweight.device, self.qweight.dtype).clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _QuantizedLinearFn.apply(x, self.anchor, self)
+        return y if self.bias is None else y + self.bias
+
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves reach the packed base and the overlay; dtype casts do not (absmax stays fp32)."""
+        out = super()._apply(fn, recurse)
+        device = fn(torch.empty(0, device=self.qweight.device)).device
+        if device != self.qweight.device:
+            self.qweight.to(device)
+            self.positions, self.values = self.positions.to(device), self.values.to(device)
+            self.anchor = torch.zeros(0, requires_grad=True, device=device)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.kind}, overlay={self.positions.numel()}"
+
+    def held_weights(self) -> dict[str, QuantizedAccess]:
+        """The weights this module holds outside nn.Parameter (algorithm/slices.py, `named_weights`)."""
+        return {"weight": QuantizedAccess(self)}
+
+
+class QuantizedAccess:
+    """A quantized weight as one slice: value = the effective weight (transient), grad = the collected dW,
+    write = the overlay. Sparse-state ID3 treats it like any parameter's slice."""
+
+    def __init__(self, module: QuantizedLinear) -> None:
+        self.module = module
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.module.weight_shape
+
+    def grad(self) -> torch.Tensor | None:
+        return self.module.weight_grad
+
+    def value(self) -> torch.Tensor:
+        return self.module.effective_weight().view(-1)
+
+    def write(self, positions: torch.Tensor, values: torch.Tensor) -> None:
+        self.module.write(positions, values)
+
+    def clear_grad(self) -> None:
+        self.module.weight_grad = None
+
+    def take_grad(self) -> torch.Tensor | None:
+        """The accumulated dW, dropped from the module (a hook's view of it, as `p.grad` is taken)."""
+        g, self.module.weight_grad = self.module.weight_grad, None
+        return g
+
+
+def quantize_linears(model: torch.nn.Module, names: Iterable[str], kind: str) -> dict[str, QuantizedLinear]:
+    """Replace each named nn.Linear of `model` (module names, e.g. `model.layers.0.mlp.up_proj`) by a
+    QuantizedLinear; returns them by module name. Its dense weight is freed once packed."""
+    out: dict[str, QuantizedLinear] = {}
+    modules = dict(model.named_modules())
+    for name in names:
+        linear = modules.get(name)
+        if type(linear) is not torch.nn.Linear:
+            raise ID3Error(
+                f"model.quantization: {name} is a {type(linear).__name__}, not an nn.Linear; narrow id3.targets "
+                "to linear layers' weights"
+            )
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        q = QuantizedLinear(linear, kind)
+        setattr(parent, child, q)
+        out[name] = q
+    return out
+
+
+def packed_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every quantized base in `model` (for memory reports)."""
+    return sum(m.qweight.nbytes for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
+def quantize_selectable(model: torch.nn.Module, selectable: Iterable[str], kind: str) -> dict[str, QuantizedLinear]:
+    """Quantize the nn.Linear layers whose weight is among the `selectable` parameter names (ID3 may choose
+    entries of it); other weights (embeddings, norms, a fully trainable head, a weight tied to another
+    module) stay as they are. Returns the new modules by module name."""
+    uses: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    modules = dict(model.named_modules())
+    names = []
+    for name in selectable:
+        owner, _, leaf = name.rpartition(".")
+        m = modules.get(owner)
+        if leaf == "weight" and type(m) is torch.nn.Linear and uses[id(m.weight)] == 1:
+            names.append(owner)
+    if not names:
+        raise ID3Error(
+            f"model.quantization={kind}: no selectable weight is an nn.Linear's; widen id3.targets to linear layers"
+        )
+    return quantize_linears(model, names, kind)
+
+
+def quantized_names(model: torch.nn.Module) -> list[str]:
+    """Parameter-style names (`<module>.weight`) of every quantized base in `model`, in model order."""
+    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+
+
+def quantize_for_lora(model: torch.nn.Module) -> int:
+    """QLoRA's base (method lora + model.quantization nf4): every nn.Linear but the output head and tied
+    weights becomes a `bitsandbytes.nn.Linear4bit` (nf4, blocks of 64, compute in the model dtype), which PEFT
+    wraps with its own 4-bit LoRA layer. Its packed bytes equal `QuantizedWeight`'s nf4 for the same weight, so
+    QLoRA and sparse ID3 train on the same base. Returns the layers quantized."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    uses: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    names = [
+        n for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head and uses[id(m.weight)] == 1
+    ]
+    modules = dict(model.named_modules())
+    for name in names:
+        linear = modules[name]
+        q = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=linear.weight.dtype,
+            quant_type="nf4",
+            device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCK)
+        q.bias = linear.bias
+        q = q.to(linear.weight.device)  # packs the weight (Params4bit quantizes on its first move)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, q)
+    return len(names)
