@@ -8,10 +8,20 @@ and the fix (id3_ds/training/optimizers.py) in pure torch first.
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
+from id3_ds.checkpoint import checkpoint_dir, read_id3_state
+from id3_ds.config import load_config
+from id3_ds.errors import ID3Error
 from id3_ds.training.optimizers import BNB_BLOCK, build_client_optimizer
+from id3_ds.training.preflight import preflight
+from tests.assertions import assert_only_chosen_moved, chosen_indices
+from tests.launcher import TINY_CONFIG, ok, train, weights
 
 pytest.importorskip("bitsandbytes")
 
@@ -119,7 +129,183 @@ def test_an_entry_chosen_later_starts_from_zero_moments_as_in_fp32_adam() -> Non
 
 
 def test_unknown_optimizer_name_is_one_clear_line() -> None:
-    from id3_ds.errors import ID3Error
-
     with pytest.raises(ID3Error, match="train.optimizer='sgd' is not one of deepspeed, torch_adamw, adamw_8bit"):
         build_client_optimizer("sgd", [torch.nn.Parameter(torch.zeros(2))], 1e-3)
+
+
+# -- config: what is refused before anything starts ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["id3.state=sparse", "deepspeed.zero_optimization.stage=3"],
+            "id3.state=sparse keeps its own fp32 Adam for the chosen entries only, so train.optimizer=adamw_8bit "
+            "does not apply: drop train.optimizer or use id3.state=dense",
+        ),
+        (
+            ["deepspeed.zero_optimization.stage=3", 'deepspeed.zero_optimization.offload_optimizer={"device": "nvme"}'],
+            "train.optimizer=adamw_8bit cannot be swapped to NVMe",
+        ),
+        (['deepspeed.optimizer={"type": "AdamW"}'], "train.optimizer=adamw_8bit conflicts with a deepspeed.optimizer"),
+    ],
+    ids=["sparse-state", "nvme-offload", "deepspeed-optimizer-block"],
+)
+def test_what_8bit_cannot_run_with_is_one_line_before_anything_starts(overrides, message, tmp_path) -> None:
+    out = f"train.output_dir={tmp_path / 'out'}"
+    with pytest.raises(ID3Error) as e:
+        preflight(load_config(TINY_CONFIG, [out, "train.optimizer=adamw_8bit", *overrides]))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sparse_state_refuses_torch_adamw_too(tmp_path) -> None:
+    """Sparse state's Adam is its own: a client optimizer asked for would be silently ignored."""
+    overrides = [f"train.output_dir={tmp_path}", "id3.state=sparse", "train.optimizer=torch_adamw"]
+    with pytest.raises(ID3Error, match="train.optimizer=torch_adamw does not apply"):
+        preflight(load_config(TINY_CONFIG, overrides))
+
+
+# -- under DeepSpeed, 2 CPU ranks ------------------------------------------------------------------------
+
+BUDGET, STEPS = 600, 6
+COMMON = [
+    f"id3.budget={BUDGET}",
+    f"train.steps={STEPS}",
+    "train.grad_accum=2",
+    "train.micro_batch_size=2",
+    "train.lr=3e-3",
+    "train.weight_decay=0.01",
+    "train.save_steps=3",
+    "train.log_steps=1",
+    "train.save_final_model=true",
+    "train.optimizer=adamw_8bit",
+]
+ZERO2 = [*COMMON, "deepspeed.zero_optimization.stage=2", "model.dtype=fp32"]
+
+
+def _state_entries(ckpt: Path) -> dict[torch.dtype, int]:
+    """Entries of the optimizer's moments (bitsandbytes' state1/state2) in a checkpoint's DeepSpeed files, by
+    dtype: what the run really kept."""
+    out: dict[torch.dtype, int] = {}
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("state1", "state2") and torch.is_tensor(value):
+                    out[value.dtype] = out.get(value.dtype, 0) + value.numel()
+                else:
+                    walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+
+    for f in sorted((ckpt / "ds").rglob("*.pt")):
+        walk(torch.load(f, map_location="cpu", weights_only=False))
+    return out
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def _check_id3_run(run: Path, base_dir: str) -> dict[str, torch.Tensor]:
+    """Exact budget, unchosen entries bit-identical to the base, the loss went down; returns the final weights."""
+    state, meta = read_id3_state(checkpoint_dir(run, STEPS))
+    assert len(state) == BUDGET and meta["chosen"] == BUDGET
+    final = weights(run / "final_model")
+    base = {n: b.to(final[n].dtype) for n, b in weights(base_dir).items()}  # bf16 trains the bf16 rounding
+    assert_only_chosen_moved(base, final, chosen_indices(state))
+    moved = sum(
+        int((final[n].reshape(-1)[pm.indices] != base[n].reshape(-1)[pm.indices]).sum())
+        for n, pm in state.params.items()
+    )
+    assert moved > 0.9 * BUDGET  # chosen entries trained (bf16 rounding can hide a few tiny updates)
+    losses = _losses(run)
+    assert len(losses) == STEPS and losses[-1] < losses[0]
+    return final
+
+
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory, env) -> Path:
+    """One uninterrupted ID3 run, ZeRO-2 fp32 on 2 ranks, checkpoints at steps 3 and 6 (shared below)."""
+    out = tmp_path_factory.mktemp("zero2-8bit")
+    ok(train([*ZERO2, f"train.output_dir={out}"], env=env))
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_id3_under_zero2_keeps_8bit_moments_and_unchosen_entries_bit_identical(zero2, base_dir) -> None:
+    _check_id3_run(zero2, base_dir)
+    entries = _state_entries(checkpoint_dir(zero2, STEPS))
+    # both moments of every trainable entry (flat ZeRO partitions, each above min_8bit_size) in uint8
+    assert set(entries) == {torch.uint8} and entries[torch.uint8] >= 2 * sum(
+        t.numel() for t in weights(base_dir).values()
+    )
+
+
+def _continue_from_step_3(src: Path, dst: Path) -> None:
+    """A copy of the run as a kill after step 3 would leave it: checkpoint 3 only."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(checkpoint_dir(dst, STEPS))
+    shutil.rmtree(dst / "final_model")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_resume_on_the_same_ranks_continues_the_8bit_run_bit_for_bit(zero2, tmp_path, env) -> None:
+    """DeepSpeed saves and reloads the client optimizer's state_dict: bitsandbytes' codes and absmax included."""
+    run = tmp_path / "resumed"
+    _continue_from_step_3(zero2, run)
+    proc = ok(
+        train([*COMMON, "deepspeed.zero_optimization.stage=2", "model.dtype=fp32", f"train.output_dir={run}"], env=env)
+    )
+    assert "at step 3 of 6" in proc.stdout and "restart" not in proc.stdout
+    want, got = weights(zero2 / "final_model"), weights(run / "final_model")
+    assert all(torch.equal(want[n], got[n]) for n in want), "the resumed run differs from the uninterrupted one"
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size_restarts_8bit_moments_and_keeps_the_contract(
+    zero2, tmp_path, env, base_dir
+) -> None:
+    """8-bit moments have no universal (re-partitionable) form: weights and mask come back exactly from the ID3
+    shards, the moments restart, and the line says so."""
+    run = tmp_path / "one-rank"
+    _continue_from_step_3(zero2, run)
+    proc = ok(train([*ZERO2, "train.grad_accum=4", f"train.output_dir={run}"], nproc=1, env=env))
+    assert "optimizer moments restart (8-bit optimizer states (train.optimizer=adamw_8bit) do not re-partition)" in (
+        proc.stdout
+    )
+    _check_id3_run(run, base_dir)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "variant",
+    [
+        # ZeRO-3 sub-group partitions, fp32 masters on the CPU-offload path, bf16 weights
+        ["deepspeed.zero_optimization.stage=3", 'deepspeed.zero_optimization.offload_optimizer={"device": "cpu"}'],
+        # stage 0: whole parameters (FP16_UnfusedOptimizer's fp32 copies in bf16); dense method: bnb decays itself
+        ["deepspeed.zero_optimization.stage=0", "method=full", "train.export_delta=false"],
+    ],
+    ids=["zero3-bf16-offload-id3", "zero0-bf16-full"],
+)
+def test_other_stages_train_with_8bit_moments(variant, tmp_path, env, base_dir) -> None:
+    ok(train([*COMMON, "model.dtype=bf16", *variant, f"train.output_dir={tmp_path}"], env=env))
+    entries = _state_entries(checkpoint_dir(tmp_path, STEPS))
+    assert entries.get(torch.uint8, 0) > 0.9 * sum(entries.values())
+    if "method=full" in variant:
+        # at stage 0 bitsandbytes sees whole tensors: those under min_8bit_size (norm scales) keep fp32 moments
+        assert entries.get(torch.float32, 0) > 0
+        final, base = weights(tmp_path / "final_model"), weights(base_dir)
+        assert sum(int((final[n] != base[n].to(final[n].dtype)).sum()) for n in final) > 0.5 * sum(
+            t.numel() for t in final.values()
+        )
+        losses = _losses(tmp_path)
+        assert losses[-1] < losses[0]
+    else:
+        _check_id3_run(tmp_path, base_dir)
