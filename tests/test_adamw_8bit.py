@@ -223,7 +223,7 @@ def _check_id3_run(run: Path, base_dir: str) -> dict[str, torch.Tensor]:
     )
     assert moved > 0.9 * BUDGET  # chosen entries trained (bf16 rounding can hide a few tiny updates)
     losses = _losses(run)
-    assert len(losses) == STEPS and losses[-1] < losses[0]
+    assert len(losses) >= STEPS and losses[-1] < losses[0]  # a resumed run appends to the log
     return final
 
 
