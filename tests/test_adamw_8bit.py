@@ -83,7 +83,10 @@ def test_plain_bitsandbytes_moves_unchosen_entries_in_mixed_blocks() -> None:
     assert not moved[BNB_BLOCK : 2 * BNB_BLOCK].any()  # an all-unchosen block: absmax 0, no NaN, no move
 
 
-def test_unchosen_entries_stay_bit_identical_with_8bit_moments() -> None:
+@pytest.mark.parametrize("chunk", [None, 3 * BNB_BLOCK], ids=["one-chunk", "chunks-of-3-blocks"])
+def test_unchosen_entries_stay_bit_identical_with_8bit_moments(chunk, monkeypatch) -> None:
+    if chunk:
+        monkeypatch.setattr("id3_ds.training.optimizers.CHUNK", chunk)
     base, masks, history = _train("adamw_8bit")
     for after in history:
         for k, mask in masks.items():
@@ -126,6 +129,33 @@ def test_an_entry_chosen_later_starts_from_zero_moments_as_in_fp32_adam() -> Non
     step32 = hist32[4]["big"][joined] - hist32[3]["big"][joined]
     assert torch.equal(base8["big"], base32["big"])
     torch.testing.assert_close(step8, step32, rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_update_is_bitsandbytes_own_bit_for_bit(monkeypatch) -> None:
+    """Updating a tensor a few blocks at a time (to bound the CPU kernel's fp32 scratch) changes nothing: with
+    dense gradients (no zero to keep) and weight decay, weights, codes and absmax equal bitsandbytes' own
+    whole-tensor update exactly; a partial last block included. Also pins the kernel call we make."""
+    import bitsandbytes as bnb
+
+    from id3_ds.training import optimizers
+
+    monkeypatch.setattr(optimizers, "CHUNK", 2 * BNB_BLOCK)
+    torch.manual_seed(0)
+    start = torch.randn(BLOCKS * BNB_BLOCK + 100)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opts = [
+        optimizers.make_adamw_8bit([ours], lr=1e-2, weight_decay=0.1),
+        bnb.optim.AdamW8bit([theirs], lr=1e-2, weight_decay=0.1),
+    ]
+    for step in range(4):
+        g = torch.randn(start.shape) * (1e3 if step % 2 else 1e-2)
+        for p, opt in zip((ours, theirs), opts):
+            p.grad = g.clone()
+            opt.step()
+    assert torch.equal(ours.detach(), theirs.detach()) and not torch.equal(ours.detach(), start)
+    for key in ("state1", "state2", "absmax1", "absmax2", "step"):
+        a, b = opts[0].state[ours][key], opts[1].state[theirs][key]
+        assert torch.equal(a, b) if torch.is_tensor(a) else a == b, key
 
 
 def test_unknown_optimizer_name_is_one_clear_line() -> None:

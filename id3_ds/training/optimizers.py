@@ -21,6 +21,7 @@ from id3_ds.errors import ID3Error
 
 OPTIMIZERS = ("deepspeed", "torch_adamw", "adamw_8bit")
 BNB_BLOCK = 256  # bitsandbytes' block size for 8-bit optimizer states (Optimizer2State.init_state)
+CHUNK = 1 << 22  # entries per 8-bit update call (a multiple of BNB_BLOCK): bounds its transient to ~50 MiB
 
 
 def build_client_optimizer(name: str, groups: Iterable, lr: float) -> torch.optim.Optimizer | None:
@@ -51,14 +52,20 @@ def make_adamw_8bit(params: Iterable, **kwargs) -> torch.optim.Optimizer:
 
 def _exact_zeros_class() -> type:
     import bitsandbytes as bnb
+    import bitsandbytes.functional as F
 
     class AdamW8bitExactZeros(bnb.optim.AdamW8bit):
         """bitsandbytes' AdamW8bit, except that a moment which is exactly 0 and gets an exactly-0 gradient stays
-        exactly 0 (as in fp32 Adam), so a weight whose gradient is always 0 never moves.
+        exactly 0 (as in fp32 Adam), so a weight whose gradient is always 0 never moves; and a tensor is updated
+        in chunks of whole quantization blocks.
+
+        Why chunks: bitsandbytes' CPU update dequantizes both moments of the whole tensor to fp32 first, and
+        under ZeRO 1-3 the tensor is a rank's whole flat partition, so its transient equals the 8 bytes per
+        entry of fp32 moments that 8-bit state is meant to save (also on a GPU machine with the optimizer
+        offloaded to CPU). Blocks never straddle chunks, so the result is the unchunked update's, bit for bit.
 
         Tensors under `min_8bit_size` entries (4096, bitsandbytes' default, kept) get fp32 moments and
-        bitsandbytes' 32-bit update, which is exact at zero already. Transient cost of the fix per 8-bit
-        tensor: about 3 bytes per entry (boolean masks) during its update.
+        bitsandbytes' 32-bit update, which is exact at zero already.
         """
 
         @torch.no_grad()
@@ -66,17 +73,45 @@ def _exact_zeros_class() -> type:
             state = self.state[p]
             if state["state1"].dtype != torch.uint8:
                 return super().update_step(group, p, gindex, pindex)
-            idle = p.grad.reshape(-1) == 0
-            keep = []
-            for s, a, q in (("state1", "absmax1", "qmap1"), ("state2", "absmax2", "qmap2")):
-                code = zero_code(state[q])
-                k = dequantizes_to_zero(state[s], state[a], code)
-                k &= idle
-                keep.append((state[s], k, code))
-            del idle
-            super().update_step(group, p, gindex, pindex)
-            for codes, k, code in keep:
-                codes.view(-1).masked_fill_(k, code)
+            config = self.get_config(gindex, pindex, group)
+            state["step"] += 1
+            p.data = p.data.contiguous()  # as bitsandbytes does: its kernels take flat contiguous memory
+            p.grad = p.grad.contiguous()
+            betas = config["betas"]
+            params, grads = p.data.view(-1), p.grad.view(-1)
+            s1, s2 = state["state1"].view(-1), state["state2"].view(-1)
+            z1, z2 = zero_code(state["qmap1"]), zero_code(state["qmap2"])
+            for lo in range(0, params.numel(), CHUNK):
+                hi = min(lo + CHUNK, params.numel())
+                blocks = slice(lo // BNB_BLOCK, -(-hi // BNB_BLOCK))
+                a1, a2 = state["absmax1"][blocks], state["absmax2"][blocks]
+                idle = grads[lo:hi] == 0
+                keep1 = dequantizes_to_zero(s1[lo:hi], a1, z1) & idle
+                keep2 = dequantizes_to_zero(s2[lo:hi], a2, z2) & idle
+                del idle
+                F.optimizer_update_8bit_blockwise(
+                    self.optimizer_name,
+                    grads[lo:hi],
+                    params[lo:hi],
+                    s1[lo:hi],
+                    s2[lo:hi],
+                    betas[0],
+                    betas[1],
+                    betas[2] if len(betas) >= 3 else 0.0,
+                    config.get("alpha", 0.0),
+                    config["eps"],
+                    state["step"],
+                    config["lr"],
+                    state["qmap1"],
+                    state["qmap2"],
+                    a1,
+                    a2,
+                    config["weight_decay"],
+                    gnorm_scale=1.0,
+                    skip_zeros=config["skip_zeros"],
+                )
+                s1[lo:hi].masked_fill_(keep1, z1)
+                s2[lo:hi].masked_fill_(keep2, z2)
 
     return AdamW8bitExactZeros
 
