@@ -339,3 +339,51 @@ def test_other_stages_train_with_8bit_moments(variant, tmp_path, env, base_dir) 
         assert losses[-1] < losses[0]
     else:
         _check_id3_run(tmp_path, base_dir)
+
+
+# -- the benchmarks' 8-bit variants (no launch) --------------------------------------------------------------
+
+
+def test_memory_bench_8bit_variants_predict_6_bytes_less_per_weight_and_compare_by_pair() -> None:
+    from benchmarks import bench_memory as bm
+    from id3_ds.config import parse_override
+
+    for name, overrides in bm.OPTIMIZER_VARIANTS.items():
+        assert name not in bm.VARIANTS  # not in the default run (nor its CI quick test)
+        assert {parse_override(o)[0][0] for o in overrides} == {"method", "train"}
+    params = 97_536_768  # bench_step_overhead's 100M LLaMA
+    saved = (8 - (2 + 8 / 256)) * params / 2
+    for method in ("full", "id3 dense"):
+        fp32 = bm.predicted_state(f"{method} (torch AdamW)", "100M", 1, 3)
+        assert bm.predicted_state(f"{method} (8-bit AdamW)", "100M", 1, 3) == pytest.approx(fp32 - saved)
+    assert bm.predicted_state("full (torch AdamW)", "100M", 1, 3) == bm.predicted_state("full", "100M", 1, 3)
+    mib = 2**20
+    rows = [
+        {"variant": v, "grad_accum": 1, "rank": 0, "baseline": 100 * mib, "above_baseline": above * mib}
+        | {"steps_peak": (100 + above) * mib, "predicted_state": bm.predicted_state(v, "100M", 1, 3)}
+        for v, above in (("full (torch AdamW)", 1000), ("full (8-bit AdamW)", 750))
+    ]
+    (line,) = bm.optimizer_lines(rows)
+    assert line.startswith("- full, grad_accum 1, rank 0: 8-bit AdamW peak 750 MiB = 0.75 x torch AdamW's 1000 MiB")
+    assert f"250 MiB less (predicted {saved / mib:.0f}); steps peak 0.75 x" in line
+
+
+def test_quality_bench_runs_each_cell_once_per_optimizer_and_tables_them_apart() -> None:
+    import argparse
+
+    from benchmarks import bench_quality as bq
+
+    a = argparse.Namespace(
+        model="minilm", phase="grid", budgets=["0.1%"], methods=["id3"], seeds=[42], lrs=[1e-3], optimizers=None
+    )
+    assert [r.optimizer for r in bq.plan(a)] == [None]
+    a.optimizers = ["torch_adamw", "adamw_8bit"]
+    runs = bq.plan(a)
+    assert [(r.method, r.lr, r.optimizer) for r in runs] == [("id3", 1e-3, "torch_adamw"), ("id3", 1e-3, "adamw_8bit")]
+    assert runs[1].key.endswith("optimizer=adamw_8bit")
+    row = {"model": "minilm", "phase": "grid", "group": "0.1%", "method": "id3", "steps": 100, "budget": 31_874}
+    rows = [
+        {**row, "optimizer": o, "lr": 1e-3, "accuracy": acc} for o, acc in (("torch_adamw", 0.7), ("adamw_8bit", 0.6))
+    ]
+    assert len({bq._order(r) for r in rows}) == 2  # two table rows, not one cell of both
+    assert [bq._name(r) for r in rows] == ["id3, torch_adamw", "id3, adamw_8bit"]
