@@ -197,6 +197,23 @@ def test_sparse_state_refuses_torch_adamw_too(tmp_path) -> None:
         preflight(load_config(TINY_CONFIG, overrides))
 
 
+def test_resume_mismatch_allow_cannot_cross_8bit_and_fp32_optimizer_state(tmp_path) -> None:
+    from id3_ds.checkpoint.compat import check_resume
+    from tests.test_resume_rules import _cfg, _checkpoint
+
+    ckpt = _checkpoint(_cfg(tmp_path, "train.optimizer=adamw_8bit"), 20, 40)
+    allow = "train.resume_mismatch=allow"
+    with pytest.raises(ID3Error) as e:
+        check_resume(_cfg(tmp_path, "train.optimizer=torch_adamw", allow))
+    assert str(e.value) == (
+        f"{ckpt} holds train.optimizer=adamw_8bit state, which train.optimizer=torch_adamw cannot load (8-bit and "
+        "fp32 Adam moments do not convert): set train.optimizer=adamw_8bit, or a new train.output_dir"
+    )
+    with pytest.raises(ID3Error, match="train.resume_mismatch=allow"):  # without allow: the usual mismatch line
+        check_resume(_cfg(tmp_path, "train.optimizer=deepspeed"))
+    assert check_resume(_cfg(tmp_path, "train.optimizer=adamw_8bit", "train.lr=0.001", allow)).step == 20
+
+
 # -- under DeepSpeed, 2 CPU ranks ------------------------------------------------------------------------
 
 BUDGET, STEPS = 600, 6
