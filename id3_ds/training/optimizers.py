@@ -13,6 +13,7 @@ tensors DeepSpeed hands the optimizer (whole parameters at stage 0, flat fp32 pa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -50,6 +51,7 @@ def make_adamw_8bit(params: Iterable, **kwargs) -> torch.optim.Optimizer:
     return _exact_zeros_class()(params, **kwargs)
 
 
+@functools.cache  # one class: every optimizer built is an instance of the same type
 def _exact_zeros_class() -> type:
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
