@@ -4,6 +4,8 @@
     python benchmarks/bench_memory.py --quick    # ~10M parameters, grad_accum 1: four launches
     python benchmarks/bench_memory.py --json     # also print the rows as one JSON line
     python benchmarks/bench_memory.py --from-json LOG   # tabulate (and record) an earlier --json run's rows
+    python benchmarks/bench_memory.py --accum 1 --variants 'full,full (torch AdamW),full (8-bit AdamW),id3 dense
+        (torch AdamW),id3 dense (8-bit AdamW)'   # torch AdamW against 8-bit AdamW (train.optimizer), own section
 
 Why: the claim to check is what a method costs a rank, measured on what a user runs. Each variant is a
 list of launch/train.py overrides on one shared config (VARIANTS), so a new mode is one more entry; each
@@ -53,6 +55,16 @@ VARIANTS: dict[str, list[str]] = {
     "id3 (dense state)": ["method=id3"],
     "lora r=16": ["method=lora", "lora.rank=16", "lora.alpha=32", f"lora.target_modules={json.dumps(LINEAR)}"],
 }
+# not in the default run (name them in --variants): one method under torch AdamW and under 8-bit AdamW
+OPTIMIZER_VARIANTS: dict[str, list[str]] = {
+    "full (torch AdamW)": ["method=full", "train.optimizer=torch_adamw"],
+    "full (8-bit AdamW)": ["method=full", "train.optimizer=adamw_8bit"],
+    "id3 dense (torch AdamW)": ["method=id3", "train.optimizer=torch_adamw"],
+    "id3 dense (8-bit AdamW)": ["method=id3", "train.optimizer=adamw_8bit"],
+}
+ALL_VARIANTS = {**VARIANTS, **OPTIMIZER_VARIANTS}
+# bytes per trained entry of both Adam moments: fp32, or bitsandbytes' uint8 codes + an fp32 absmax per 256
+MOMENT_BYTES = {"fp32": 8.0, "8bit": 2 + 2 * 4 / 256}
 BUDGET = 0.001
 MICRO_BATCH = 2
 # a rank's phase marks (bytes; phase_hooks): RSS and peak once the engine is built, the peak of the steps alone,
@@ -74,7 +86,10 @@ def predicted_state(variant: str, size: str, accum: int, steps: int, world: int 
     h, n, inter, vocab = SIZES[size]
     spec = pj.llama_exact(size, n, h, inter, vocab)
     d, budget = pj.DTYPE_BYTES["fp32"], pj.budget_entries(spec.params, BUDGET)
-    overrides = VARIANTS[variant]
+    overrides = ALL_VARIANTS[variant]
+    if "train.optimizer=adamw_8bit" in overrides:  # full or dense ID3: every weight's moments in 8 bits
+        saved = (MOMENT_BYTES["fp32"] - MOMENT_BYTES["8bit"]) * spec.params / world
+        return predicted_state(variant.replace("8-bit AdamW", "torch AdamW"), size, accum, steps, world) - saved
     if "method=full" in overrides:
         return pj.state_full(spec.params, world, d).peak
     if "method=lora" in overrides:
@@ -189,7 +204,7 @@ def launch(config: Path, variant: str, accum: int, steps: int, tmp: Path) -> lis
     overrides = [
         "--config",
         str(config),
-        *VARIANTS[variant],
+        *ALL_VARIANTS[variant],
         f"train.grad_accum={accum}",
         f"train.steps={steps}",
         f"train.output_dir={out / 'run'}",
@@ -272,6 +287,29 @@ def phase_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def optimizer_lines(rows: list[dict]) -> list[str]:
+    """8-bit AdamW against torch AdamW for the same method, per grad_accum and rank: peak and steps peak above
+    the baseline, and the measured saving next to the predicted one (6 bytes per trained weight / world)."""
+    by = {(r["variant"], r["grad_accum"], r["rank"]): r for r in rows}
+    lines, mib = [], 2**20
+    for (variant, accum, rank), mine in by.items():
+        other = by.get((variant.replace("8-bit AdamW", "torch AdamW"), accum, rank))
+        if "8-bit AdamW" not in variant or other is None:
+            continue
+        peak, ref = mine["above_baseline"], other["above_baseline"]
+        steps = ""
+        if mine.get("steps_peak") and other.get("steps_peak"):
+            ratio = (mine["steps_peak"] - mine["baseline"]) / (other["steps_peak"] - other["baseline"])
+            steps = f"; steps peak {ratio:.2f} x"
+        saved = (other["predicted_state"] - mine["predicted_state"]) / mib
+        lines.append(
+            f"- {variant.removesuffix(' (8-bit AdamW)')}, grad_accum {accum}, rank {rank}: 8-bit AdamW peak "
+            f"{peak / mib:.0f} MiB = {peak / ref:.2f} x torch AdamW's {ref / mib:.0f} MiB, {(ref - peak) / mib:.0f} "
+            f"MiB less (predicted {saved:.0f}){steps}"
+        )
+    return lines
+
+
 def table(rows: list[dict]) -> str:
     mib = 2**20
 
@@ -310,9 +348,9 @@ def main() -> None:
     size, steps = ("10M", 2) if args.quick else ("100M", 3)
     accums = [int(a) for a in (args.accum or ("1" if args.quick else "1,4")).split(",")]
     variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in ALL_VARIANTS]
     if unknown or variants[0] != "full":
-        raise SystemExit(f"--variants: {unknown or variants} ; choose from {list(VARIANTS)}, 'full' first")
+        raise SystemExit(f"--variants: {unknown or variants} ; choose from {list(ALL_VARIANTS)}, 'full' first")
     if args.from_json:  # an earlier --json run's rows, tabulated again (predictions from today's formulas)
         rows = json.loads(Path(args.from_json).read_text().strip().splitlines()[-1])
         steps = rows[0]["steps"]
@@ -322,7 +360,7 @@ def main() -> None:
             r["predicted_state"] = predicted_state(r["variant"], size, r["grad_accum"], steps)
     else:
         rows = measure(size, steps, accums, variants)
-    goals = goal_lines(rows) + phase_lines(rows)
+    goals = goal_lines(rows) + phase_lines(rows) + optimizer_lines(rows)
     text = (
         f"{table(rows)}\n\n"
         + ("\n".join(goals) + "\n\n" if goals else "")
@@ -346,7 +384,12 @@ def main() -> None:
         flags = " --quick" if args.quick else ""
         flags += f" --accum {args.accum}" if args.accum else ""
         details = f"fp32, {size} model, ZeRO-3, 2 ranks, {steps} steps, budget {BUDGET * 100:g} %"
-        record_results("Memory by method", details, f"python benchmarks/bench_memory.py{flags}", text)
+        title = "Memory by method"  # a run of the optimizer variants gets its own section: the main table stays
+        ran = list(dict.fromkeys(r["variant"] for r in rows))  # also right for --from-json
+        if set(ran) & set(OPTIMIZER_VARIANTS):
+            flags += f" --variants '{','.join(ran)}'"
+            title = "Memory by optimizer: torch AdamW vs 8-bit AdamW"
+        record_results(title, details, f"python benchmarks/bench_memory.py{flags}", text)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
     python benchmarks/bench_quality.py --list --phase grid --parts 6           # the runs of each part, no training
     python benchmarks/bench_quality.py --phase grid --methods id3 --lrs 3e-4 --json   # one step past an edge
     python benchmarks/bench_quality.py --quick                                 # id3 and LoRA, 4 steps (CI)
+    python benchmarks/bench_quality.py --phase seeds --grid benchmarks/quality_logs/minilm_grid.jsonl --methods id3
+        --budgets 0.1% --seeds 42 --optimizers torch_adamw adamw_8bit --json   # train.optimizer compared, own section
 
 The runs recorded in RESULTS.md are kept as JSON lines in benchmarks/quality_logs/ (minilm_grid.jsonl is
 what `--phase seeds --grid` reads for the cells still to run; `--combine benchmarks/quality_logs/*.jsonl
@@ -164,10 +166,12 @@ class Run:
     method: str
     lr: float
     seed: int
+    optimizer: str | None = None  # train.optimizer; None: the config's (DeepSpeed's AdamW)
 
     @property
     def key(self) -> str:
-        return f"{self.model} {self.phase} {self.group} {self.method} lr={self.lr:g} seed={self.seed}"
+        opt = f" optimizer={self.optimizer}" if self.optimizer else ""
+        return f"{self.model} {self.phase} {self.group} {self.method} lr={self.lr:g} seed={self.seed}{opt}"
 
 
 def plan(a: argparse.Namespace, chosen: dict[tuple[str, str, str], float] | None = None) -> list[Run]:
@@ -178,11 +182,13 @@ def plan(a: argparse.Namespace, chosen: dict[tuple[str, str, str], float] | None
         for method in a.methods or list(model.methods):
             if method not in model.methods or not applies(model, method, group):
                 continue
-            if a.phase == "grid":
-                lrs = a.lrs or grid_of(method)  # --lrs: a subset, or a step past an edge the best LR sat on
-                runs += [Run(a.model, "grid", group, method, lr, a.seeds[0]) for lr in lrs]
-            elif chosen is not None and (a.model, group, method) in chosen:
-                runs += [Run(a.model, "seeds", group, method, chosen[(a.model, group, method)], s) for s in a.seeds]
+            for opt in getattr(a, "optimizers", None) or [None]:  # --optimizers: each run once per optimizer
+                if a.phase == "grid":
+                    lrs = a.lrs or grid_of(method)  # --lrs: a subset, or a step past an edge the best LR sat on
+                    runs += [Run(a.model, "grid", group, method, lr, a.seeds[0], opt) for lr in lrs]
+                elif chosen is not None and (a.model, group, method) in chosen:
+                    lr = chosen[(a.model, group, method)]
+                    runs += [Run(a.model, "seeds", group, method, lr, s, opt) for s in a.seeds]
     return runs
 
 
@@ -246,6 +252,7 @@ def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | N
         f"train.output_dir={out}",
         "train.resume=null",
         "train.progress_bar=false",
+        *([f"train.optimizer={run.optimizer}"] if run.optimizer else []),
     ]
     t0 = time.perf_counter()
     proc = subprocess.run([*cmd, *args], cwd=ROOT, text=True, capture_output=True, env={**os.environ})
@@ -273,6 +280,7 @@ def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | N
         "curve": [(r["step"], round(r[metric], 4)) for r in evals],
         "seconds": round(time.perf_counter() - t0, 1),
         "command": "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:]),
+        **({"optimizer": run.optimizer} if run.optimizer else {}),
     }
 
 
@@ -286,10 +294,17 @@ def spread(xs: list[float]) -> str:
 def _order(r: dict) -> tuple:
     """Table order and grouping: model, budget, method, then steps (a longer check is its own row)."""
     model = MODELS[r["model"]]
-    return (r["model"], list(model.budgets).index(r["group"]), METHODS.index(r["method"]), r["steps"])
+    return (r["model"], list(model.budgets).index(r["group"]), METHODS.index(r["method"]), r["steps"], _opt(r))
+
+
+def _opt(r: dict) -> str:
+    """The run's train.optimizer ('' for the config's own: rows from before --optimizers)."""
+    return r.get("optimizer") or ""
 
 
 def _name(r: dict) -> str:
+    if _opt(r):
+        return f"{_name({**r, 'optimizer': None})}, {_opt(r)}"
     if r["method"] == "lora":
         return f"lora (r={lora_rank_for(MODELS[r['model']], r['budget'])})"
     if r["method"] == "id3+lora":
@@ -417,6 +432,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="default: the model's (minilm 100, smollm2 40)")
     p.add_argument("--evals", type=int, help="eval points per run, the last at the final step (grid 1, seeds 2)")
     p.add_argument("--lrs", type=float, nargs="+", help="grid: these LRs instead of the method's grid")
+    p.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=["deepspeed", "torch_adamw", "adamw_8bit"],
+        help="train.optimizer: every run once per optimizer named (default: the config's); recorded apart",
+    )
     p.add_argument("--part", help="K/N: only the K-th of N parts of the phase's runs (round robin)")
     p.add_argument("--list", action="store_true", help="print the phase's runs (with --parts N: by part) and stop")
     p.add_argument("--parts", type=int, default=1)
@@ -482,7 +503,9 @@ def main() -> None:
     if not a.no_record and not a.part:
         details = f"{a.model}, phase {a.phase}, {steps} steps, seeds {a.seeds}"
         cmd = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
-        record_results(TITLE, details, cmd.strip(), report(rows))
+        # an optimizer comparison is its own section: the method table stays
+        title = f"{TITLE}: optimizers {', '.join(a.optimizers)}" if a.optimizers else TITLE
+        record_results(title, details, cmd.strip(), report(rows))
 
 
 if __name__ == "__main__":

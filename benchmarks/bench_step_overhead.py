@@ -17,6 +17,10 @@ DeepSpeed optimizer. So that worker builds two ZeRO-3 engines of the same model,
 AdamW, every weight trained: full fine-tuning) and a sparse-state one (DeepSpeed config from
 id3_ds.integration.ds_config, update from build_update, as launch/train.py builds them), and alternates
 their steps in the same way. Its phase columns stay empty: the scoring runs inside backward's hooks.
+
+The 8-bit row (`--modes 8bit`, not in the default run) compares optimizers, not ID3 against none: two
+ZeRO-2 engines with dense-state ID3, one with a client torch AdamW ("without ID3" column) and one with
+bitsandbytes' 8-bit AdamW ("with ID3" column; train.optimizer=adamw_8bit), steps alternating likewise.
 """
 
 from __future__ import annotations
@@ -263,11 +267,62 @@ def run_sparse_worker(size: str, pairs: int, out: str) -> None:
     end_worker()
 
 
-def run_deepspeed(size: str, pairs: int, stage: int, sparse: bool = False) -> dict:
+def client_optimizer_engine(size: str, optimizer: str):
+    """(ID3 hook, model): dense-state ID3 at ZeRO-2 with a client optimizer built as launch/train.py builds it
+    (train.optimizer: torch_adamw or adamw_8bit)."""
+    import deepspeed
+
+    from id3_ds import ID3Config
+    from id3_ds.integration.hook import DeepSpeedID3
+    from id3_ds.training.optimizers import build_client_optimizer
+
+    ds = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,  # what ds_config sets for a client optimizer
+        "steps_per_print": 10**9,
+    }
+    model = build_model(size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_client_optimizer(optimizer, params, 1e-4)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    return DeepSpeedID3(engine, ID3Config(budget=0.001), steps=1000, weight_decay=0.0), model
+
+
+def run_8bit_worker(size: str, pairs: int, out: str) -> None:
+    """ID3 with torch AdamW against ID3 with 8-bit AdamW, both ZeRO-2 (two engines), steps interleaved: the
+    "without" column is torch AdamW, the "with" column 8-bit AdamW, the phases the 8-bit engine's ID3 work."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    hooks = {"full": client_optimizer_engine(size, "torch_adamw")[0]}
+    hooks["id3"], model = client_optimizer_engine(size, "adamw_8bit")
+    hooks["id3"].id3.timer.enabled = True
+    vocab = model.config.vocab_size
+
+    def step(kind: str, i: int) -> None:
+        hook = hooks[kind]
+        hook.engine.backward(hook.engine(**batch(vocab, i, rank)).loss)
+        hook.step()
+
+    times = interleaved_times(pairs, step, hooks["id3"].id3.timer)
+    result = summarize(times, hooks["id3"].id3, pairs, world, hooks["id3"].id3.schedule.per_step(0))
+    result["params"] = sum(p.numel() for p in model.parameters())
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    end_worker()
+
+
+def run_deepspeed(size: str, pairs: int, stage: int, sparse: bool = False, eight_bit: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
         flags = ["--size", size, "--pairs", str(pairs), "--stage", str(stage), "--out", out]
         flags += ["--sparse"] if sparse else []
+        flags += ["--eight-bit"] if eight_bit else []
         cmd = torchrun_command(2, __file__, "--worker", *flags)
         proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
@@ -310,19 +365,26 @@ def main() -> None:
     ap.add_argument("--stage", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--sparse", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--modes", default="plain,2,3,sparse", help="modes to run, comma separated (plain,2,3,sparse)")
+    ap.add_argument("--eight-bit", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--modes",
+        default="plain,2,3,sparse",
+        help="modes to run, comma separated (plain,2,3,sparse; 8bit: ID3 at ZeRO-2 with torch AdamW vs 8-bit AdamW)",
+    )
     args = ap.parse_args()
     size = args.size or ("10M" if args.quick else "100M")
     pairs = args.pairs or (3 if args.quick else 8)
     if args.worker:
         if args.sparse:
             run_sparse_worker(size, pairs, args.out)
+        elif args.eight_bit:
+            run_8bit_worker(size, pairs, args.out)
         else:
             run_deepspeed_worker(size, pairs, args.stage, args.out)
         return
     modes = args.modes.split(",")
-    if not modes or set(modes) - {"plain", "2", "3", "sparse"}:
-        raise SystemExit(f"--modes {args.modes!r}: choose from plain, 2, 3, sparse")
+    if not modes or set(modes) - {"plain", "2", "3", "sparse", "8bit"}:
+        raise SystemExit(f"--modes {args.modes!r}: choose from plain, 2, 3, sparse, 8bit")
     rows = []
     if "plain" in modes:
         rows.append(("plain torch, 1 process", run_plain(size, pairs)))
@@ -331,6 +393,9 @@ def main() -> None:
             rows.append((f"DeepSpeed ZeRO-{stage}, 2 ranks", run_deepspeed(size, pairs, stage)))
     if "sparse" in modes:  # against full fine-tuning in the same worker (two engines)
         rows.append(("DeepSpeed ZeRO-3, sparse state vs full, 2 ranks", run_deepspeed(size, pairs, 3, sparse=True)))
+    if "8bit" in modes:  # ID3 both sides: torch AdamW ("without") vs 8-bit AdamW ("with"), two engines
+        row = "DeepSpeed ZeRO-2, ID3: 8-bit AdamW vs torch AdamW, 2 ranks"
+        rows.append((row, run_deepspeed(size, pairs, 2, eight_bit=True)))
     text = table(rows)
     print(text)
     if not args.no_record:

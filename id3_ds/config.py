@@ -87,7 +87,7 @@ class TrainSection(_Section):
     lr: PositiveFloat = 1e-4
     weight_decay: NonNegativeFloat = 0.0
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    optimizer: Literal["deepspeed", "torch_adamw"] = "deepspeed"
+    optimizer: Literal["deepspeed", "torch_adamw", "adamw_8bit"] = "deepspeed"  # adamw_8bit: bitsandbytes
     warmup_steps: NonNegativeInt = 0
     max_grad_norm: float = 1.0
     micro_batch_size: PositiveInt = 1

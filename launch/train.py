@@ -86,6 +86,7 @@ def main(argv: list[str]) -> None:
     from id3_ds.training.guards import clear_stale_build_locks, stop_if_nonfinite
     from id3_ds.training.loss import step_loss
     from id3_ds.training.lr_schedule import lr_scheduler
+    from id3_ds.training.optimizers import build_client_optimizer
     from id3_ds.training.run_log import RunLogger, print_final_line, save_resolved_config
     from id3_ds.training.startup import check_rendezvous_port, use_per_environment_extensions
 
@@ -173,9 +174,8 @@ def main(argv: list[str]) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     # ID3 applies decay itself (the optimizer's own stays 0); dense methods: no decay on biases and norms
     groups = trainable if masked else decay_groups(model.named_parameters(), weight_decay, cfg.id3.no_decay, full_shape)
-    client_optimizer = None
-    if t.optimizer == "torch_adamw" and not sparse:  # each dense group carries its own weight_decay
-        client_optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=0.0)
+    # None: DeepSpeed's own; torch AdamW or 8-bit AdamW (each dense group carries its own weight_decay)
+    client_optimizer = None if sparse else build_client_optimizer(t.optimizer, groups, t.lr)
 
     def schedule(optimizer):
         return lr_scheduler(t.lr_scheduler, optimizer, t.warmup_steps, steps)  # HF's schedules, without its import

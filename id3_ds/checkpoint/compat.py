@@ -156,10 +156,22 @@ def check_resume(cfg: RunConfig) -> ResumePoint | None:
     info = read_complete(ckpt)
     diffs = differences(recorded_settings(info), settings(cfg))
     if diffs:
+        _refuse_8bit_crossing(ckpt, diffs, cfg.train.resume_mismatch)
         fixed = [d for d in diffs if d[0] in _FIXED_KEYS]
         if fixed or cfg.train.resume_mismatch != "allow":
             raise ID3Error(_mismatch_line(ckpt, cfg, diffs, fixed))
     return ResumePoint(ckpt, info, int(info["step"]), diffs)
+
+
+def _refuse_8bit_crossing(ckpt: Path, diffs: list[tuple[str, Any, Any]], mismatch: str) -> None:
+    """train.resume_mismatch=allow cannot cross adamw_8bit and an fp32 optimizer: the saved optimizer state
+    (bitsandbytes' uint8 codes and scales, or fp32 exp_avg/exp_avg_sq) would not load into the other."""
+    for key, saved, now in diffs:
+        if key == "train.optimizer" and "adamw_8bit" in (saved, now) and mismatch == "allow":
+            raise ID3Error(
+                f"{ckpt} holds train.optimizer={saved} state, which train.optimizer={now} cannot load (8-bit "
+                f"and fp32 Adam moments do not convert): set train.optimizer={saved}, or a new train.output_dir"
+            )
 
 
 def already_finished(cfg: RunConfig) -> bool:

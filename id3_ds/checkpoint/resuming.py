@@ -61,7 +61,13 @@ def resume(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, world: in
         load_checkpoint(engine, ckpt / "ds", DS_TAG, strict)
         moments = None
     else:
-        moments = _load_resharded(engine, ckpt, info, strict)
+        moments = _load_resharded(engine, ckpt, info, strict, cfg.train.optimizer == "adamw_8bit")
+        if moments is not None and not update.masked and cfg.train.optimizer == "adamw_8bit":
+            raise ID3Error(  # no mask shards to restore the weights from: DeepSpeed's files are all there is
+                f"{ckpt} was saved by {info.get('world_size')} ranks at ZeRO-{info.get('zero_stage')}; a "
+                f"method {cfg.method} run with train.optimizer=adamw_8bit resumes only there ({moments}): resume on "
+                f"{info.get('world_size')} ranks at ZeRO-{info.get('zero_stage')}"
+            )
     if update.masked:
         state, meta = read_id3_state(ckpt)
         update.load_state(state, meta)
@@ -124,17 +130,20 @@ def global_batch_note(info: dict, cfg: RunConfig, world: int) -> str | None:
     )
 
 
-def _load_resharded(engine, ckpt: Path, info: dict, strict: bool = True) -> str | None:
+def _load_resharded(engine, ckpt: Path, info: dict, strict: bool = True, eight_bit: bool = False) -> str | None:
     """Load DeepSpeed's state saved by another world size or stage; None, or why the moments restart.
 
     ZeRO-1/2 to ZeRO-1/2, or ZeRO-3 to ZeRO-3: DeepSpeed's universal checkpoint, converted once by rank 0
     and loaded by every rank. Stage 0 on both sides: its optimizer state is whole in every rank's file,
-    DeepSpeed loads it as is.
+    DeepSpeed loads it as is. 8-bit moments (`eight_bit`: bitsandbytes' per-block codes and absmax) have no
+    universal form: the universal converter knows fp32 Adam moments only, so they restart.
     """
     src, dst = info.get("zero_stage"), engine.zero_optimization_stage()
     if src == 0 and dst == 0:
         load_checkpoint(engine, ckpt / "ds", DS_TAG, strict)
         return None
+    if eight_bit:
+        return "8-bit optimizer states (train.optimizer=adamw_8bit) do not re-partition"
     if src == 0 or dst == 0:
         return f"DeepSpeed's universal checkpoint needs ZeRO stage 1-3 on both sides, not ZeRO-{src} -> ZeRO-{dst}"
     if (src == 3) != (dst == 3):  # DeepSpeed 0.19: ZeRO-1/2 and ZeRO-3 universal files differ in names and layout

@@ -14,6 +14,7 @@ from id3_ds.errors import ID3Error
 from id3_ds.methods.registry import MASKED
 
 SUPPORTED_OPTIMIZERS = ("adam", "adamw")
+CLIENT_OPTIMIZERS = ("torch_adamw", "adamw_8bit")  # train.optimizer values the launcher builds itself
 SPARSE_BUCKET = 1_000_000  # sparse state: DeepSpeed reduces nothing, so its reduce buffer stays small
 
 
@@ -53,9 +54,9 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> tuple[dict, float]:
 
     if cfg.id3.state == "sparse" and cfg.method in MASKED:
         return _sparse_state(ds, zero), t.weight_decay
-    if t.optimizer == "torch_adamw":  # a client torch.optim.AdamW, built by the launcher from these values
+    if t.optimizer in CLIENT_OPTIMIZERS:  # a client optimizer, built by the launcher (training/optimizers.py)
         if "optimizer" in ds:
-            raise ID3Error("train.optimizer=torch_adamw conflicts with a deepspeed.optimizer block; drop one")
+            raise ID3Error(f"train.optimizer={t.optimizer} conflicts with a deepspeed.optimizer block; drop one")
         ds.setdefault("zero_allow_untested_optimizer", True)
         if zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
             ds.setdefault("zero_force_ds_cpu_optimizer", False)

@@ -64,6 +64,7 @@ def check_deepspeed(cfg: RunConfig, world: int) -> None:
         raise ID3Error(f"deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     check_quantization(cfg, stage)  # first: its lines name the quantization, not sparse state's own fixes
     check_sparse_state(cfg, stage, zero, ds)
+    check_adamw_8bit(cfg, zero)
     build_ds_config(cfg, world)  # its own checks: batch sizes against train, fp16, bf16, offload, optimizer, "auto"
     if cfg.method not in MASKED:
         return
@@ -98,6 +99,11 @@ def check_sparse_state(cfg: RunConfig, stage: int, zero: dict, ds: dict) -> None
         raise ID3Error(
             "id3.state=sparse does not support method 'fish' (its Fisher pass needs DeepSpeed's "
             "optimizer); use id3.state=dense or another method"
+        )
+    if cfg.train.optimizer != "deepspeed":  # ignoring it would leave a user who asked for 8-bit moments with fp32
+        raise ID3Error(
+            f"id3.state=sparse keeps its own fp32 Adam for the chosen entries only, so train.optimizer="
+            f"{cfg.train.optimizer} does not apply: drop train.optimizer or use id3.state=dense"
         )
     if cfg.lora.rank:
         raise ID3Error(
@@ -158,6 +164,22 @@ def check_quantization(cfg: RunConfig, stage: int) -> None:
         raise ID3Error(
             f"model.quantization={q} needs id3.state=sparse (a quantized base has no dense fp32 master for "
             "DeepSpeed's optimizer to update); set id3.state=sparse"
+        )
+
+
+def check_adamw_8bit(cfg: RunConfig, zero: dict) -> None:
+    """train.optimizer=adamw_8bit: the one DeepSpeed set-up that cannot hold its 8-bit state.
+
+    DeepSpeed's NVMe optimizer swapper (runtime/swap_tensor) swaps every state tensor through fp32 buffers of
+    the partition's size; bitsandbytes' uint8 codes and per-block absmax are neither (read in its code, not run:
+    NVMe needs libaio). Every stage 0-3 x fp32/bf16 x CPU offload combination trains (tests/test_adamw_8bit.py).
+    """
+    if cfg.train.optimizer != "adamw_8bit":
+        return
+    if zero.get("offload_optimizer", {}).get("device") == "nvme":
+        raise ID3Error(
+            "train.optimizer=adamw_8bit cannot be swapped to NVMe (DeepSpeed's optimizer swapper holds fp32 state "
+            "only): set deepspeed.zero_optimization.offload_optimizer.device to cpu or none"
         )
 
 
