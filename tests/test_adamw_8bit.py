@@ -214,22 +214,33 @@ def test_resume_mismatch_allow_cannot_cross_8bit_and_fp32_optimizer_state(tmp_pa
     assert check_resume(_cfg(tmp_path, "train.optimizer=adamw_8bit", "train.lr=0.001", allow)).step == 20
 
 
-def test_a_dense_8bit_run_resumes_only_on_the_world_size_and_stage_that_saved_it(tmp_path, monkeypatch) -> None:
-    """full/lora have no ID3 shards to restore weights from, and 8-bit moments do not re-partition: one line."""
+@pytest.mark.parametrize(
+    "optimizer, now_stage, now_world, why",
+    [
+        ("adamw_8bit", 2, 1, "8-bit optimizer states (train.optimizer=adamw_8bit) do not re-partition"),
+        # fp32 too: ZeRO-2 -> ZeRO-3 has no universal path, and the run used to go on from the base weights
+        ("deepspeed", 3, 2, "DeepSpeed's universal checkpoint does not load across ZeRO-2 -> ZeRO-3"),
+    ],
+)
+def test_a_dense_run_resumes_only_where_deepspeed_can_load_its_weights(
+    tmp_path, monkeypatch, optimizer, now_stage, now_world, why
+) -> None:
+    """full/lora have no ID3 shards to restore weights from: where DeepSpeed's files do not load (8-bit moments,
+    which do not re-partition, or a stage change with no universal path), one line instead of base weights."""
     from types import SimpleNamespace
 
     from id3_ds.checkpoint import resuming
     from tests.test_resume_rules import _cfg, _checkpoint
 
     monkeypatch.setattr(resuming.guards, "start_watchdog", lambda timeout_s: None)  # no thread in the test process
-    cfg = _cfg(tmp_path, "method=full", "train.optimizer=adamw_8bit", "train.export_delta=false")
+    cfg = _cfg(tmp_path, "method=full", f"train.optimizer={optimizer}", "train.export_delta=false")
     ckpt = _checkpoint(cfg, 20, 40, world=2)  # saved by 2 ranks at ZeRO-2
-    engine, update = SimpleNamespace(zero_optimization_stage=lambda: 2), SimpleNamespace(masked=False)
+    engine, update = SimpleNamespace(zero_optimization_stage=lambda: now_stage), SimpleNamespace(masked=False)
     with pytest.raises(ID3Error) as e:
-        resuming.resume(engine, update, cfg, world=1)
+        resuming.resume(engine, update, cfg, world=now_world)
     assert str(e.value) == (
-        f"{ckpt} was saved by 2 ranks at ZeRO-2; a method full run with train.optimizer=adamw_8bit resumes only "
-        "there (8-bit optimizer states (train.optimizer=adamw_8bit) do not re-partition): resume on 2 ranks at ZeRO-2"
+        f"{ckpt} was saved by 2 ranks at ZeRO-2; a method full run resumes only there ({why}): resume on 2 ranks "
+        "at ZeRO-2"
     )
 
 

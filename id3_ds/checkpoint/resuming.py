@@ -10,7 +10,8 @@ optimizer state is whole on every rank). Elsewhere (stage 0 against 1-3, ZeRO-1/
 universal files DeepSpeed 0.19 cannot cross-load, or a conversion that fails) the model does not need
 DeepSpeed's files: unchosen entries equal the pretrained weights (already loaded) and the shards hold
 every chosen entry's fp32 value, so weights and mask are restored exactly and Adam's moments restart from
-zero (logged with the reason).
+zero (logged with the reason). A dense method (full, lora) has no shards: DeepSpeed's files are its weights,
+so there it resumes only where they load, and says so in one line.
 """
 
 from __future__ import annotations
@@ -62,10 +63,10 @@ def resume(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, world: in
         moments = None
     else:
         moments = _load_resharded(engine, ckpt, info, strict, cfg.train.optimizer == "adamw_8bit")
-        if moments is not None and not update.masked and cfg.train.optimizer == "adamw_8bit":
+        if moments is not None and not update.masked:  # DeepSpeed loaded nothing, weights included
             raise ID3Error(  # no mask shards to restore the weights from: DeepSpeed's files are all there is
                 f"{ckpt} was saved by {info.get('world_size')} ranks at ZeRO-{info.get('zero_stage')}; a "
-                f"method {cfg.method} run with train.optimizer=adamw_8bit resumes only there ({moments}): resume on "
+                f"method {cfg.method} run resumes only there ({moments}): resume on "
                 f"{info.get('world_size')} ranks at ZeRO-{info.get('zero_stage')}"
             )
     if update.masked:
