@@ -200,20 +200,19 @@ def run_worker(out: str, train_args: list[str]) -> None:
 
 def launch(config: Path, variant: str, accum: int, steps: int, tmp: Path) -> list[dict]:
     """One torchrun launch of 2 ranks for (variant, grad_accum); returns each rank's numbers."""
+    overrides = [*ALL_VARIANTS[variant], f"train.grad_accum={accum}", f"train.steps={steps}"]
+    return launch_workers(config, overrides, tmp, f"{variant}, grad_accum {accum}")
+
+
+def launch_workers(config: Path, overrides: list[str], tmp: Path, what: str) -> list[dict]:
+    """launch/train.py on 2 ranks under this file's --worker (also bench_quantized's); each rank's numbers."""
     out = Path(tempfile.mkdtemp(prefix="rank-", dir=tmp))
-    overrides = [
-        "--config",
-        str(config),
-        *ALL_VARIANTS[variant],
-        f"train.grad_accum={accum}",
-        f"train.steps={steps}",
-        f"train.output_dir={out / 'run'}",
-    ]
-    cmd = torchrun_command(2, __file__, "--worker", str(out), "--", *overrides)
+    args = ["--config", str(config), *overrides, f"train.output_dir={out / 'run'}"]
+    cmd = torchrun_command(2, __file__, "--worker", str(out), "--", *args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{variant}, grad_accum {accum}: the launch failed:\n{proc.stdout[-4000:]}")
+        raise SystemExit(f"{what}: the launch failed:\n{proc.stdout[-4000:]}")
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     shutil.rmtree(out, ignore_errors=True)
     return ranks

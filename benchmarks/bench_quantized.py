@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_memory  # noqa: E402
-from benchmarks._launch import torchrun_command  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -86,19 +82,6 @@ def write_config(model: str, data: str, fmt: str, folder: Path, steps: int) -> P
     path = folder / "config.json"
     path.write_text(json.dumps(cfg, indent=1))
     return path
-
-
-def launch(config: Path, overrides: list[str], tmp: Path) -> list[dict]:
-    out = Path(tempfile.mkdtemp(prefix="rank-", dir=tmp))
-    args = ["--config", str(config), *overrides, f"train.output_dir={out / 'run'}"]
-    cmd = torchrun_command(2, bench_memory.__file__, "--worker", str(out), "--", *args)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{overrides}: the launch failed:\n{proc.stdout[-4000:]}")
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    shutil.rmtree(out, ignore_errors=True)
-    return ranks
 
 
 def table(rows: list[dict]) -> str:
@@ -167,7 +150,7 @@ def main() -> None:
         config = write_config(model, data, fmt, tmp, steps)
         for run in range(1, 0 if args.from_json else args.repeats + 1):
             for variant, overrides in named.items():
-                for rank, got in enumerate(launch(config, overrides, tmp)):
+                for rank, got in enumerate(bench_memory.launch_workers(config, overrides, tmp, variant)):
                     rows.append({"variant": variant, "steps": steps, "run": run, "rank": rank, **got})
     schedules = " and ".join(sorted({str(r["steps"]) for r in rows}, key=int))
     text = (
