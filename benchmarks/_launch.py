@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from id3_ds.processes import free_port
 
+FORK_RANKS = "ID3_DS_FORK_RANKS"  # "1" (tests/conftest.py sets it): launch_command forks ranks, see fork_ranks.py
 
-def torchrun_command(nproc: int, script: str, *args: str) -> list[str]:
+
+def launch_command(nproc: int, script: str | Path, *args: str) -> list[str]:
+    """The command that runs `script` on `nproc` local ranks: torchrun, or benchmarks/fork_ranks.py when
+    ID3_DS_FORK_RANKS=1 (the test suite: the same ranks, at a fraction of the start-up CPU)."""
+    if os.environ.get(FORK_RANKS) == "1":
+        forker = str(Path(__file__).with_name("fork_ranks.py"))
+        return [sys.executable, forker, f"--nproc={nproc}", f"--port={free_port()}", str(script), *args]
+    return torchrun_command(nproc, script, *args)
+
+
+def torchrun_command(nproc: int, script: str | Path, *args: str) -> list[str]:
     """`python -m torch.distributed.run` of `script` on `nproc` local processes, on a free port."""
     return [
         sys.executable,

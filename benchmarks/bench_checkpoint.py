@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._launch import torchrun_command  # noqa: E402
+from benchmarks._launch import launch_command  # noqa: E402
 from benchmarks.bench_memory import VARIANTS, write_config, write_model  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
 
@@ -48,7 +48,7 @@ def last_checkpoint(run: Path) -> Path:
 def run_case(config: Path, variant: str, steps: int, out: Path) -> dict:
     """One 2-rank launch/train.py run of `variant` saving every step; the last checkpoint's size and budget."""
     overrides = [*VARIANTS[variant], f"train.steps={steps}", "train.save_steps=1", f"train.output_dir={out}"]
-    cmd = torchrun_command(2, ROOT / "launch" / "train.py", "--config", str(config), *overrides)
+    cmd = launch_command(2, ROOT / "launch" / "train.py", "--config", str(config), *overrides)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:

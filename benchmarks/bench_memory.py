@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import projection as pj  # noqa: E402
-from benchmarks._launch import torchrun_command  # noqa: E402
+from benchmarks._launch import launch_command  # noqa: E402
 from benchmarks.bench_step_overhead import SIZES, build_model  # noqa: E402
 from benchmarks.memstat import proc_status, reset_peak  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
@@ -208,7 +208,7 @@ def launch_workers(config: Path, overrides: list[str], tmp: Path, what: str) -> 
     """launch/train.py on 2 ranks under this file's --worker (also bench_quantized's); each rank's numbers."""
     out = Path(tempfile.mkdtemp(prefix="rank-", dir=tmp))
     args = ["--config", str(config), *overrides, f"train.output_dir={out / 'run'}"]
-    cmd = torchrun_command(2, __file__, "--worker", str(out), "--", *args)
+    cmd = launch_command(2, __file__, "--worker", str(out), "--", *args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:

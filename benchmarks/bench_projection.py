@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import projection as pj  # noqa: E402
-from benchmarks._launch import torchrun_command  # noqa: E402
+from benchmarks._launch import launch_command  # noqa: E402
 from benchmarks.bench_step_overhead import SIZES  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
 
@@ -78,7 +78,7 @@ def tiny_run(tmp: Path, steps: int = VALIDATE_STEPS, world: int = 2) -> dict:
         "train.progress_bar=false",
         "train.export_delta=true",
     ]
-    cmd = torchrun_command(world, __file__, "--train-wrapper", str(tmp), "--", *overrides)
+    cmd = launch_command(world, __file__, "--train-wrapper", str(tmp), "--", *overrides)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:

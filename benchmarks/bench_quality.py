@@ -64,7 +64,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks._launch import torchrun_command  # noqa: E402
+from benchmarks._launch import launch_command  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
 
 TITLE = "Quality: eval accuracy by method and budget"  # replaces the synthetic-set section it superseded
@@ -237,7 +237,7 @@ def eval_subset(model: str, split: str, limit: int, tmp: Path) -> str:
 def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | None) -> dict:
     model = MODELS[run.model]
     script = str(ROOT / "launch" / "train.py")
-    cmd = torchrun_command(model.nproc, script) if model.nproc > 1 else [sys.executable, script]
+    cmd = launch_command(model.nproc, script) if model.nproc > 1 else [sys.executable, script]
     split = PHASES[run.phase]
     args = [
         "--config",

@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._launch import end_worker, torchrun_command  # noqa: E402
+from benchmarks._launch import end_worker, launch_command  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
 from id3_ds.training.startup import use_per_environment_extensions  # noqa: E402
 
@@ -323,7 +323,7 @@ def run_deepspeed(size: str, pairs: int, stage: int, sparse: bool = False, eight
         flags = ["--size", size, "--pairs", str(pairs), "--stage", str(stage), "--out", out]
         flags += ["--sparse"] if sparse else []
         flags += ["--eight-bit"] if eight_bit else []
-        cmd = torchrun_command(2, __file__, "--worker", *flags)
+        cmd = launch_command(2, __file__, "--worker", *flags)
         proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"ZeRO-{stage} worker failed:\n{proc.stdout[-4000:]}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 
 import pytest
 import torch
 
+from benchmarks._launch import FORK_RANKS
 from id3_ds.models import resolve_model
 from tests import launcher
 
@@ -16,6 +18,11 @@ from tests import launcher
 # waiting at every op's barrier (test_thousands_of_steps_keep_memory_flat: 388 s with 2 threads on a loaded
 # machine, 50 of its steps 16x slower than with one).
 torch.set_num_threads(1)
+
+# Launched multi-rank runs fork their ranks from one process that imported torch, DeepSpeed and transformers
+# (benchmarks/fork_ranks.py) instead of starting them through torchrun: the same ranks at ~30 % less CPU per
+# launch. Set here, in every pytest worker, so the benchmarks the tests launch inherit it too;
+os.environ.setdefault(FORK_RANKS, "1")  # ID3_DS_FORK_RANKS=0 launches through torchrun
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

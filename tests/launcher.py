@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmarks._launch import torchrun_command
+from benchmarks._launch import launch_command, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -38,11 +38,23 @@ def require_markers(nproc: int) -> None:
 
 
 def train(
-    overrides: list[str], nproc: int = 2, env: dict | None = None, config: str = TINY_CONFIG, timeout: int = 600
+    overrides: list[str],
+    nproc: int = 2,
+    env: dict | None = None,
+    config: str = TINY_CONFIG,
+    timeout: int = 600,
+    torchrun: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Launch a training run; returns the finished process (stdout and stderr merged)."""
+    """Launch a training run; returns the finished process (stdout and stderr merged).
+
+    Several ranks start through benchmarks/fork_ranks.py (the session sets ID3_DS_FORK_RANKS, conftest.py),
+    or through torchrun itself with `torchrun=True`: the users' launcher path, kept by a few tests.
+    """
     require_markers(nproc)
-    cmd = torchrun_command(nproc, TRAIN) if nproc > 1 else [sys.executable, TRAIN]
+    if nproc == 1:
+        cmd = [sys.executable, TRAIN]
+    else:
+        cmd = torchrun_command(nproc, TRAIN) if torchrun else launch_command(nproc, TRAIN)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     # own process group: on a timeout every rank dies with the launcher, none is left running
     proc = subprocess.Popen(

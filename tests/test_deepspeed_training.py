@@ -34,11 +34,13 @@ COMMON = [
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, env, base_dir) -> dict:
-    """One uninterrupted 2-rank run per ZeRO stage (shared by the tests below)."""
+    """One uninterrupted 2-rank run per ZeRO stage (shared by the tests below). The ZeRO-3 run starts through
+    torchrun itself, the users' launcher (its agent hosts the rendezvous store); the others fork their ranks."""
     out = {}
     for stage in (0, 2, 3):
         d = tmp_path_factory.mktemp(f"stage{stage}")
-        ok(train([*COMMON, f"deepspeed.zero_optimization.stage={stage}", f"train.output_dir={d}"], env=env))
+        args = [*COMMON, f"deepspeed.zero_optimization.stage={stage}", f"train.output_dir={d}"]
+        ok(train(args, env=env, torchrun=stage == 3))
         out[stage] = d
     return out
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from id3_ds.delta import export_delta
-from tests.launcher import ROOT, require_markers, torchrun_command
+from tests.launcher import ROOT, launch_command, require_markers
 from tests.test_delta_common import make_case
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -19,7 +19,7 @@ def test_apply_and_remove_on_a_zero3_partitioned_model(tmp_path) -> None:
     case = make_case(tmp_path)
     export_delta(case.run, case.base, tmp_path / "delta")
     worker = ROOT / "tests" / "zero3_apply_worker.py"
-    cmd = torchrun_command(2, worker, str(case.base), str(tmp_path / "delta"), str(tmp_path))
+    cmd = launch_command(2, worker, str(case.base), str(tmp_path / "delta"), str(tmp_path))
     require_markers(2)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

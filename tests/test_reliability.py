@@ -55,7 +55,8 @@ def test_nan_loss_and_a_full_disk_stop_before_harm_and_the_last_checkpoint_resum
 @pytest.mark.slow
 def test_a_hung_rank_ends_the_job_with_a_clear_error_instead_of_hanging(tmp_path, env) -> None:
     args = [*ARGS, f"train.output_dir={tmp_path}", "train.collective_timeout_s=10"]
-    proc = train(args, env={**env, "ID3_DS_FAULT": "hang_at_step:2:1"}, timeout=300)  # TimeoutExpired = a hang
+    # through torchrun: its agent, not only the test launcher, must see the job end
+    proc = train(args, env={**env, "ID3_DS_FAULT": "hang_at_step:2:1"}, timeout=300, torchrun=True)
     assert proc.returncode != 0
     assert "made no progress" in proc.stdout, proc.stdout[-3000:]
     assert is_complete(checkpoint_dir(tmp_path, 2))
