@@ -8,15 +8,26 @@ from pathlib import Path
 
 from id3_ds.processes import free_port
 
-FORK_RANKS = "ID3_DS_FORK_RANKS"  # "1" (tests/conftest.py sets it): launch_command forks ranks, see fork_ranks.py
+FORK_RANKS = "ID3_DS_FORK_RANKS"  # a fork server's socket (tests/conftest.py starts one): see fork_ranks.py
 
 
 def launch_command(nproc: int, script: str | Path, *args: str) -> list[str]:
-    """The command that runs `script` on `nproc` local ranks: torchrun, or benchmarks/fork_ranks.py when
-    ID3_DS_FORK_RANKS=1 (the test suite: the same ranks, at a fraction of the start-up CPU)."""
-    if os.environ.get(FORK_RANKS) == "1":
+    """The command that runs `script` on `nproc` local ranks: through the fork server named by ID3_DS_FORK_RANKS
+    (the test suite: the same ranks at a fraction of the start-up CPU), else torchrun (plain python for 1)."""
+    server = os.environ.get(FORK_RANKS, "")
+    if server not in ("", "0"):
         forker = str(Path(__file__).with_name("fork_ranks.py"))
-        return [sys.executable, forker, f"--nproc={nproc}", f"--port={free_port()}", str(script), *args]
+        return [
+            sys.executable,
+            forker,
+            f"--server={server}",
+            f"--nproc={nproc}",
+            f"--port={free_port()}",
+            str(script),
+            *args,
+        ]
+    if nproc == 1:
+        return [sys.executable, str(script), *args]
     return torchrun_command(nproc, script, *args)
 
 

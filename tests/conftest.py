@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,17 +17,13 @@ import torch
 from benchmarks._launch import FORK_RANKS
 from id3_ds.models import resolve_model
 from tests import launcher
+from tests.launcher import ROOT
 
 # One intra-op thread in the test process, as launched runs get (OMP_NUM_THREADS=1, tests/launcher.py): the
 # tests' tensors are tiny, and a 2-thread pool on 2 cores that other processes keep busy spends its time
 # waiting at every op's barrier (test_thousands_of_steps_keep_memory_flat: 388 s with 2 threads on a loaded
 # machine, 50 of its steps 16x slower than with one).
 torch.set_num_threads(1)
-
-# Launched multi-rank runs fork their ranks from one process that imported torch, DeepSpeed and transformers
-# (benchmarks/fork_ranks.py) instead of starting them through torchrun: the same ranks at ~30 % less CPU per
-# launch. Set here, in every pytest worker, so the benchmarks the tests launch inherit it too;
-os.environ.setdefault(FORK_RANKS, "1")  # ID3_DS_FORK_RANKS=0 launches through torchrun
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -45,6 +46,32 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item) -> None:
     launcher.CURRENT_TEST = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fork_server(tmp_path_factory) -> Iterator[str | None]:
+    """One fork server per pytest worker (benchmarks/fork_ranks.py): every launch forks its ranks from a process
+    that imported torch, DeepSpeed and transformers once, instead of each rank importing them. Set in the
+    environment, so the benchmarks the tests launch use it too. ID3_DS_FORK_RANKS=0 launches without it."""
+    if os.environ.get(FORK_RANKS) == "0":
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="id3fork"))  # short: a unix socket's path is limited to ~107 bytes
+    sock = str(folder / "s")
+    log = tmp_path_factory.getbasetemp() / f"fork_server_{os.getpid()}.log"
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "fork_ranks.py"), "--serve", sock],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+        start_new_session=True,
+    )
+    os.environ[FORK_RANKS] = sock  # launches wait for the socket: the server's imports overlap the first tests
+    yield sock
+    del os.environ[FORK_RANKS]
+    server.terminate()
+    server.wait(timeout=30)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

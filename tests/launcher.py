@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -47,14 +46,11 @@ def train(
 ) -> subprocess.CompletedProcess:
     """Launch a training run; returns the finished process (stdout and stderr merged).
 
-    Several ranks start through benchmarks/fork_ranks.py (the session sets ID3_DS_FORK_RANKS, conftest.py),
-    or through torchrun itself with `torchrun=True`: the users' launcher path, kept by a few tests.
+    The ranks are forked by the session's fork server (benchmarks/fork_ranks.py, started in conftest.py), or
+    started by torchrun itself with `torchrun=True`: the users' launcher path, kept by a few tests.
     """
     require_markers(nproc)
-    if nproc == 1:
-        cmd = [sys.executable, TRAIN]
-    else:
-        cmd = torchrun_command(nproc, TRAIN) if torchrun else launch_command(nproc, TRAIN)
+    cmd = torchrun_command(nproc, TRAIN) if torchrun else launch_command(nproc, TRAIN)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     # own process group: on a timeout every rank dies with the launcher, none is left running
     proc = subprocess.Popen(
