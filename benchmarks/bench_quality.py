@@ -237,7 +237,7 @@ def eval_subset(model: str, split: str, limit: int, tmp: Path) -> str:
 def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | None) -> dict:
     model = MODELS[run.model]
     script = str(ROOT / "launch" / "train.py")
-    cmd = launch_command(model.nproc, script) if model.nproc > 1 else [sys.executable, script]
+    cmd = launch_command(model.nproc, script)
     split = PHASES[run.phase]
     args = [
         "--config",

@@ -221,7 +221,9 @@ def run_rank(rank: int, nproc: int, port: int, script: str, args: list[str]) -> 
             MASTER_PORT=str(port),
         )
     sys.argv = [script, *args]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    # the path a fresh `python script` would start with: the script's folder, then the client's PYTHONPATH
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    sys.path[:1] = [os.path.dirname(os.path.abspath(script)), *extra]
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:

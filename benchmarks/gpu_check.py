@@ -377,6 +377,7 @@ def overhead_worker(plan: Plan, stage: int, out: Path) -> None:
 
 def run_overhead(plan: Plan, cpu: bool, work: Path, seconds: Callable[[str], int]) -> list[dict]:
     """One child per ZeRO stage, each within `seconds("overhead")` (its budget, clipped to the time left)."""
+    from benchmarks._launch import launch_command
     from id3_ds.processes import free_port
 
     rows = []
@@ -384,7 +385,7 @@ def run_overhead(plan: Plan, cpu: bool, work: Path, seconds: Callable[[str], int
         out = work / f"overhead_zero{stage}.json"
         env = {**child_env(cpu), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
         env["MASTER_PORT"] = str(free_port())
-        cmd = [sys.executable, __file__, "--overhead-worker", str(stage), "--out", str(out)]
+        cmd = launch_command(1, __file__, "--overhead-worker", str(stage), "--out", str(out))
         cmd += ["--cpu-dry-run"] if cpu else []
         run_child(f"overhead (ZeRO-{stage})", cmd, seconds("overhead"), env, work / f"overhead_zero{stage}.log")
         rows.append(json.loads(out.read_text()))
@@ -434,6 +435,8 @@ def markdown(report: dict) -> str:
 
 def run_check(plan: Plan, cpu: bool, out: Path, keep: bool, limit: int) -> dict:
     """All phases in order within `limit` seconds; the report (written even on failure, with what was done)."""
+    from benchmarks._launch import launch_command  # plain python here; the tests' fork server under pytest
+
     deadline = time.monotonic() + limit
 
     def left(name: str) -> int:
@@ -461,7 +464,7 @@ def run_check(plan: Plan, cpu: bool, out: Path, keep: bool, limit: int) -> dict:
         cfg_path = work / "run_config.json"
         cfg_path.write_text(json.dumps(run_config(plan, base_dir, data, run_dir, work / "cache"), indent=1))
         t0 = time.perf_counter()
-        cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(cfg_path)]
+        cmd = launch_command(1, ROOT / "launch" / "train.py", "--config", str(cfg_path))
         run_child("train", cmd, left("train"), child_env(cpu), out / "train.log")
         t["train"] = round(time.perf_counter() - t0, 1)
         with phase("verify", left("verify"), t):
