@@ -49,11 +49,12 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def fork_server(tmp_path_factory) -> Iterator[str | None]:
+def fork_server(request, tmp_path_factory) -> Iterator[str | None]:
     """One fork server per pytest worker (benchmarks/fork_ranks.py): every launch forks its ranks from a process
     that imported torch, DeepSpeed and transformers once, instead of each rank importing them. Set in the
-    environment, so the benchmarks the tests launch use it too. ID3_DS_FORK_RANKS=0 launches without it."""
-    if os.environ.get(FORK_RANKS) == "0":
+    environment, so the benchmarks the tests launch use it too. ID3_DS_FORK_RANKS=0 launches without it; a
+    session without `slow` tests (e.g. `-m "not slow"`) starts no process, so no server either."""
+    if os.environ.get(FORK_RANKS) == "0" or not any(i.get_closest_marker("slow") for i in request.session.items):
         yield None
         return
     folder = Path(tempfile.mkdtemp(prefix="id3fork"))  # short: a unix socket's path is limited to ~107 bytes
