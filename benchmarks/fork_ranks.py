@@ -100,17 +100,31 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
 
 
 def preimport() -> None:
-    """The modules every rank imports and that cost the most (torch ~1.6 s, transformers' model index ~1 s)."""
+    """The modules every rank imports and that cost the most (torch ~1.6 s, transformers' model index ~1 s),
+    and the CPU's description: `avoid_start_costs` keeps py-cpuinfo's answer for the process, so a forked
+    rank skips the probe's 1-second clock measurement (a fresh rank pays it once)."""
+    import cpuinfo
     import deepspeed  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
+
+    from id3_ds.integration.start_costs import avoid_start_costs
+
+    avoid_start_costs()
+    cpuinfo.get_cpu_info()
 
 
 def serve(path: str) -> None:
     """Accept launches on the unix socket `path` until the parent (the pytest worker) is gone."""
     parent = os.getppid()
     preimport()
+    threads = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["main"]
+    if len(threads) > 1:  # a fork would copy the main thread only, leaving the others' locks held forever
+        sys.exit(
+            f"fork_ranks: {len(threads)} threads after the imports (OMP_NUM_THREADS="
+            f"{os.environ.get('OMP_NUM_THREADS')}); start the server with OMP_NUM_THREADS=1"
+        )
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
