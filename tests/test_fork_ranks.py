@@ -3,6 +3,7 @@ exit codes come back as from a fresh process."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -10,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks._launch import launch_command
+from benchmarks._launch import FORK_RANKS, launch_command
 from tests.launcher import ROOT, require_markers
 
 
 def _launch(tmp_path: Path, nproc: int, code: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    if os.environ.get(FORK_RANKS, "0") == "0":
+        pytest.skip("ID3_DS_FORK_RANKS=0: this session launches without the fork server")
     script = tmp_path / "script.py"
     script.write_text(code)
     cmd = launch_command(nproc, script)
@@ -58,8 +61,6 @@ def test_a_failed_rank_stops_the_others_and_the_launch_fails(tmp_path: Path) -> 
 
 
 def test_without_a_server_launch_command_is_torchrun_or_plain_python(monkeypatch) -> None:
-    from benchmarks._launch import FORK_RANKS
-
     monkeypatch.setenv(FORK_RANKS, "0")
     assert launch_command(1, "x.py", "a") == [sys.executable, "x.py", "a"]
     assert launch_command(2, "x.py")[1:3] == ["-m", "torch.distributed.run"]
