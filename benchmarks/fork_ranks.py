@@ -19,7 +19,8 @@ get SIGTERM, then SIGKILL after GRACE_S, and the exit code is 1, as under torchr
 
 What the server imports starts no thread: a fork copies only the calling thread. `datasets` is left out
 because pyarrow starts a jemalloc thread. Users launch with `deepspeed` or `torchrun`; a few tests keep
-torchrun (tests/launcher.py `torchrun=True`), and ID3_DS_FORK_RANKS=0 sends every test launch through it.
+torchrun (tests/launcher.py `torchrun=True`), and ID3_DS_FORK_RANKS=0 starts every test launch as fresh
+processes (torchrun, or plain python for one rank).
 """
 
 from __future__ import annotations

@@ -60,13 +60,14 @@ def fork_server(request, tmp_path_factory) -> Iterator[str | None]:
     folder = Path(tempfile.mkdtemp(prefix="id3fork"))  # short: a unix socket's path is limited to ~107 bytes
     sock = str(folder / "s")
     log = tmp_path_factory.getbasetemp() / f"fork_server_{os.getpid()}.log"
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "benchmarks" / "fork_ranks.py"), "--serve", sock],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("w"),
-        start_new_session=True,
-    )
+    with log.open("w") as err:
+        server = subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks" / "fork_ranks.py"), "--serve", sock],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
     os.environ[FORK_RANKS] = sock  # launches wait for the socket: the server's imports overlap the first tests
     yield sock
     del os.environ[FORK_RANKS]
