@@ -178,8 +178,8 @@ def manage(conn: socket.socket) -> None:
 
 
 def _fresh_std_streams() -> None:
-    """sys.stdout/stderr over the client's fds 1 and 2, line-buffered: what the server's streams were set up
-    for (a pipe to conftest) no longer applies."""
+    """sys.stdout/stderr over the client's fds 1 and 2, line-buffered (the server's own streams were made for
+    /dev/null and a log file)."""
     for fd, name in ((1, "stdout"), (2, "stderr")):
         stream = io.TextIOWrapper(
             os.fdopen(fd, "wb", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True
