@@ -11,11 +11,17 @@ from id3_ds.processes import free_port
 FORK_RANKS = "ID3_DS_FORK_RANKS"  # a fork server's socket (tests/conftest.py starts one): see fork_ranks.py
 
 
+def fork_server() -> str | None:
+    """The socket of the fork server this process launches through, or None (unset, or "0": disabled)."""
+    server = os.environ.get(FORK_RANKS, "")
+    return None if server in ("", "0") else server
+
+
 def launch_command(nproc: int, script: str | Path, *args: str) -> list[str]:
     """The command that runs `script` on `nproc` local ranks: through the fork server named by ID3_DS_FORK_RANKS
     (the test suite: the same ranks at a fraction of the start-up CPU), else torchrun (plain python for 1)."""
-    server = os.environ.get(FORK_RANKS, "")
-    if server not in ("", "0"):
+    server = fork_server()
+    if server is not None:
         forker = str(Path(__file__).with_name("fork_ranks.py"))
         return [
             sys.executable,

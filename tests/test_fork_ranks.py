@@ -3,7 +3,6 @@ exit codes come back as from a fresh process."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -11,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks._launch import FORK_RANKS, launch_command
+from benchmarks._launch import FORK_RANKS, fork_server, launch_command
 from tests.launcher import ROOT, require_markers
 
 
 def _launch(tmp_path: Path, nproc: int, code: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    if os.environ.get(FORK_RANKS, "0") == "0":
+    if fork_server() is None:
         pytest.skip("ID3_DS_FORK_RANKS=0: this session launches without the fork server")
     script = tmp_path / "script.py"
     script.write_text(code)
