@@ -64,6 +64,30 @@ def test_targets_freeze_everything_else() -> None:
         assert p.requires_grad == name.startswith("body.0."), name
 
 
+class _TiedNet(torch.nn.Module):
+    """An embedding tied to the output head, as SmolLM2's lm_head.weight is model.embed_tokens.weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.norm = torch.nn.LayerNorm(4)
+        self.lm_head = torch.nn.Linear(4, 10, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+
+def test_a_tied_weight_is_selected_by_any_of_its_names() -> None:
+    model = _TiedNet()
+    id3 = from_module(model, ID3Config(budget=10, targets=("lm_head.*",)), steps=2)
+    assert [(h.info.name, h.info.fully_trainable) for h in id3.held] == [("embed.weight", False)]  # charged once
+    assert not model.norm.weight.requires_grad
+
+
+def test_a_tied_weight_is_fully_trainable_by_any_of_its_names() -> None:
+    id3 = from_module(_TiedNet(), ID3Config(budget=45, targets=("norm.*",), fully_trainable=("lm_head.*",)), steps=2)
+    kinds = {h.info.name: h.info.fully_trainable for h in id3.held}
+    assert kinds == {"norm.weight": False, "norm.bias": False, "embed.weight": True}
+
+
 def test_budget_smaller_than_fully_trainable_is_refused() -> None:
     with pytest.raises(ID3Error, match="fully trainable"):
         from_module(TinyNet(), ID3Config(budget=10, fully_trainable=("head.*",)), steps=3)

@@ -2,7 +2,8 @@
 
 One tensor is both `model.embed_tokens.weight` and `lm_head.weight`. It must be one selectable tensor
 (scored and charged to the budget once), appear once in the delta and in the merged files, and the merged
-model must load with the two names still one tensor, computing what the trained model computes.
+model must load with the two names still one tensor, computing what the trained model computes. The run
+names the shared tensor in id3.targets only by its second name, `lm_head.weight`, as a PEFT user would.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 FRACTION = 0.02
+TARGETS = [HEAD, "model.layers.0.*"]  # the tied tensor by its alias, plus one layer
 PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?"]
 
 
@@ -49,6 +51,7 @@ def tied_run(tmp_path_factory, env, tied_base) -> Path:
     overrides = [
         f"model.name_or_path={tied_base}",
         f"id3.budget={FRACTION}",
+        f"id3.targets={json.dumps(TARGETS)}",
         "train.steps=4",
         "train.save_steps=0",
         "train.weight_decay=0.0",
@@ -61,12 +64,15 @@ def tied_run(tmp_path_factory, env, tied_base) -> Path:
     return run
 
 
-def _unique_numel(model_dir: Path) -> int:
+def _targeted_numel(model_dir: Path) -> int:
+    """Entries TARGETS select, the shared tensor counted once (under its first name)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the fixture really is tied
-    return sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
+    named = dict(model.named_parameters())  # a shared tensor once, by its first name
+    assert HEAD not in named
+    return named[EMBED].numel() + sum(p.numel() for n, p in named.items() if n.startswith("model.layers.0."))
 
 
 def _logits(model_dir: Path, tok_dir: Path):
@@ -79,8 +85,8 @@ def _logits(model_dir: Path, tok_dir: Path):
 
 
 def test_tied_embedding_is_charged_once_and_merges_tied(tied_run, tied_base, tmp_path) -> None:
-    # charged once: the budget is the fraction of the parameters counted once, and exactly that many move
-    budget = resolve_budget(FRACTION, _unique_numel(tied_base))
+    # charged once: the budget is the fraction of the targeted entries counted once, and exactly that many move
+    budget = resolve_budget(FRACTION, _targeted_numel(tied_base))
     records = [json.loads(line) for line in (tied_run / "log.jsonl").read_text().splitlines()]
     assert [r["budget"] for r in records if r.get("event") == "start"] == [budget]
     delta = load_delta(tied_run / "delta", BaseModel.open(tied_base))

@@ -31,7 +31,7 @@ from id3_ds.algorithm.decay import decays
 from id3_ds.algorithm.mask import MaskState, SliceMask
 from id3_ds.algorithm.schedule import UnmaskSchedule, resolve_budget
 from id3_ds.algorithm.selection import Candidates, _reduce, merge_candidates, slice_candidates
-from id3_ds.algorithm.slices import ParamSlice, SliceAccess, TensorSliceAccess, named_weights
+from id3_ds.algorithm.slices import ParamSlice, SliceAccess, TensorSliceAccess, named_weights, tied_aliases
 from id3_ds.algorithm.static import StaticSchedule
 from id3_ds.errors import ID3Error
 
@@ -322,13 +322,20 @@ class ID3:
         self.digest = str(meta.get("winners_sha256", ""))
 
 
-def param_kinds(names: Iterable[str], config: ID3Config) -> dict[str, str]:
-    """'full', 'select' or 'frozen' for each trainable parameter name, by the config's glob patterns."""
+def param_kinds(
+    names: Iterable[str], config: ID3Config, aliases: dict[str, tuple[str, ...]] | None = None
+) -> dict[str, str]:
+    """'full', 'select' or 'frozen' for each trainable parameter name, by the config's glob patterns.
+
+    A tied parameter matches a pattern through any of its names (`aliases`, from `tied_aliases`).
+    """
+    aliases = aliases or {}
     kinds = {}
     for n in names:
-        if any(fnmatch.fnmatchcase(n, p) for p in config.fully_trainable):
+        known = (n, *aliases.get(n, ()))
+        if any(fnmatch.fnmatchcase(a, p) for a in known for p in config.fully_trainable):
             kinds[n] = "full"
-        elif any(fnmatch.fnmatchcase(n, p) for p in config.targets):
+        elif any(fnmatch.fnmatchcase(a, p) for a in known for p in config.targets):
             kinds[n] = "select"
         else:
             kinds[n] = "frozen"
@@ -336,15 +343,18 @@ def param_kinds(names: Iterable[str], config: ID3Config) -> dict[str, str]:
 
 
 def layout(
-    named_shapes: list[tuple[str, tuple[int, ...]]], config: ID3Config, keep: Keep | None = None
+    named_shapes: list[tuple[str, tuple[int, ...]]],
+    config: ID3Config,
+    keep: Keep | None = None,
+    aliases: dict[str, tuple[str, ...]] | None = None,
 ) -> tuple[list[ParamSlice], int, int]:
     """Whole-parameter slices with global key bases, plus (selectable, fully trainable) entry counts.
 
-    Parameters matched by neither id3.targets nor id3.fully_trainable are left out: the caller freezes
-    them; so are selectable ones that `keep` rejects (a method narrowing the targets). Keys follow model
-    order, the same on every rank.
+    Parameters matched by neither id3.targets nor id3.fully_trainable (through any of their `aliases`)
+    are left out: the caller freezes them; so are selectable ones that `keep` rejects (a method narrowing
+    the targets). Keys follow model order, the same on every rank.
     """
-    kinds = param_kinds([n for n, _ in named_shapes], config)
+    kinds = param_kinds([n for n, _ in named_shapes], config, aliases)
     if keep is not None:
         kinds = {
             n: "frozen" if k == "select" and not keep(n, tuple(s)) else k
@@ -382,7 +392,8 @@ def from_module(
     method (see id3_ds.methods); the defaults are ID3 itself.
     """
     weights = dict(named_weights(model))  # parameters, and weights held outside them (a quantized base)
-    slices, selectable, full = layout([(n, tuple(w.shape)) for n, w in weights.items()], config, keep)
+    named = [(n, tuple(w.shape)) for n, w in weights.items()]
+    slices, selectable, full = layout(named, config, keep, tied_aliases(model))
     kept = {s.name for s in slices}
     for n, w in weights.items():
         if n not in kept and isinstance(w, torch.nn.Parameter):

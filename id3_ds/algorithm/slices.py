@@ -98,3 +98,20 @@ def named_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter 
             if p.requires_grad:
                 out.append((dot + local, p))
     return out
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """The other names of each tied parameter, keyed by the name `named_weights` lists it under.
+
+    A tied tensor is one parameter with several names (SmolLM2's lm_head.weight is
+    model.embed_tokens.weight). ID3 scores, charges and saves it once under its first name, but a user's
+    id3.targets or id3.fully_trainable pattern may name any of them, as PEFT's target names do.
+    """
+    first: dict[int, str] = {}
+    others: dict[str, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            others.setdefault(first[id(p)], []).append(name)
+        else:
+            first[id(p)] = name
+    return {name: tuple(more) for name, more in others.items()}

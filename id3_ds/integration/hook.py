@@ -27,7 +27,7 @@ import torch.distributed as dist
 from id3_ds.algorithm.config import ID3Config
 from id3_ds.algorithm.id3 import ID3, Keep, Scorer, layout, local_reducer
 from id3_ds.algorithm.mask import MaskState
-from id3_ds.algorithm.slices import named_weights
+from id3_ds.algorithm.slices import named_weights, tied_aliases
 from id3_ds.errors import ID3Error
 from id3_ds.integration.collectives import allgather_reducer
 from id3_ds.integration.params import full_numel, full_shape, write_local_partition
@@ -49,7 +49,7 @@ def trainable_layout(model: torch.nn.Module, config: ID3Config, keep: Keep | Non
     named = [
         (n, full_shape(w) if isinstance(w, torch.nn.Parameter) else tuple(w.shape)) for n, w in named_weights(model)
     ]
-    return layout(named, config, keep)
+    return layout(named, config, keep, tied_aliases(model))
 
 
 def freeze_outside(model: torch.nn.Module, config: ID3Config, keep: Keep | None = None) -> None:
