@@ -8,6 +8,7 @@
     python benchmarks/bench_quality.py --list --phase grid --parts 6           # the runs of each part, no training
     python benchmarks/bench_quality.py --phase grid --methods id3 --lrs 3e-4 --json   # one step past an edge
     python benchmarks/bench_quality.py --quick                                 # id3 and LoRA, 4 steps (CI)
+    python benchmarks/bench_quality.py --phase grid --jobs 2 --json > grid.log  # 2 one-thread runs at a time
     python benchmarks/bench_quality.py --phase seeds --grid benchmarks/quality_logs/minilm_grid.jsonl --methods id3
         --budgets 0.1% --seeds 42 --optimizers torch_adamw adamw_8bit --json   # train.optimizer compared, own section
 
@@ -59,6 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,7 +236,11 @@ def eval_subset(model: str, split: str, limit: int, tmp: Path) -> str:
     return str(path)
 
 
-def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | None) -> dict:
+def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | None, threads: int | None) -> dict:
+    """One training run through launch/train.py, its final (and intermediate) scores as a row.
+
+    threads: torch threads of the run (OMP_NUM_THREADS) when several runs share the cores (--jobs); None
+    keeps torch's default (every core)."""
     model = MODELS[run.model]
     script = str(ROOT / "launch" / "train.py")
     cmd = launch_command(model.nproc, script)
@@ -255,7 +261,8 @@ def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | N
         *([f"train.optimizer={run.optimizer}"] if run.optimizer else []),
     ]
     t0 = time.perf_counter()
-    proc = subprocess.run([*cmd, *args], cwd=ROOT, text=True, capture_output=True, env={**os.environ})
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.run([*cmd, *args], cwd=ROOT, text=True, capture_output=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{run.key} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -280,7 +287,9 @@ def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | N
         "curve": [(r["step"], round(r[metric], 4)) for r in evals],
         "seconds": round(time.perf_counter() - t0, 1),
         "command": "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:]),
+        "key": run.key,
         **({"optimizer": run.optimizer} if run.optimizer else {}),
+        **({"threads": threads} if threads else {}),  # seconds measured with other runs on the cores
     }
 
 
@@ -438,6 +447,13 @@ def main() -> None:
         choices=["deepspeed", "torch_adamw", "adamw_8bit"],
         help="train.optimizer: every run once per optimizer named (default: the config's); recorded apart",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs side by side, each with cores/N torch threads (2 one-thread runs on 2 cores: about twice "
+        "the throughput of one two-thread run); s/run then counts the sharing",
+    )
     p.add_argument("--part", help="K/N: only the K-th of N parts of the phase's runs (round robin)")
     p.add_argument("--list", action="store_true", help="print the phase's runs (with --parts N: by part) and stop")
     p.add_argument("--parts", type=int, default=1)
@@ -488,17 +504,29 @@ def main() -> None:
         for k in range(1, a.parts + 1):
             print(f"part {k}/{a.parts}: " + "; ".join(r.key for r in part_of(runs, f"{k}/{a.parts}")))
         return
+    if a.jobs < 1:
+        raise SystemExit(f"--jobs {a.jobs}: give 1 or more runs at a time")
     runs = part_of(runs, a.part)
     print(f"{len(runs)} runs of {steps} steps", flush=True)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    threads = max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else None
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(a.jobs) as pool:
         eval_path = eval_subset(a.model, PHASES[a.phase], a.eval_limit, Path(tmp)) if a.eval_limit else None
-        for i, run in enumerate(runs):
-            r = execute(run, steps, max(1, steps // evals), Path(tmp) / f"run-{i}", eval_path)
-            rows.append(r)
-            print(f"{run.key}: accuracy {r['accuracy']:.4f} ({r['seconds']}s)", flush=True)
-            if a.json:
-                print(json.dumps(r), flush=True)
+        pending = [
+            pool.submit(execute, run, steps, max(1, steps // evals), Path(tmp) / f"run-{i}", eval_path, threads)
+            for i, run in enumerate(runs)
+        ]
+        try:
+            for done in as_completed(pending):  # printed as each ends; the tables sort them
+                r = done.result()
+                rows.append(r)
+                print(f"{r['key']}: accuracy {r['accuracy']:.4f} ({r['seconds']}s)", flush=True)
+                if a.json:
+                    print(json.dumps(r), flush=True)
+        except BaseException:
+            for f in pending:  # a failed run stops the plan: the runs not yet started never start
+                f.cancel()
+            raise
     print("\n" + report(rows))
     if not a.no_record and not a.part:
         details = f"{a.model}, phase {a.phase}, {steps} steps, seeds {a.seeds}"

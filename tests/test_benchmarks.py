@@ -256,7 +256,7 @@ def test_quality_quick_trains_each_method_at_its_size_on_the_validation_split() 
     from bench_quality import MODELS  # the budget --quick runs at
 
     budget = MODELS["minilm"].budgets["0.1%"]
-    out = run_bench("bench_quality.py", "--quick", "--json")
+    out = run_bench("bench_quality.py", "--quick", "--json", "--jobs", "2")  # the two runs side by side
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     by_method = {r["method"]: r for r in rows}
     assert sorted(r["method"] for r in rows) == ["id3", "lora"]  # --quick: one LR and one seed of each
@@ -267,6 +267,7 @@ def test_quality_quick_trains_each_method_at_its_size_on_the_validation_split() 
     printed = {r[2]: r for r in table(out, "| model | budget | method | trained entries |")}
     assert set(printed) == {"id3", f"lora (r={lora_rank})"}
     for r in rows:
+        assert r["threads"] == max(1, (os.cpu_count() or 1) // 2)  # the cores split between the two
         assert r["curve"] == [[4, round(r["accuracy"], 4)]]  # one eval, at the last step
         assert 0.0 <= r["accuracy"] <= 1.0
         cells = printed["id3" if r["method"] == "id3" else f"lora (r={lora_rank})"]
