@@ -24,10 +24,12 @@ main job's config and overrides (DeepSpeed ZeRO-2, fp32, micro-batch 16, one pro
 a user gets. Grid runs are scored once, at the last step; seed runs at half-way and the end (`--evals`):
 an eval pass over ~1,250 reviews costs about as much as 10-20 training steps on 2 CPU cores.
 
-Steps: MiniLM runs 100 steps (1,600 reviews, 0.16 epoch) by default, what the 2 shared CPU cores allowed
-for the 0.1 % cells in one session (40 steps left ID3 at one-class guessing); every method was still
-improving at step 100 (curves in RESULTS.md), so `--steps 300 --evals 3` on the seeds phase is the check
-of whether the order holds with more training (rows of other step counts are tabulated separately).
+Steps: MiniLM's grid runs 100 steps (1,600 reviews, 0.16 epoch: enough to rank LRs, cheap) and its seeds
+600 (9,600 reviews, 0.94 epoch), where the best method had stopped improving: full fine-tuning at its
+chosen LR, scored on validation every 100 steps over 1,000 steps, reached 0.825 at 600, then 0.819-0.826
+up to 900 and 0.813 at 1,000 (`--phase grid --methods full --lrs 3e-5 --steps 1000 --evals 10`). Earlier
+seeds rows of 100 and 300 steps stay in the tables as rows of their own. The LR is still chosen at 100
+steps: a longer run may prefer a smaller one.
 
 Models and budgets (`--model`):
 - minilm: all-MiniLM-L6-v2 + a fresh 2-way head (22,713,986 entries; the head's 770 are charged to every
@@ -84,7 +86,7 @@ class Model:
     overrides: tuple[str, ...]  # data splits and format on top of the config
     budgets: dict[str, int]
     methods: tuple[str, ...]
-    steps: int
+    steps: dict[str, int]  # per phase: the grid's (cheap, an LR choice) and the seeds' (the table's)
     lora_per_rank: int  # query + value LoRA entries per unit of rank
     head: int  # dense entries every LoRA run also trains (the fresh head), 0 for a causal LM
     bitfit: int  # every bias/norm entry (+ head): BitFit's only size
@@ -104,7 +106,7 @@ MODELS = {
         overrides=_rt("rotten_tomatoes", "classification", False),
         budgets={"0.1%": 31_874, "1%": 221_954},
         methods=METHODS,
-        steps=100,
+        steps={"grid": 100, "seeds": 600},
         lora_per_rank=9_216,  # 6 layers x 2 modules x (384 + 384)
         head=770,  # 384 x 2 + 2
         bitfit=31_874,
@@ -116,7 +118,7 @@ MODELS = {
         overrides=(*_rt("rotten_tomatoes_alpaca", "alpaca", True), "data.max_length=128", "train.export_delta=false"),
         budgets={"bitfit": 35_136},
         methods=("id3", "lora", "bitfit", "full"),
-        steps=40,
+        steps={"grid": 40, "seeds": 40},
         lora_per_rank=57_600,  # 30 layers x (q: 576 + 576, v: 576 + 192)
         head=0,
         bitfit=35_136,  # 30 layers x 2 norms x 576 + the final norm
@@ -403,7 +405,7 @@ def report(rows: list[dict]) -> str:
 def missing(rows: list[dict], seeds: list[int]) -> list[str]:
     """Commands for the runs of the full plan (every model, budget and method, 3 LRs, the
     given seeds) that no row holds: empty when the table is complete."""
-    rows = [r for r in rows if r["steps"] == MODELS[r["model"]].steps]  # the plan's steps; longer checks aside
+    rows = [r for r in rows if r["steps"] == MODELS[r["model"]].steps[r["phase"]]]  # the plan's; others aside
     done = {(r["model"], r["phase"], r["group"], r["method"], r["lr"], r["seed"]) for r in rows}
     chosen = best_lrs(rows)
     out = []
@@ -438,8 +440,8 @@ def main() -> None:
     p.add_argument("--budgets", nargs="+", help="budget names of the model (default: all)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: the model's set")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="grid: the first only")
-    p.add_argument("--steps", type=int, help="default: the model's (minilm 100, smollm2 40)")
-    p.add_argument("--evals", type=int, help="eval points per run, the last at the final step (grid 1, seeds 2)")
+    p.add_argument("--steps", type=int, help="default: the model's for the phase (minilm grid 100, seeds 600)")
+    p.add_argument("--evals", type=int, help="eval points per run, the last at the final step (grid 1, seeds 3)")
     p.add_argument("--lrs", type=float, nargs="+", help="grid: these LRs instead of the method's grid")
     p.add_argument(
         "--optimizers",
@@ -492,8 +494,8 @@ def main() -> None:
         a.model, a.phase, a.steps, a.methods, a.budgets, a.evals = "minilm", "grid", 4, ["id3", "lora"], ["0.1%"], 1
         a.eval_limit = a.eval_limit or 64
     model = MODELS[a.model]
-    steps = a.steps or model.steps
-    evals = a.evals or (1 if a.phase == "grid" else 2)  # an eval pass costs ~10 training steps: few of them
+    steps = a.steps or model.steps[a.phase]
+    evals = a.evals or (1 if a.phase == "grid" else 3)  # an eval pass costs ~10 training steps: few of them
     chosen = best_lrs(read_rows(a.grid)) if a.phase == "seeds" and a.grid else None
     if a.phase == "seeds" and chosen is None:
         raise SystemExit("--phase seeds needs --grid LOG... (the grid phase's --json output)")

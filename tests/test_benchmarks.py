@@ -277,10 +277,11 @@ def test_quality_quick_trains_each_method_at_its_size_on_the_validation_split() 
 
 def _quality_row(phase: str, method: str, lr: float, seed: int, acc: float, group: str = "0.1%") -> dict:
     budget = {"0.1%": 31_874, "1%": 221_954}[group]
+    steps = {"grid": 100, "seeds": 600}[phase]  # the plan's steps of each phase
     return {
         "model": "minilm", "phase": phase, "split": {"grid": "validation", "seeds": "eval"}[phase], "group": group,
-        "budget": budget, "method": method, "lr": lr, "seed": seed, "steps": 100, "trained_entries": budget,
-        "accuracy": acc, "f1": acc / 2, "eval_loss": 0.5, "curve": [[100, acc]], "seconds": 100.0,
+        "budget": budget, "method": method, "lr": lr, "seed": seed, "steps": steps, "trained_entries": budget,
+        "accuracy": acc, "f1": acc / 2, "eval_loss": 0.5, "curve": [[steps, acc]], "seconds": 100.0,
         "command": f"python benchmarks/bench_quality.py --phase {phase} --json",
     }  # fmt: skip
 
@@ -321,7 +322,7 @@ def test_quality_seeds_take_each_methods_best_validation_lr_and_combine_into_one
     assert grid_rows[1][5] == "**0.001: 0.750**; 0.01: 0.750 (1 LR not run)"
     (row,) = table(out, "| model | budget | method | trained entries | LR (from grid)")
     acc = list(seeds.values())
-    assert row[1:3] == ["0.1%", "id3"] and row[4] == "0.003" and row[5] == "100"
+    assert row[1:3] == ["0.1%", "id3"] and row[4] == "0.003" and row[5] == "600"  # the plan's seeds steps
     assert row[6] == f"{statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f}" and row[7] == "0.700..0.900"
     assert row[9] == "42: 0.900, 43: 0.800, 44: 0.700"
     todo = [line for line in out.splitlines() if line.startswith("- `python benchmarks/bench_quality.py")]
