@@ -453,8 +453,8 @@ def main() -> None:
         "--jobs",
         type=int,
         default=1,
-        help="runs side by side, each with cores/N torch threads (2 one-thread runs on 2 cores: about twice "
-        "the throughput of one two-thread run); s/run then counts the sharing",
+        help="runs side by side, each with cores/N torch threads (2 one-thread runs on 2 cores: close to twice "
+        "the runs per hour of one two-thread run, unpaired); s/run then counts the sharing",
     )
     p.add_argument("--part", help="K/N: only the K-th of N parts of the phase's runs (round robin)")
     p.add_argument("--list", action="store_true", help="print the phase's runs (with --parts N: by part) and stop")
