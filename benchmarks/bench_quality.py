@@ -21,7 +21,7 @@ The data: Rotten Tomatoes critic snippets (`id3_ds/data/sources.py`). Every run 
 `--phase seeds` reads those grid results, takes each method's best LR (ties: the smaller LR) and trains
 `--seeds` seeds scored on `eval`, which no choice ever saw. Each run is `launch/train.py` with the README
 main job's config and overrides (DeepSpeed ZeRO-2, fp32, micro-batch 16, one process), so it measures what
-a user gets. Grid runs are scored once, at the last step; seed runs at half-way and the end (`--evals`):
+a user gets. Grid runs are scored once, at the last step; seed runs at a third, two thirds and the end (`--evals`):
 an eval pass over ~1,250 reviews costs about as much as 10-20 training steps on 2 CPU cores.
 
 Steps: MiniLM's grid runs 100 steps (1,600 reviews, 0.16 epoch: enough to rank LRs, cheap) and its seeds
