@@ -289,7 +289,6 @@ def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | N
         "curve": [(r["step"], round(r[metric], 4)) for r in evals],
         "seconds": round(time.perf_counter() - t0, 1),
         "command": "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:]),
-        "key": run.key,
         **({"optimizer": run.optimizer} if run.optimizer else {}),
         **({"threads": threads} if threads else {}),  # seconds measured with other runs on the cores
     }
@@ -514,15 +513,15 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else None
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(a.jobs) as pool:
         eval_path = eval_subset(a.model, PHASES[a.phase], a.eval_limit, Path(tmp)) if a.eval_limit else None
-        pending = [
-            pool.submit(execute, run, steps, max(1, steps // evals), Path(tmp) / f"run-{i}", eval_path, threads)
+        pending = {
+            pool.submit(execute, run, steps, max(1, steps // evals), Path(tmp) / f"run-{i}", eval_path, threads): run
             for i, run in enumerate(runs)
-        ]
+        }
         try:
             for done in as_completed(pending):  # printed as each ends; the tables sort them
                 r = done.result()
                 rows.append(r)
-                print(f"{r['key']}: accuracy {r['accuracy']:.4f} ({r['seconds']}s)", flush=True)
+                print(f"{pending[done].key}: accuracy {r['accuracy']:.4f} ({r['seconds']}s)", flush=True)
                 if a.json:
                     print(json.dumps(r), flush=True)
         except BaseException:
