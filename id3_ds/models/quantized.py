@@ -238,14 +238,20 @@ def packed_bytes(model: torch.nn.Module) -> int:
     return sum(m.qweight.nbytes for m in model.modules() if isinstance(m, QuantizedLinear))
 
 
-def quantize_selectable(model: torch.nn.Module, selectable: Iterable[str], kind: str) -> dict[str, QuantizedLinear]:
-    """Quantize the nn.Linear layers whose weight is among the `selectable` parameter names (ID3 may choose
-    entries of it); other weights (embeddings, norms, a fully trainable head, a weight tied to another
-    module) stay as they are. Returns the new modules by module name."""
+def _parameter_uses(model: torch.nn.Module) -> dict[int, int]:
+    """How many modules hold each parameter (by id): more than one means a tied weight, left unquantized."""
     uses: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
             uses[id(p)] = uses.get(id(p), 0) + 1
+    return uses
+
+
+def quantize_selectable(model: torch.nn.Module, selectable: Iterable[str], kind: str) -> dict[str, QuantizedLinear]:
+    """Quantize the nn.Linear layers whose weight is among the `selectable` parameter names (ID3 may choose
+    entries of it); other weights (embeddings, norms, a fully trainable head, a weight tied to another
+    module) stay as they are. Returns the new modules by module name."""
+    uses = _parameter_uses(model)
     modules = dict(model.named_modules())
     names = []
     for name in selectable:
@@ -273,10 +279,7 @@ def quantize_for_lora(model: torch.nn.Module) -> int:
     import bitsandbytes as bnb
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    uses: dict[int, int] = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            uses[id(p)] = uses.get(id(p), 0) + 1
+    uses = _parameter_uses(model)
     names = [
         n for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head and uses[id(m.weight)] == 1
     ]
