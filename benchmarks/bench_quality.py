@@ -11,6 +11,7 @@
     python benchmarks/bench_quality.py --phase grid --jobs 2 --json > grid.log  # 2 one-thread runs at a time
     python benchmarks/bench_quality.py --phase seeds --grid benchmarks/quality_logs/minilm_grid.jsonl --methods id3
         --budgets 0.1% --seeds 42 --optimizers torch_adamw adamw_8bit --json   # train.optimizer compared, own section
+    python benchmarks/bench_quality.py --phase grid --methods id3 --set id3.exp=0 --json  # an ablation: own rows and LR
 
 The runs recorded in RESULTS.md are kept as JSON lines in benchmarks/quality_logs/ (minilm_grid.jsonl is
 what `--phase seeds --grid` reads for the cells still to run; `--combine benchmarks/quality_logs/*.jsonl
@@ -171,16 +172,19 @@ class Run:
     lr: float
     seed: int
     optimizer: str | None = None  # train.optimizer; None: the config's (DeepSpeed's AdamW)
+    extra: tuple[str, ...] = ()  # --set: config overrides of an ablation, on top of the method's own
 
     @property
     def key(self) -> str:
         opt = f" optimizer={self.optimizer}" if self.optimizer else ""
-        return f"{self.model} {self.phase} {self.group} {self.method} lr={self.lr:g} seed={self.seed}{opt}"
+        extra = f" [{' '.join(self.extra)}]" if self.extra else ""
+        return f"{self.model} {self.phase} {self.group} {self.method}{extra} lr={self.lr:g} seed={self.seed}{opt}"
 
 
 def plan(a: argparse.Namespace, chosen: dict[tuple[str, str, str], float] | None = None) -> list[Run]:
     """Every run of the phase, in a fixed order (so `--part` picks the same runs on every machine)."""
     model = MODELS[a.model]
+    extra = tuple(getattr(a, "set", None) or ())
     runs = []
     for group in a.budgets or list(model.budgets):
         for method in a.methods or list(model.methods):
@@ -189,10 +193,10 @@ def plan(a: argparse.Namespace, chosen: dict[tuple[str, str, str], float] | None
             for opt in getattr(a, "optimizers", None) or [None]:  # --optimizers: each run once per optimizer
                 if a.phase == "grid":
                     lrs = a.lrs or grid_of(method)  # --lrs: a subset, or a step past an edge the best LR sat on
-                    runs += [Run(a.model, "grid", group, method, lr, a.seeds[0], opt) for lr in lrs]
-                elif chosen is not None and (a.model, group, method) in chosen:
-                    lr = chosen[(a.model, group, method)]
-                    runs += [Run(a.model, "seeds", group, method, lr, s, opt) for s in a.seeds]
+                    runs += [Run(a.model, "grid", group, method, lr, a.seeds[0], opt, extra) for lr in lrs]
+                elif chosen is not None and (a.model, group, method, extra) in chosen:
+                    lr = chosen[(a.model, group, method, extra)]
+                    runs += [Run(a.model, "seeds", group, method, lr, s, opt, extra) for s in a.seeds]
     return runs
 
 
@@ -210,13 +214,19 @@ def read_rows(logs: list[str]) -> list[dict]:
     return [json.loads(line) for f in logs for line in Path(f).read_text().splitlines() if line[:1] == "{"]
 
 
-def best_lrs(rows: list[dict]) -> dict[tuple[str, str, str], float]:
-    """Per (model, budget, method): the grid LR with the best validation accuracy (ties: the smaller LR)."""
-    best: dict[tuple[str, str, str], tuple[float, float]] = {}
+def _extra(r: dict) -> tuple[str, ...]:
+    """The row's --set overrides (() for a method as the benchmark defines it)."""
+    return tuple(r.get("set") or ())
+
+
+def best_lrs(rows: list[dict]) -> dict[tuple[str, str, str, tuple[str, ...]], float]:
+    """Per (model, budget, method, --set overrides): the grid LR with the best validation accuracy (ties: the
+    smaller LR). An ablation chooses its own LR: a change to the method may move its best step size."""
+    best: dict[tuple[str, str, str, tuple[str, ...]], tuple[float, float]] = {}
     for r in rows:
         if r["phase"] != "grid":
             continue
-        key = (r["model"], r["group"], r["method"])
+        key = (r["model"], r["group"], r["method"], _extra(r))
         score = (r["accuracy"], -r["lr"])
         if key not in best or score > (best[key][0], -best[key][1]):
             best[key] = (r["accuracy"], r["lr"])
@@ -261,6 +271,7 @@ def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | N
         "train.resume=null",
         "train.progress_bar=false",
         *([f"train.optimizer={run.optimizer}"] if run.optimizer else []),
+        *run.extra,  # last: an ablation overrides what the method set
     ]
     t0 = time.perf_counter()
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
@@ -290,6 +301,7 @@ def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | N
         "seconds": round(time.perf_counter() - t0, 1),
         "command": "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:]),
         **({"optimizer": run.optimizer} if run.optimizer else {}),
+        **({"set": list(run.extra)} if run.extra else {}),
         **({"threads": threads} if threads else {}),  # seconds measured with other runs on the cores
     }
 
@@ -304,7 +316,8 @@ def spread(xs: list[float]) -> str:
 def _order(r: dict) -> tuple:
     """Table order and grouping: model, budget, method, then steps (a longer check is its own row)."""
     model = MODELS[r["model"]]
-    return (r["model"], list(model.budgets).index(r["group"]), METHODS.index(r["method"]), r["steps"], _opt(r))
+    method = METHODS.index(r["method"])
+    return (r["model"], list(model.budgets).index(r["group"]), method, _extra(r), r["steps"], _opt(r))
 
 
 def _opt(r: dict) -> str:
@@ -313,6 +326,8 @@ def _opt(r: dict) -> str:
 
 
 def _name(r: dict) -> str:
+    if _extra(r):
+        return f"{_name({**r, 'set': None})} [{' '.join(_extra(r))}]"
     if _opt(r):
         return f"{_name({**r, 'optimizer': None})}, {_opt(r)}"
     if r["method"] == "lora":
@@ -340,7 +355,7 @@ def grid_table(rows: list[dict]) -> str:
     ]
     for _, rs in sorted(groups.items()):
         r0 = rs[0]
-        pick = chosen[(r0["model"], r0["group"], r0["method"])]
+        pick = chosen[(r0["model"], r0["group"], r0["method"], _extra(r0))]
         cells = []
         for r in sorted(rs, key=lambda r: r["lr"]):
             cell = f"{r['lr']:g}: {r['accuracy']:.3f}"
@@ -404,7 +419,8 @@ def report(rows: list[dict]) -> str:
 def missing(rows: list[dict], seeds: list[int]) -> list[str]:
     """Commands for the runs of the full plan (every model, budget and method, 3 LRs, the
     given seeds) that no row holds: empty when the table is complete."""
-    rows = [r for r in rows if r["steps"] == MODELS[r["model"]].steps[r["phase"]]]  # the plan's; others aside
+    # the plan's runs; longer checks and ablations aside
+    rows = [r for r in rows if r["steps"] == MODELS[r["model"]].steps[r["phase"]] and not _extra(r)]
     done = {(r["model"], r["phase"], r["group"], r["method"], r["lr"], r["seed"]) for r in rows}
     chosen = best_lrs(rows)
     out = []
@@ -420,7 +436,7 @@ def missing(rows: list[dict], seeds: list[int]) -> list[str]:
                     lr_args = " ".join(f"{lr:g}" for lr in lrs)
                     out.append(f"python benchmarks/bench_quality.py --phase grid {cell} --lrs {lr_args} --json")
                     continue  # its seeds wait for the grid
-                lr = chosen[(name, group, method)]
+                lr = chosen[(name, group, method, ())]
                 left = [s for s in seeds if (name, "seeds", group, method, lr, s) not in done]
                 if left:
                     seed_args = " ".join(map(str, left))
@@ -454,6 +470,13 @@ def main() -> None:
         default=1,
         help="runs side by side, each with cores/N torch threads (2 one-thread runs on 2 cores: close to twice "
         "the runs per hour of one two-thread run, unpaired); s/run then counts the sharing",
+    )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="an ablation: config overrides added to every run (e.g. id3.exp=0); recorded with each row, tabled "
+        "as a method of its own that chooses its own LR",
     )
     p.add_argument("--part", help="K/N: only the K-th of N parts of the phase's runs (round robin)")
     p.add_argument("--list", action="store_true", help="print the phase's runs (with --parts N: by part) and stop")
@@ -534,6 +557,7 @@ def main() -> None:
         cmd = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
         # an optimizer comparison is its own section: the method table stays
         title = f"{TITLE}: optimizers {', '.join(a.optimizers)}" if a.optimizers else TITLE
+        title = f"{title}: ablation {' '.join(a.set)}" if a.set else title  # likewise
         record_results(title, details, cmd.strip(), report(rows))
 
 

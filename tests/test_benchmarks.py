@@ -331,6 +331,29 @@ def test_quality_seeds_take_each_methods_best_validation_lr_and_combine_into_one
     assert any("--model minilm --budgets 1% --methods id3 --lrs 0.001 0.003 --json" in t for t in todo)
 
 
+def test_quality_ablation_chooses_its_own_lr_and_is_tabled_apart_from_the_plan() -> None:
+    """--set runs a method with extra overrides: its grid rows choose the ablation's own LR, its seeds run at
+    that LR with the overrides passed last, its rows are a table row of their own, and the plan's
+    missing-run list neither counts nor asks for them."""
+    import argparse
+
+    from benchmarks import bench_quality as bq
+
+    plain = [_quality_row("grid", "id3", lr, 42, acc) for lr, acc in ((1e-3, 0.8), (3e-3, 0.7), (1e-2, 0.6))]
+    ablation = [{**r, "set": ["id3.exp=0"], "accuracy": 1.0 - r["accuracy"]} for r in plain]  # best at 1e-2
+    chosen = bq.best_lrs(plain + ablation)
+    assert chosen[("minilm", "0.1%", "id3", ())] == 1e-3
+    assert chosen[("minilm", "0.1%", "id3", ("id3.exp=0",))] == 1e-2
+    a = argparse.Namespace(
+        model="minilm", phase="seeds", budgets=["0.1%"], methods=["id3"], seeds=[1], set=["id3.exp=0"]
+    )
+    (run,) = bq.plan(a, chosen)
+    assert (run.lr, run.extra) == (1e-2, ("id3.exp=0",)) and run.key.startswith("minilm seeds 0.1% id3 [id3.exp=0]")
+    assert bq._name(ablation[0]) == "id3 [id3.exp=0]" and bq._order(ablation[0]) != bq._order(plain[0])
+    todo = bq.missing(ablation, [42])
+    assert any("--methods id3 --lrs 0.001 0.003 0.01" in c for c in todo)  # the plan's id3 grid has not run
+
+
 def test_model_state_formulas_on_known_numbers() -> None:
     """Per-rank model state at ZeRO-3: the byte counts of each method, checked by hand on LLaMA-7B."""
     llama7b = next(m for m in pj.MODELS if m.name == "LLaMA-7B")
