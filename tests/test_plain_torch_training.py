@@ -93,6 +93,17 @@ def test_budget_smaller_than_fully_trainable_is_refused() -> None:
         from_module(TinyNet(), ID3Config(budget=10, fully_trainable=("head.*",)), steps=3)
 
 
+def test_unmask_steps_spends_the_budget_early_and_then_trains_a_fixed_mask() -> None:
+    """id3.unmask_steps=T: the whole budget is chosen by step T (T counts as the schedule's steps), nothing
+    after, and the run's own length stays what checkpoints record."""
+    model, base, id3 = _train(ID3Config(budget=37, unmask_steps=3), steps=7)
+    assert id3.chosen == 37 and id3.steps == 7 and id3.state_meta()["steps"] == 7
+    assert [id3.schedule.per_step(t) for t in range(7)] == [13, 12, 12, 0, 0, 0, 0]
+    assert_only_chosen_moved(base, dict(model.named_parameters()), chosen_indices(id3.mask_state()))
+    with pytest.raises(ID3Error, match=r"^id3.unmask_steps=8 exceeds the run's 7 optimizer steps"):
+        from_module(TinyNet(), ID3Config(budget=37, unmask_steps=8), steps=7)
+
+
 def test_select_must_follow_the_step_counter() -> None:
     id3 = from_module(TinyNet(), ID3Config(budget=10), steps=3)
     with pytest.raises(ID3Error, match="exactly once per"):

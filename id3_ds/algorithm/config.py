@@ -34,6 +34,9 @@ class ID3Config:
         Adam update as if its bias correction counted from the step it was chosen.
     no_decay: glob patterns (case-insensitive) of parameters that get no weight decay, on top of the
         rule that tensors with fewer than 2 dimensions (biases, norm scales) never do (see decay.py).
+    unmask_steps: the optimizer steps T over which ID3 unmasks the budget (the reference code's
+        `max_steps`); None: the whole run. A shorter T trains the chosen entries for more steps: the mask is
+        complete after T and fixed for the rest of the run. At most the run's steps.
     fish_batches: sample batches for the Fisher estimate of method fish, taken before step 0.
     state: where the optimizer state of the trainable weights lives. "dense" (default): DeepSpeed's
         optimizer holds an fp32 master and both Adam moments for every selectable weight, so memory is
@@ -49,6 +52,7 @@ class ID3Config:
     fully_trainable: tuple[str, ...] = ()
     bias_correction: BiasCorrection = "shared"
     no_decay: tuple[str, ...] = ()
+    unmask_steps: int | None = None
     fish_batches: int = 8
     state: StateMode = "dense"
 
@@ -66,5 +70,9 @@ class ID3Config:
             raise ID3Error(f"id3.bias_correction must be one of {BIAS_CORRECTIONS}, got {self.bias_correction!r}")
         if self.state not in STATE_MODES:
             raise ID3Error(f"id3.state must be one of {STATE_MODES}, got {self.state!r}")
+        if self.unmask_steps is not None and (isinstance(self.unmask_steps, bool) or self.unmask_steps < 1):
+            raise ID3Error(
+                f"id3.unmask_steps must be a step count >= 1 (or null: the whole run), got {self.unmask_steps!r}"
+            )
         if self.fish_batches < 1:
             raise ID3Error("id3.fish_batches must be >= 1 (sample batches for the Fisher estimate)")

@@ -91,6 +91,17 @@ def budget_split(config: ID3Config, selectable: int, fully_trainable: int) -> tu
     return total, left
 
 
+def unmask_horizon(config: ID3Config, steps: int) -> int:
+    """T: the steps the budget is unmasked over (id3.unmask_steps, default the run's `steps`), validated."""
+    horizon = config.unmask_steps or steps
+    if horizon > steps:
+        raise ID3Error(
+            f"id3.unmask_steps={horizon} exceeds the run's {steps} optimizer steps, so the budget would never be "
+            "fully chosen; lower it or remove it (default: unmask over the whole run)"
+        )
+    return horizon
+
+
 class ID3:
     """Mask growth and gradient masking over the slices one process holds."""
 
@@ -109,7 +120,8 @@ class ID3:
         """scorer replaces the ID3 score; static chooses all of B at step 0 (the paper's static baselines)."""
         self.config = config
         self.budget, left = budget_split(config, selectable, fully_trainable)
-        self.schedule = StaticSchedule(left, steps) if static else UnmaskSchedule(left, steps)
+        self.steps = steps  # the run's optimizer steps; the unmasking may end sooner (id3.unmask_steps)
+        self.schedule = StaticSchedule(left, steps) if static else UnmaskSchedule(left, unmask_horizon(config, steps))
         self.reducer = reducer
         self.scorer = scorer
         self.held = [_Held(info, access, SliceMask()) for info, access in slices]
@@ -304,16 +316,16 @@ class ID3:
             "step": self.step,
             "chosen": self.chosen,
             "budget": self.budget,
-            "steps": self.schedule.steps,
+            "steps": self.steps,
             "winners_sha256": self.digest,
         }
 
     def load_state(self, state: MaskState, meta: dict) -> None:
         """Restore from the union of all shards of a checkpoint, re-sliced onto this holder's slices."""
-        if int(meta["budget"]) != self.budget or int(meta["steps"]) != self.schedule.steps:
+        if int(meta["budget"]) != self.budget or int(meta["steps"]) != self.steps:
             raise ID3Error(
                 f"checkpoint was trained with budget={meta['budget']} over {meta['steps']} steps but this run "
-                f"has budget={self.budget} over {self.schedule.steps}: resume with the same id3 and train settings"
+                f"has budget={self.budget} over {self.steps}: resume with the same id3 and train settings"
             )
         for h in self.held:
             h.mask = state.slice_mask(h.info)

@@ -109,8 +109,8 @@ class MaskProgress:
 
     @property
     def steps(self) -> int:
-        """The optimizer steps the mask schedule spans (the run's length when it was built)."""
-        return self.id3.schedule.steps
+        """The run's optimizer steps when the selector was built (its unmasking may end sooner)."""
+        return self.id3.steps
 
     def progress(self, chosen_this_step: int) -> dict:
         """Fields for the step's log record."""
