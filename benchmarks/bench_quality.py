@@ -181,7 +181,7 @@ class Run:
         return f"{self.model} {self.phase} {self.group} {self.method}{extra} lr={self.lr:g} seed={self.seed}{opt}"
 
 
-def plan(a: argparse.Namespace, chosen: dict[tuple[str, str, str], float] | None = None) -> list[Run]:
+def plan(a: argparse.Namespace, chosen: dict[Cell, float] | None = None) -> list[Run]:
     """Every run of the phase, in a fixed order (so `--part` picks the same runs on every machine)."""
     model = MODELS[a.model]
     extra = tuple(getattr(a, "set", None) or ())
@@ -194,8 +194,8 @@ def plan(a: argparse.Namespace, chosen: dict[tuple[str, str, str], float] | None
                 if a.phase == "grid":
                     lrs = a.lrs or grid_of(method)  # --lrs: a subset, or a step past an edge the best LR sat on
                     runs += [Run(a.model, "grid", group, method, lr, a.seeds[0], opt, extra) for lr in lrs]
-                elif chosen is not None and (a.model, group, method, extra) in chosen:
-                    lr = chosen[(a.model, group, method, extra)]
+                elif chosen is not None and (cell := (a.model, group, method, extra, model.steps["grid"])) in chosen:
+                    lr = chosen[cell]
                     runs += [Run(a.model, "seeds", group, method, lr, s, opt, extra) for s in a.seeds]
     return runs
 
@@ -219,14 +219,18 @@ def _extra(r: dict) -> tuple[str, ...]:
     return tuple(r.get("set") or ())
 
 
-def best_lrs(rows: list[dict]) -> dict[tuple[str, str, str, tuple[str, ...]], float]:
-    """Per (model, budget, method, --set overrides): the grid LR with the best validation accuracy (ties: the
-    smaller LR). An ablation chooses its own LR: a change to the method may move its best step size."""
-    best: dict[tuple[str, str, str, tuple[str, ...]], tuple[float, float]] = {}
+Cell = tuple[str, str, str, tuple[str, ...], int]  # model, budget, method, --set overrides, grid steps
+
+
+def best_lrs(rows: list[dict]) -> dict[Cell, float]:
+    """Per cell: the grid LR with the best validation accuracy (ties: the smaller LR). An ablation chooses its
+    own LR (a change to the method may move its best step size), and so does a grid run at other steps (a
+    longer check) than the plan's, which the seeds phase never reads."""
+    best: dict[Cell, tuple[float, float]] = {}
     for r in rows:
         if r["phase"] != "grid":
             continue
-        key = (r["model"], r["group"], r["method"], _extra(r))
+        key = (r["model"], r["group"], r["method"], _extra(r), r["steps"])
         score = (r["accuracy"], -r["lr"])
         if key not in best or score > (best[key][0], -best[key][1]):
             best[key] = (r["accuracy"], r["lr"])
@@ -355,7 +359,7 @@ def grid_table(rows: list[dict]) -> str:
     ]
     for _, rs in sorted(groups.items()):
         r0 = rs[0]
-        pick = chosen[(r0["model"], r0["group"], r0["method"], _extra(r0))]
+        pick = chosen[(r0["model"], r0["group"], r0["method"], _extra(r0), r0["steps"])]
         cells = []
         for r in sorted(rs, key=lambda r: r["lr"]):
             cell = f"{r['lr']:g}: {r['accuracy']:.3f}"
@@ -436,7 +440,7 @@ def missing(rows: list[dict], seeds: list[int]) -> list[str]:
                     lr_args = " ".join(f"{lr:g}" for lr in lrs)
                     out.append(f"python benchmarks/bench_quality.py --phase grid {cell} --lrs {lr_args} --json")
                     continue  # its seeds wait for the grid
-                lr = chosen[(name, group, method, ())]
+                lr = chosen[(name, group, method, (), model.steps["grid"])]
                 left = [s for s in seeds if (name, "seeds", group, method, lr, s) not in done]
                 if left:
                     seed_args = " ".join(map(str, left))

@@ -332,7 +332,8 @@ def test_quality_seeds_take_each_methods_best_validation_lr_and_combine_into_one
 
 
 def test_quality_ablation_chooses_its_own_lr_and_is_tabled_apart_from_the_plan() -> None:
-    """--set runs a method with extra overrides: its grid rows choose the ablation's own LR, its seeds run at
+    """--set runs a method with extra overrides: its grid rows choose the ablation's own LR (as grid rows of
+    other steps choose theirs), its seeds run at
     that LR with the overrides passed last, its rows are a table row of their own, and the plan's
     missing-run list neither counts nor asks for them."""
     import argparse
@@ -341,9 +342,11 @@ def test_quality_ablation_chooses_its_own_lr_and_is_tabled_apart_from_the_plan()
 
     plain = [_quality_row("grid", "id3", lr, 42, acc) for lr, acc in ((1e-3, 0.8), (3e-3, 0.7), (1e-2, 0.6))]
     ablation = [{**r, "set": ["id3.exp=0"], "accuracy": 1.0 - r["accuracy"]} for r in plain]  # best at 1e-2
-    chosen = bq.best_lrs(plain + ablation)
-    assert chosen[("minilm", "0.1%", "id3", ())] == 1e-3
-    assert chosen[("minilm", "0.1%", "id3", ("id3.exp=0",))] == 1e-2
+    longer = {**plain[2], "steps": 600, "accuracy": 0.95}  # a longer check at 1e-2: not the plan's choice
+    chosen = bq.best_lrs([*plain, *ablation, longer])
+    assert chosen[("minilm", "0.1%", "id3", (), 100)] == 1e-3
+    assert chosen[("minilm", "0.1%", "id3", ("id3.exp=0",), 100)] == 1e-2
+    assert chosen[("minilm", "0.1%", "id3", (), 600)] == 1e-2
     a = argparse.Namespace(
         model="minilm", phase="seeds", budgets=["0.1%"], methods=["id3"], seeds=[1], set=["id3.exp=0"]
     )
