@@ -173,7 +173,8 @@ def main(argv: list[str]) -> None:
     sparse = masked and cfg.id3.state == "sparse"  # no DeepSpeed optimizer: the update holds Adam for B entries
     trainable = [p for p in model.parameters() if p.requires_grad]
     # ID3 applies decay itself (the optimizer's own stays 0); dense methods: no decay on biases and norms
-    groups = trainable if masked else decay_groups(model.named_parameters(), weight_decay, cfg.id3.no_decay, full_shape)
+    every_name = model.named_parameters(remove_duplicate=False)  # a tied weight's no_decay may use any of its names
+    groups = trainable if masked else decay_groups(every_name, weight_decay, cfg.id3.no_decay, full_shape)
     # None: DeepSpeed's own; torch AdamW or 8-bit AdamW (each dense group carries its own weight_decay)
     client_optimizer = None if sparse else build_client_optimizer(t.optimizer, groups, t.lr)
 

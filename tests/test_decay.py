@@ -98,3 +98,33 @@ def test_dense_method_under_deepspeed_decays_no_norm_or_bias(variant, tmp_path, 
     for name in one_d:
         assert torch.equal(finals[0.0][name], finals[0.5][name]), f"{name} was decayed"
     assert all(not torch.equal(finals[0.0][n], finals[0.5][n]) for n in two_d)
+
+
+class _Tied(torch.nn.Module):
+    """An embedding tied to the output head, as SmolLM2's lm_head.weight is model.embed_tokens.weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.proj = torch.nn.Linear(4, 4)
+        self.lm_head = torch.nn.Linear(4, 10, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+
+def test_no_decay_names_a_tied_weight_by_any_of_its_names() -> None:
+    """`no_decay=["lm_head.*"]` exempts the shared tensor although it is listed as `embed.weight`, for ID3's
+    masked decay and for the dense groups; a pattern naming neither name leaves it decaying."""
+    model = _Tied()
+    config = config_from_dict({**RAW, "id3": {"budget": 10, "no_decay": ["lm_head.*"]}}).id3
+    id3 = from_module(model, config, steps=5)
+    rates = id3.decay_rates(WD)
+    assert {h.info.name: rates[i] for i, h in enumerate(id3.held)} == {
+        "embed.weight": 0.0, "proj.weight": WD, "proj.bias": 0.0,
+    }  # fmt: skip
+    groups = decay_groups(model.named_parameters(remove_duplicate=False), WD, config.no_decay)
+    rate = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == 3  # the tied tensor once
+    assert (rate[id(model.embed.weight)], rate[id(model.proj.weight)]) == (0.0, WD)
+    groups = decay_groups(model.named_parameters(remove_duplicate=False), WD, ["*proj*"])
+    rate = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert (rate[id(model.embed.weight)], rate[id(model.proj.weight)]) == (WD, 0.0)

@@ -15,12 +15,14 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 
-def decays(name: str, shape: Sequence[int], no_decay: Iterable[str] = ()) -> bool:
-    """Whether parameter `name` of (whole, unpartitioned) `shape` takes weight decay."""
+def decays(name: str, shape: Sequence[int], no_decay: Iterable[str] = (), aliases: Iterable[str] = ()) -> bool:
+    """Whether parameter `name` of (whole, unpartitioned) `shape` takes weight decay. A tied parameter is
+    exempt when a pattern names it by any of its names (`aliases`: SmolLM2's `lm_head.weight` is
+    `model.embed_tokens.weight`)."""
     if len(shape) < 2:
         return False
-    lowered = name.lower()
-    return not any(fnmatch.fnmatchcase(lowered, pattern.lower()) for pattern in no_decay)
+    patterns = [pattern.lower() for pattern in no_decay]
+    return not any(fnmatch.fnmatchcase(n.lower(), pattern) for n in (name, *aliases) for pattern in patterns)
 
 
 def decay_groups(
@@ -31,14 +33,23 @@ def decay_groups(
 ) -> list[dict]:
     """Optimizer parameter groups of the trainable parameters: one with `weight_decay`, one with none.
 
+    `named_params` may name a tied parameter several times (`named_parameters(remove_duplicate=False)`): it
+    goes into one group, without decay if a no_decay pattern names it by any of its names.
+
     `shape_of` gives a parameter's whole shape: under ZeRO-3 a partition's own shape is only its local piece,
     so the trainer passes `id3_ds.integration.params.full_shape` (nothing here knows DeepSpeed).
     """
     patterns = tuple(no_decay)
-    groups: dict[bool, list[torch.nn.Parameter]] = {True: [], False: []}
+    names: dict[int, list[str]] = {}
+    params: dict[int, torch.nn.Parameter] = {}
     for name, p in named_params:
         if p.requires_grad:
-            groups[decays(name, shape_of(p), patterns)].append(p)
+            names.setdefault(id(p), []).append(name)
+            params[id(p)] = p
+    groups: dict[bool, list[torch.nn.Parameter]] = {True: [], False: []}
+    for key, p in params.items():
+        first, *others = names[key]
+        groups[decays(first, shape_of(p), patterns, others)].append(p)
     return [
         {"params": params, "weight_decay": weight_decay if decay else 0.0} for decay, params in groups.items() if params
     ]

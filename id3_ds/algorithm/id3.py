@@ -257,7 +257,8 @@ class ID3:
         id3.no_decay), 0 for the rest (biases, norm scales)."""
         no_decay = self.config.no_decay
         return {
-            i: weight_decay if decays(h.info.name, h.info.shape, no_decay) else 0.0 for i, h in enumerate(self.held)
+            i: weight_decay if decays(h.info.name, h.info.shape, no_decay, h.info.aliases) else 0.0
+            for i, h in enumerate(self.held)
         }
 
     def _group_decay(self, optimizer: torch.optim.Optimizer) -> dict[int, float]:
@@ -378,7 +379,8 @@ def layout(
         if kinds[name] == "frozen":
             continue
         is_full = kinds[name] == "full"
-        slices.append(ParamSlice(name, tuple(shape), 0 if is_full else key, 0, n, fully_trainable=is_full))
+        other = (aliases or {}).get(name, ())
+        slices.append(ParamSlice(name, tuple(shape), 0 if is_full else key, 0, n, is_full, other))
         if is_full:
             full += n
         else:

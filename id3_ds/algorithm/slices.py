@@ -9,7 +9,7 @@ supplies other `SliceAccess` implementations; nothing else changes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -30,6 +30,7 @@ class ParamSlice:
     start: int
     numel: int
     fully_trainable: bool = False
+    aliases: tuple[str, ...] = ()  # the parameter's other names when it is tied (tied_aliases)
 
     @property
     def param_numel(self) -> int:
@@ -38,6 +39,10 @@ class ParamSlice:
     @property
     def first_key(self) -> int:
         return self.key_base + self.start
+
+    def piece(self, start: int, numel: int) -> ParamSlice:
+        """Entries [start, start + numel) of the same parameter (a rank's partition of a whole slice)."""
+        return replace(self, start=start, numel=numel)
 
 
 class SliceAccess(Protocol):

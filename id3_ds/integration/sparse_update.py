@@ -40,7 +40,7 @@ import torch.distributed as dist
 from id3_ds.algorithm.config import ID3Config
 from id3_ds.algorithm.id3 import ID3, Keep, Scorer, local_reducer
 from id3_ds.algorithm.mask import MaskState
-from id3_ds.algorithm.slices import ParamSlice, named_weights, write_entries
+from id3_ds.algorithm.slices import named_weights, write_entries
 from id3_ds.algorithm.sparse import SparseID3
 from id3_ds.algorithm.streaming import GradStream
 from id3_ds.errors import ID3Error
@@ -144,7 +144,7 @@ class SparseDeepSpeedID3(MaskProgress):
                 continue
             start, valid = self._share(w)
             if valid:
-                piece = ParamSlice(whole.name, whole.shape, whole.key_base, start, valid, whole.fully_trainable)
+                piece = whole.piece(start, valid)
                 slices.append((piece, _Partition(w, valid, self.buffers, whole.name)))
             w.register_post_accumulate_grad_hook(self._hook(whole.name, valid))
         partitioned = self.stage == 3 and self.world > 1

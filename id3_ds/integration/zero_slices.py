@@ -163,22 +163,18 @@ def engine_slices(engine, wanted: list[ParamSlice]) -> list[tuple[ParamSlice, ob
             start = dist.get_rank(group=p.ds_process_group) * per
             valid = max(0, min(per, full_numel(p) - start))
             if valid:
-                out.append((_piece(whole, start, valid), Zero3Access(opt, p, valid)))
+                out.append((whole.piece(start, valid), Zero3Access(opt, p, valid)))
         elif stage in (1, 2):
             if getattr(p, "_hp_mapping", None) is None:
                 continue  # this rank holds none of it
             acc = FragmentAccess(p)
             if acc.numel:
-                out.append((_piece(whole, acc.start, acc.numel), acc))
+                out.append((whole.piece(acc.start, acc.numel), acc))
         elif masters is not None:
             out.append((whole, MasterAccess(p, masters[id(p)])))
         else:
             out.append((whole, TensorSliceAccess(p)))
     return out
-
-
-def _piece(whole: ParamSlice, start: int, numel: int) -> ParamSlice:
-    return ParamSlice(whole.name, whole.shape, whole.key_base, start, numel, whole.fully_trainable)
 
 
 def inner_optimizer(engine) -> torch.optim.Optimizer:
