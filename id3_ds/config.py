@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from id3_ds.algorithm.config import ID3Config
+from id3_ds.algorithm.id3 import unmask_horizon
 from id3_ds.data.cache import DataSpec
 from id3_ds.data.formats import FORMATS
 from id3_ds.errors import ID3Error
@@ -294,12 +295,8 @@ def _check_method(cfg: RunConfig) -> None:
         raise ID3Error("method 'lora' needs lora.rank > 0 (e.g. lora.rank=8)")
     if cfg.method == "full" and lora.rank > 0:
         raise ID3Error("method 'full' trains every weight and ignores LoRA; set lora.rank=0 or use method 'lora'")
-    horizon = cfg.id3.unmask_steps
-    if horizon and t.steps and horizon > t.steps:
-        raise ID3Error(
-            f"id3.unmask_steps={horizon} exceeds train.steps={t.steps}, so the budget would never be fully "
-            "chosen; lower it or remove it (default: unmask over the whole run)"
-        )
+    if t.steps:  # with train.epochs the run's steps are known once the data is read: ID3 checks then
+        unmask_horizon(cfg.id3, t.steps)
     if t.eval_steps and not cfg.data.eval_path:
         raise ID3Error("train.eval_steps is set but data.eval_path is not: give an eval file or set eval_steps=0")
     if cfg.data.packing and cfg.data.format == "classification":

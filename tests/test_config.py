@@ -47,7 +47,7 @@ def _load(*overrides: str):
         ("id3.eps=0", "id3.eps must be > 0"),
         ("id3.fish_batches=0", "id3.fish_batches must be >= 1"),
         ("id3.unmask_steps=0", "id3.unmask_steps must be a step count >= 1"),
-        ("id3.unmask_steps=2", "id3.unmask_steps=2 exceeds train.steps=1"),
+        ("id3.unmask_steps=2", "id3.unmask_steps=2 exceeds the run's 1 optimizer steps"),
         ("train.epochs=1", "give exactly one of 'train.steps' and 'train.epochs'"),
     ],
 )
