@@ -3,6 +3,8 @@ resume after a kill, resume on another world size, and fast config errors."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -215,6 +217,18 @@ def test_resume_from_1_rank_on_2_ranks_and_another_zero_stage(tmp_path, env, bas
     _check_frozen_and_budget(restarted, base_dir)
     with pytest.raises(AssertionError, match="differ from the uninterrupted run"):
         _assert_close_to(runs[2], restarted, atol=1e-4)
+
+
+def test_unmask_steps_under_zero3_fills_the_budget_early_and_resumes_past_it(tmp_path, env, base_dir) -> None:
+    """id3.unmask_steps=3 of 6 steps on 2 ZeRO-3 ranks: the budget is complete after step 3, no entry joins
+    later, and a run killed after step 4 resumes on the fixed mask to the exact budget, frozen entries intact."""
+    args = [*COMMON, "id3.unmask_steps=3", "deepspeed.zero_optimization.stage=3", f"train.output_dir={tmp_path}"]
+    assert train(args, env={**env, "ID3_DS_FAULT": "kill_after_step:4:0"}).returncode != 0
+    ok(train(args, env=env))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    chosen = {r["step"]: (r["chosen"], r["chosen_this_step"]) for r in records if "chosen" in r}
+    assert chosen[3] == (BUDGET, BUDGET // 3) and all(chosen[s] == (BUDGET, 0) for s in (4, 5, 6)), chosen
+    _check_frozen_and_budget(tmp_path, base_dir)
 
 
 def test_resume_with_another_global_batch_says_so_and_how_to_match() -> None:
