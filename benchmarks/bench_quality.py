@@ -14,8 +14,8 @@
     python benchmarks/bench_quality.py --phase grid --methods id3 --set id3.exp=0 --json  # an ablation: own rows and LR
 
 The runs recorded in RESULTS.md are kept as JSON lines in benchmarks/quality_logs/ (minilm_grid.jsonl is
-what `--phase seeds --grid` reads for the cells still to run; `--combine benchmarks/quality_logs/*.jsonl
-NEW_LOGS` gives the table with new parts added).
+what `--phase seeds --grid` reads for the cells still to run; minilm_ablations.jsonl holds the `--set`
+runs; `--combine benchmarks/quality_logs/*.jsonl NEW_LOGS` gives the table with new parts added).
 
 The data: Rotten Tomatoes critic snippets (`id3_ds/data/sources.py`). Every run trains on `train_fit`
 (train minus validation). `--phase grid` scores each method at 3 learning rates on `validation` (one seed);
@@ -50,7 +50,8 @@ step than dense full fine-tuning): masked methods and BitFit 1e-3, 3e-3, 1e-2 (f
 moved down); LoRA 1e-3, 3e-3, 1e-2; full 3e-5, 1e-4, 3e-4. A chosen LR at the edge of the LRs run is
 flagged in the table: the grid may be too narrow, and `--lrs` runs a step beyond it, which the choice then
 includes. At 0.1 % the best LR of id3, BitFit, LoRA and full sat on the low edge, so each got one step
-more (3e-4, 3e-4, 3e-4, 1e-5), which none of them won.
+more (3e-4, 3e-4, 3e-4, 1e-5), which none of them won. At 1 % id3 won at 3e-4 (1e-4 ran: lower), and
+LoRA and FISH won at 3e-4 once 1e-4 had run below it; ID3 over LoRA kept 1e-3 (3e-4 ran: lower).
 """
 
 from __future__ import annotations
