@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -304,7 +305,7 @@ def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | N
         "eval_loss": final["eval_loss"],
         "curve": [(r["step"], round(r[metric], 4)) for r in evals],
         "seconds": round(time.perf_counter() - t0, 1),
-        "command": "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/bench_quality.py " + shlex.join(sys.argv[1:]),
         **({"optimizer": run.optimizer} if run.optimizer else {}),
         **({"set": list(run.extra)} if run.extra else {}),
         **({"threads": threads} if threads else {}),  # seconds measured with other runs on the cores
@@ -514,7 +515,7 @@ def main() -> None:
             if "--note" in argv:  # the note is printed above the tables, not repeated in the command
                 i = argv.index("--note")
                 argv = [*argv[:i], "--note", "TEXT", *argv[i + 2 :]]
-            cmd = "python benchmarks/bench_quality.py " + " ".join(argv)
+            cmd = "python benchmarks/bench_quality.py " + shlex.join(argv)
             record_results(TITLE, details, cmd.strip(), body)
         return
     if a.quick:
@@ -559,7 +560,7 @@ def main() -> None:
     print("\n" + report(rows))
     if not a.no_record and not a.part:
         details = f"{a.model}, phase {a.phase}, {steps} steps, seeds {a.seeds}"
-        cmd = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
+        cmd = "python benchmarks/bench_quality.py " + shlex.join(sys.argv[1:])
         # an optimizer comparison is its own section: the method table stays
         title = f"{TITLE}: optimizers {', '.join(a.optimizers)}" if a.optimizers else TITLE
         title = f"{title}: ablation {' '.join(a.set)}" if a.set else title  # likewise
