@@ -71,6 +71,7 @@ def main(argv: list[str]) -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     from id3_ds.algorithm.decay import decay_groups
+    from id3_ds.algorithm.slices import tied_aliases
     from id3_ds.data import cached_dataset, collate
     from id3_ds.data.evaluate import evaluate
     from id3_ds.integration.ds_config import build_ds_config
@@ -173,8 +174,10 @@ def main(argv: list[str]) -> None:
     sparse = masked and cfg.id3.state == "sparse"  # no DeepSpeed optimizer: the update holds Adam for B entries
     trainable = [p for p in model.parameters() if p.requires_grad]
     # ID3 applies decay itself (the optimizer's own stays 0); dense methods: no decay on biases and norms
-    every_name = model.named_parameters(remove_duplicate=False)  # a tied weight's no_decay may use any of its names
-    groups = trainable if masked else decay_groups(every_name, weight_decay, cfg.id3.no_decay, full_shape)
+    if masked:
+        groups = trainable
+    else:  # a tied weight's no_decay pattern may name it by any of its names
+        groups = decay_groups(model.named_parameters(), weight_decay, cfg.id3.no_decay, full_shape, tied_aliases(model))
     # None: DeepSpeed's own; torch AdamW or 8-bit AdamW (each dense group carries its own weight_decay)
     client_optimizer = None if sparse else build_client_optimizer(t.optimizer, groups, t.lr)
 

@@ -11,6 +11,7 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
 from id3_ds.algorithm.decay import decay_groups, decays
 from id3_ds.algorithm.id3 import from_module
+from id3_ds.algorithm.slices import tied_aliases
 from id3_ds.checkpoint import checkpoint_dir
 from id3_ds.config import config_from_dict
 from tests.launcher import ok, train, weights
@@ -121,10 +122,10 @@ def test_no_decay_names_a_tied_weight_by_any_of_its_names() -> None:
     assert {h.info.name: rates[i] for i, h in enumerate(id3.held)} == {
         "embed.weight": 0.0, "proj.weight": WD, "proj.bias": 0.0,
     }  # fmt: skip
-    groups = decay_groups(model.named_parameters(remove_duplicate=False), WD, config.no_decay)
+    groups = decay_groups(model.named_parameters(), WD, config.no_decay, aliases=tied_aliases(model))
     rate = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert sum(len(g["params"]) for g in groups) == 3  # the tied tensor once
     assert (rate[id(model.embed.weight)], rate[id(model.proj.weight)]) == (0.0, WD)
-    groups = decay_groups(model.named_parameters(remove_duplicate=False), WD, ["*proj*"])
+    groups = decay_groups(model.named_parameters(), WD, ["*proj*"], aliases=tied_aliases(model))
     rate = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert (rate[id(model.embed.weight)], rate[id(model.proj.weight)]) == (WD, 0.0)

@@ -30,26 +30,22 @@ def decay_groups(
     weight_decay: float,
     no_decay: Iterable[str] = (),
     shape_of: Callable[[torch.nn.Parameter], tuple[int, ...]] = lambda p: tuple(p.shape),
+    aliases: dict[str, tuple[str, ...]] | None = None,
 ) -> list[dict]:
     """Optimizer parameter groups of the trainable parameters: one with `weight_decay`, one with none.
 
-    `named_params` may name a tied parameter several times (`named_parameters(remove_duplicate=False)`): it
-    goes into one group, without decay if a no_decay pattern names it by any of its names.
+    `aliases` (`slices.tied_aliases(model)`) gives a tied parameter's other names: a no_decay pattern may
+    name it by any of them.
 
     `shape_of` gives a parameter's whole shape: under ZeRO-3 a partition's own shape is only its local piece,
     so the trainer passes `id3_ds.integration.params.full_shape` (nothing here knows DeepSpeed).
     """
     patterns = tuple(no_decay)
-    names: dict[int, list[str]] = {}
-    params: dict[int, torch.nn.Parameter] = {}
+    aliases = aliases or {}
+    groups: dict[bool, list[torch.nn.Parameter]] = {True: [], False: []}
     for name, p in named_params:
         if p.requires_grad:
-            names.setdefault(id(p), []).append(name)
-            params[id(p)] = p
-    groups: dict[bool, list[torch.nn.Parameter]] = {True: [], False: []}
-    for key, p in params.items():
-        first, *others = names[key]
-        groups[decays(first, shape_of(p), patterns, others)].append(p)
+            groups[decays(name, shape_of(p), patterns, aliases.get(name, ()))].append(p)
     return [
         {"params": params, "weight_decay": weight_decay if decay else 0.0} for decay, params in groups.items() if params
     ]
