@@ -224,6 +224,11 @@ def _extra(r: dict) -> tuple[str, ...]:
 Cell = tuple[str, str, str, tuple[str, ...], int]  # model, budget, method, --set overrides, grid steps
 
 
+def _cell(r: dict) -> Cell:
+    """The LR choice a grid row takes part in."""
+    return (r["model"], r["group"], r["method"], _extra(r), r["steps"])
+
+
 def best_lrs(rows: list[dict]) -> dict[Cell, float]:
     """Per cell: the grid LR with the best validation accuracy (ties: the smaller LR). An ablation chooses its
     own LR (a change to the method may move its best step size), and so does a grid run at other steps (a
@@ -232,7 +237,7 @@ def best_lrs(rows: list[dict]) -> dict[Cell, float]:
     for r in rows:
         if r["phase"] != "grid":
             continue
-        key = (r["model"], r["group"], r["method"], _extra(r), r["steps"])
+        key = _cell(r)
         score = (r["accuracy"], -r["lr"])
         if key not in best or score > (best[key][0], -best[key][1]):
             best[key] = (r["accuracy"], r["lr"])
@@ -361,7 +366,7 @@ def grid_table(rows: list[dict]) -> str:
     ]
     for _, rs in sorted(groups.items()):
         r0 = rs[0]
-        pick = chosen[(r0["model"], r0["group"], r0["method"], _extra(r0), r0["steps"])]
+        pick = chosen[_cell(r0)]
         cells = []
         for r in sorted(rs, key=lambda r: r["lr"]):
             cell = f"{r['lr']:g}: {r['accuracy']:.3f}"
