@@ -121,19 +121,18 @@ def main(argv: list[str]) -> None:
     classification = d.format == "classification"
     cache_root = d.cache_dir or cache_dir()
     dataset, label_names = cached_dataset(d.spec(), tokenizer, model_dir, cache_root, is_main)  # rank 0 builds
-    eval_set = None
-    if d.eval_path:  # classification eval uses the training label ids
-        eval_labels = tuple(label_names) if label_names else None
-        eval_spec = d.spec(path=d.eval_path, packing=False, labels=eval_labels)
-        eval_set, _ = cached_dataset(eval_spec, tokenizer, model_dir, cache_root, is_main)
-    ranked = None  # a generative run whose responses are class names: accuracy of the top-ranked label
-    if d.eval_path and d.labels and not classification:
+    eval_set = ranked = None
+    if d.eval_path and d.labels and not classification:  # generative, responses are class names: label ranking
         from id3_ds.data import load_records
         from id3_ds.data.label_ranking import rank_labels, ranking_set
 
         ranked = ranking_set(load_records(d.eval_path), d.format, tokenizer, d.max_length, list(d.labels))
         if is_main:
             print(f"label ranking: {len(ranked)} eval records, {ranked.dropped} dropped", flush=True)
+    elif d.eval_path:  # classification eval uses the training label ids
+        eval_labels = tuple(label_names) if label_names else None
+        eval_spec = d.spec(path=d.eval_path, packing=False, labels=eval_labels)
+        eval_set, _ = cached_dataset(eval_spec, tokenizer, model_dir, cache_root, is_main)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t = cfg.train
     masked = cfg.method in MASKED
@@ -221,24 +220,18 @@ def main(argv: list[str]) -> None:
         )
 
     def run_eval(done: int) -> None:
-        if eval_set is None:
+        if eval_set is None and ranked is None:
             return
         engine.eval()
-        metrics = evaluate(
-            engine,
-            eval_set,
-            pad_id,
-            t.micro_batch_size,
-            device,
-            rank,
-            world,
-            len(label_names) if classification else None,
-            all_reduce=lambda x: _all_reduce_cpu(x, device),
-        )
-        if ranked is not None:
-            metrics |= rank_labels(
-                engine, ranked, pad_id, t.micro_batch_size, device, rank, world, lambda x: _all_reduce_cpu(x, device)
-            )
+
+        def reduce(sums: torch.Tensor) -> None:
+            _all_reduce_cpu(sums, device)
+
+        if ranked is not None:  # its forward passes give the gold responses' eval_loss too: no second pass
+            metrics = rank_labels(engine, ranked, pad_id, t.micro_batch_size, device, rank, world, reduce)
+        else:
+            n_labels = len(label_names) if classification else None
+            metrics = evaluate(engine, eval_set, pad_id, t.micro_batch_size, device, rank, world, n_labels, reduce)
         engine.train()
         logger.log({"step": done, **metrics})
 

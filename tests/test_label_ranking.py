@@ -8,7 +8,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from id3_ds.data import IGNORE, collate, tokenize_records
-from id3_ds.data.label_ranking import rank_labels, ranking_set, response_log_likelihood, response_of
+from id3_ds.data.label_ranking import (
+    candidate_scores,
+    rank_labels,
+    ranking_set,
+    response_log_likelihood,
+    response_of,
+)
 from id3_ds.errors import ID3Error
 
 CHAT = (
@@ -98,8 +104,15 @@ def test_accuracy_is_the_argmax_of_each_candidates_own_log_likelihood(tok, model
         labels = batch.pop("labels")
         batched = response_log_likelihood(model(**batch).logits, labels)
     assert torch.allclose(batched, torch.tensor(every), atol=1e-4)  # padding and the shift change nothing
+    with torch.no_grad():  # prompts of different lengths, left-padded, then each response on the prompt's cache
+        cached, counts = candidate_scores(model, data.candidates, tok.eos_token_id)
+    assert torch.allclose(cached.flatten(), torch.tensor(every), atol=1e-4)
     got = rank_labels(model, data, tok.eos_token_id, batch_size=3)  # padded batches, a short last one
     assert got["eval_label_examples"] == 7
+    gold_tokens = [int((torch.tensor(c[g].labels[1:]) != IGNORE).sum()) for c, g in zip(data.candidates, data.gold)]
+    assert counts.gather(1, torch.tensor(data.gold)[:, None]).flatten().tolist() == gold_tokens
+    gold_loss = -sum(every[2 * i + g] for i, g in enumerate(data.gold)) / sum(gold_tokens)
+    assert got["eval_loss"] == pytest.approx(gold_loss, rel=1e-5)  # HF's token-mean loss over the gold responses
     assert got["eval_label_accuracy"] == pytest.approx(correct / 7)
     assert got["eval_predicted_negative"] + got["eval_predicted_positive"] == pytest.approx(1.0)
 

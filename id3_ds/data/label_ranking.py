@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from id3_ds.data.evaluate import _batches
-from id3_ds.data.loading import IGNORE, Example, RecordPolicy, collate, tokenize_records
+from id3_ds.data.loading import IGNORE, Example, RecordPolicy, tokenize_records
 from id3_ds.errors import ID3Error
 
 RANKED_FORMATS = ("alpaca", "messages")
@@ -99,6 +99,64 @@ def response_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch
     return (picked * scored).sum(-1)
 
 
+def prompt_length(candidates: list[Example]) -> int:
+    """Tokens before the first scored one, which every candidate of a record shares (they differ only after)."""
+    starts = {next((j for j, lab in enumerate(c.labels) if lab != IGNORE), len(c.labels)) for c in candidates}
+    start = starts.pop()
+    if starts or start == 0 or any(c.input_ids[:start] != candidates[0].input_ids[:start] for c in candidates):
+        raise ID3Error("label ranking: a record's candidates do not share one prompt; report this as a bug")
+    return start
+
+
+def candidate_scores(
+    forward: Callable[..., Any], records: list[list[Example]], pad_id: int, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[records, labels]: each candidate's summed response log-likelihood, and how many tokens it sums.
+
+    The prompt, shared by a record's candidates, runs once (left-padded, so every row's next-token logits sit
+    in the last column); each candidate then runs only its response tokens on a copy of that KV cache. Two
+    forward passes per batch whatever its shape: under ZeRO-3 every rank must run as many as the others."""
+    k = len(records[0])
+    starts = [prompt_length(c) for c in records]
+    n = max(starts)
+    ids = torch.full((len(records), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(records), n), dtype=torch.long)
+    for r, (cands, s) in enumerate(zip(records, starts, strict=True)):
+        ids[r, n - s :] = torch.tensor(cands[0].input_ids[:s])
+        mask[r, n - s :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = forward(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    first = torch.log_softmax(out.logits[:, -1].float().cpu(), dim=-1).repeat_interleave(k, 0)
+    cache = out.cache
+    cache.batch_repeat_interleave(k)  # one copy of each prompt per candidate
+    tails = [(e.input_ids[s:], e.labels[s:]) for cands, s in zip(records, starts, strict=True) for e in cands]
+    m = max(len(t) for t, _ in tails)
+    cont = torch.full((len(tails), m), pad_id, dtype=torch.long)
+    target = torch.full((len(tails), m), IGNORE, dtype=torch.long)
+    cont_mask = torch.zeros((len(tails), m), dtype=torch.long)
+    for i, (t, lab) in enumerate(tails):
+        cont[i, : len(t)], target[i, : len(t)], cont_mask[i, : len(t)] = torch.tensor(t), torch.tensor(lab), 1
+    full_mask = torch.cat([mask.repeat_interleave(k, 0), cont_mask], dim=1)
+    out = forward(
+        input_ids=cont.to(device),
+        attention_mask=full_mask.to(device),
+        position_ids=(full_mask.cumsum(-1) - 1)[:, n:].clamp(min=0).to(device),
+        cache=cache,
+        use_cache=True,
+    )
+    # token j of a response is predicted by the position before it: the prompt's last one for j = 0
+    logp = torch.cat([first.unsqueeze(1), torch.log_softmax(out.logits[:, :-1].float().cpu(), dim=-1)], dim=1)
+    scored = target != IGNORE
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * scored).sum(-1).view(-1, k), scored.sum(-1).view(-1, k)
+
+
 @torch.no_grad()
 def rank_labels(
     forward: Callable[..., Any],
@@ -110,25 +168,32 @@ def rank_labels(
     world: int = 1,
     all_reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
-    """eval_label_accuracy over the whole set (every rank's share summed), and how many records it covers."""
+    """eval_label_accuracy over the whole set (every rank's share summed), and how many records it covers.
+
+    Also eval_loss (and eval_tokens): the mean token loss of the gold responses, what `evaluate` reports for
+    the same records, from the same forward passes."""
     k = len(data.labels)
-    sums = torch.zeros(2 + k, dtype=torch.float64)  # correct, records, predictions per label
+    sums = torch.zeros(4 + k, dtype=torch.float64)  # correct, records, gold loss sum, gold tokens, per label
     for rows in _batches(len(data), rank, world, batch_size):
-        batch = collate([e for i, _ in rows for e in data.candidates[i]], pad_id)
-        labels = batch.pop("labels")
-        out = forward(**{key: v.to(device) for key, v in batch.items()})
-        scores = response_log_likelihood(out.logits.cpu(), labels).view(len(rows), k)
+        scores, counts = candidate_scores(forward, [data.candidates[i] for i, _ in rows], pad_id, device)
         pred = scores.argmax(-1)
         real = torch.tensor([r for _, r in rows])
         gold = torch.tensor([data.gold[i] for i, _ in rows])
         sums[0] += float(((pred == gold) & real).sum())
         sums[1] += float(real.sum())
+        sums[2] -= float((scores.gather(1, gold[:, None]).squeeze(1) * real).sum())
+        sums[3] += float((counts.gather(1, gold[:, None]).squeeze(1) * real).sum())
         for c in range(k):
-            sums[2 + c] += float(((pred == c) & real).sum())
+            sums[4 + c] += float(((pred == c) & real).sum())
     if all_reduce is not None:
         all_reduce(sums)
     count = max(float(sums[1]), 1.0)
-    metrics = {"eval_label_accuracy": float(sums[0]) / count, "eval_label_examples": int(sums[1])}
+    metrics = {
+        "eval_label_accuracy": float(sums[0]) / count,
+        "eval_label_examples": int(sums[1]),
+        "eval_loss": float(sums[2]) / max(float(sums[3]), 1.0),
+        "eval_tokens": int(sums[3]),
+    }
     for c, name in enumerate(data.labels):
-        metrics[f"eval_predicted_{name}"] = float(sums[2 + c]) / count  # a collapsed model shows here
+        metrics[f"eval_predicted_{name}"] = float(sums[4 + c]) / count  # a collapsed model shows here
     return metrics
