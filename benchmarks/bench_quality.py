@@ -90,6 +90,8 @@ class Model:
     budgets: dict[str, int]
     methods: tuple[str, ...]
     steps: dict[str, int]  # per phase: the grid's (cheap, an LR choice) and the seeds' (the table's)
+    evals: dict[str, int]  # per phase: eval points per run, the last at the final step
+    grid_eval_limit: int | None  # the grid scores the validation split's first N records (None: all of it)
     lora_per_rank: int  # query + value LoRA entries per unit of rank
     head: int  # dense entries every LoRA run also trains (the fresh head), 0 for a causal LM
     bitfit: int  # every bias/norm entry (+ head): BitFit's only size
@@ -110,6 +112,8 @@ MODELS = {
         budgets={"0.1%": 31_874, "1%": 221_954},
         methods=METHODS,
         steps={"grid": 100, "seeds": 600},
+        evals={"grid": 1, "seeds": 3},
+        grid_eval_limit=None,
         lora_per_rank=9_216,  # 6 layers x 2 modules x (384 + 384)
         head=770,  # 384 x 2 + 2
         bitfit=31_874,
@@ -118,15 +122,23 @@ MODELS = {
     ),
     "smollm2": Model(
         config="configs/smollm2_id3.json",
-        overrides=(*_rt("rotten_tomatoes_alpaca", "alpaca", True), "data.max_length=128", "train.export_delta=false"),
+        overrides=(
+            *_rt("rotten_tomatoes_alpaca", "alpaca", True),
+            "data.max_length=128",
+            "train.export_delta=false",
+            "deepspeed.zero_optimization.stage=2",  # one process, as MiniLM: ZeRO-3's gathers cost a third more
+            "train.micro_batch_size=8",  # the config's global batch (4 x 2 ranks)
+        ),
         budgets={"bitfit": 35_136},
         methods=("id3", "lora", "bitfit", "full"),
         steps={"grid": 40, "seeds": 40},
+        evals={"grid": 2, "seeds": 1},  # the grid's 20-step point shows whether 40 steps still improve
+        grid_eval_limit=500,
         lora_per_rank=57_600,  # 30 layers x (q: 576 + 576, v: 576 + 192)
         head=0,
         bitfit=35_136,  # 30 layers x 2 norms x 576 + the final norm
         id3_lora_rank={"bitfit": 8},
-        nproc=2,
+        nproc=1,
     ),
 }
 
@@ -306,6 +318,7 @@ def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | N
         "steps": steps,
         "trained_entries": start["budget"],
         "accuracy": final[metric],
+        "eval_examples": final.get("eval_label_examples") or final.get("eval_examples"),
         "f1": final.get("eval_f1"),
         "eval_loss": final["eval_loss"],
         "curve": [(r["step"], round(r[metric], 4)) for r in evals],
@@ -409,9 +422,14 @@ def seeds_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _scored(r: dict) -> str:
+    """The split a row was scored on, and how many of its records where the row says (later rows do)."""
+    return f"{r['split']}, {r['eval_examples']} records" if r.get("eval_examples") else r["split"]
+
+
 def curves(rows: list[dict]) -> str:
     return "\n".join(
-        f"- {r['phase']} {r['model']} {r['group']} {_name(r)} lr={r['lr']:g} seed {r['seed']} ({r['split']}): "
+        f"- {r['phase']} {r['model']} {r['group']} {_name(r)} lr={r['lr']:g} seed {r['seed']} ({_scored(r)}): "
         + ", ".join(f"{s}: {acc}" for s, acc in r["curve"])
         for r in sorted(rows, key=lambda r: (r["phase"], *_order(r), r["lr"], r["seed"]))
     )
@@ -467,7 +485,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: the model's set")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="grid: the first only")
     p.add_argument("--steps", type=int, help="default: the model's for the phase (minilm grid 100, seeds 600)")
-    p.add_argument("--evals", type=int, help="eval points per run, the last at the final step (grid 1, seeds 3)")
+    p.add_argument("--evals", type=int, help="eval points per run, the last at the final step (default: the model's)")
     p.add_argument("--lrs", type=float, nargs="+", help="grid: these LRs instead of the method's grid")
     p.add_argument(
         "--optimizers",
@@ -492,7 +510,9 @@ def main() -> None:
     p.add_argument("--part", help="K/N: only the K-th of N parts of the phase's runs (round robin)")
     p.add_argument("--list", action="store_true", help="print the phase's runs (with --parts N: by part) and stop")
     p.add_argument("--parts", type=int, default=1)
-    p.add_argument("--eval-limit", type=int, help="score on the split's first N records only (a smoke test)")
+    p.add_argument(
+        "--eval-limit", type=int, help="score on the split's first N records only (a smoke test; smollm2's grid: 500)"
+    )
     p.add_argument("--quick", action="store_true", help="id3 and LoRA, 4 steps, 64 validation records (CI)")
     p.add_argument("--json", action="store_true", help="also print every result as one JSON line")
     p.add_argument("--no-record", action="store_true", help="do not record in benchmarks/RESULTS.md")
@@ -528,7 +548,9 @@ def main() -> None:
         a.eval_limit = a.eval_limit or 64
     model = MODELS[a.model]
     steps = a.steps or model.steps[a.phase]
-    evals = a.evals or (1 if a.phase == "grid" else 3)  # an eval pass costs ~10 training steps: few of them
+    evals = a.evals or model.evals[a.phase]  # an eval pass costs ~10 training steps: few of them
+    if a.phase == "grid" and not a.eval_limit:
+        a.eval_limit = model.grid_eval_limit
     chosen = best_lrs(read_rows(a.grid)) if a.phase == "seeds" and a.grid else None
     if a.phase == "seeds" and chosen is None:
         raise SystemExit("--phase seeds needs --grid LOG... (the grid phase's --json output)")
