@@ -136,7 +136,7 @@ def candidate_scores(
         use_cache=True,
         logits_to_keep=1,
     )
-    first = torch.log_softmax(out.logits[:, -1].float().cpu(), dim=-1).repeat_interleave(k, 0)
+    first = out.logits[:, -1].float().cpu().repeat_interleave(k, 0)
     cache = out.cache
     cache.batch_repeat_interleave(k)  # one copy of each prompt per candidate
     tails = [(e.input_ids[s:], e.labels[s:]) for cands, s in zip(records, starts, strict=True) for e in cands]
@@ -155,10 +155,10 @@ def candidate_scores(
         use_cache=True,
     )
     # token j of a response is predicted by the position before it: the prompt's last one for j = 0
-    logp = torch.cat([first.unsqueeze(1), torch.log_softmax(out.logits[:, :-1].float().cpu(), dim=-1)], dim=1)
-    scored = target != IGNORE
-    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * scored).sum(-1).view(-1, k), scored.sum(-1).view(-1, k)
+    logits = torch.cat([first.unsqueeze(1), out.logits.float().cpu()], dim=1)
+    labels = torch.cat([torch.full((len(tails), 1), IGNORE, dtype=torch.long), target], dim=1)
+    scores = response_log_likelihood(logits, labels)
+    return scores.view(-1, k), (target != IGNORE).sum(-1).view(-1, k)
 
 
 @torch.no_grad()
