@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from id3_ds.data import IGNORE, DataSpec, cached_dataset, collate, load_records, pack, tokenize_records
 from id3_ds.data import cache as cache_mod
-from id3_ds.data.evaluate import evaluate, f1_from_counts
+from id3_ds.data.evaluate import eval_batches, evaluate, f1_from_counts
 from id3_ds.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 from id3_ds.errors import ID3Error
 
@@ -152,6 +152,15 @@ def test_token_cache_is_built_once_and_shared(tok, tok_dir, tmp_path, monkeypatc
     monkeypatch.undo()
     data.write_text(data.read_text() + json.dumps({"text": "fine", "label": "pos"}) + "\n")  # an edit: new key
     assert len(cached_dataset(spec, tok, tok_dir, tmp_path / "cache")[0]) == 3
+
+
+def test_eval_batches_are_in_length_order_and_cover_every_record_once_over_the_ranks() -> None:
+    lengths = [5, 1, 9, 3, 3, 7, 2]  # by length: 1, 6, 3, 4 (a tie keeps input order), 0, 5, 2
+    shares = [eval_batches(lengths, rank, 2, 2) for rank in (0, 1)]
+    assert shares[0] == [[(1, True), (3, True)], [(0, True), (2, True)]]
+    assert shares[1] == [[(6, True), (4, True)], [(5, True), (0, False)]]  # padded: as many passes as rank 0
+    one = eval_batches(lengths, 0, 1, 3)  # one rank: every record, the last batch padded
+    assert [[i for i, real in b if real] for b in one] == [[1, 6, 3], [4, 0, 5], [2]]
 
 
 def test_classification_metrics_accuracy_and_f1(tok) -> None:

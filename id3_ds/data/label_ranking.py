@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from id3_ds.data.evaluate import _batches
+from id3_ds.data.evaluate import eval_batches
 from id3_ds.data.loading import IGNORE, Example, RecordPolicy, tokenize_records
 from id3_ds.errors import ID3Error
 
@@ -178,7 +178,8 @@ def rank_labels(
     the same records, from the same forward passes."""
     k = len(data.labels)
     sums = torch.zeros(4 + k, dtype=torch.float64)  # correct, records, gold loss sum, gold tokens, per label
-    for rows in _batches(len(data), rank, world, batch_size):
+    lengths = [prompt_length(c) for c in data.candidates]
+    for rows in eval_batches(lengths, rank, world, batch_size):
         scores, counts = candidate_scores(forward, [data.candidates[i] for i, _ in rows], pad_id, device)
         pred = scores.argmax(-1)
         real = torch.tensor([r for _, r in rows])
