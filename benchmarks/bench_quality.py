@@ -60,6 +60,10 @@ SmolLM2 (same grids): id3 won at its low edge 1e-3 and kept it (3e-4 ran: lower)
 edge 1e-2 and kept it (3e-2 collapsed to one class), full tied 3e-5 and 1e-4 (the tie takes the smaller,
 an edge: 1e-5 ran), BitFit won inside (3e-3). At 40 steps every method but full still gained 2-5 points
 between 20 and 40 steps on validation: SmolLM2's 40 steps are what 2 cores afford, not a plateau.
+The steps check (`--model smollm2 --phase grid --methods M --lrs LR --steps 160 --evals 4`, and 320 with
+`--evals 4` for full and id3; rows in quality_logs/smollm2_steps_check.jsonl): full fine-tuning stopped
+improving by 240-320 steps (0.874, 0.876 on validation), where ID3 reached 0.874; LoRA r=1 at 1e-2 peaked
+at 40-80 steps and fell to 0.704 by 160, so a longer table needs its own grid.
 """
 
 from __future__ import annotations
