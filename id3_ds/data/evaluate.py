@@ -20,8 +20,9 @@ def eval_batches(lengths: list[int], rank: int, world: int, batch_size: int) -> 
     """This rank's batches of (index, real) rows: the records in length order, strided over the ranks.
 
     Length order makes each batch pad to about its own rows' length (on SmolLM2 reviews 16 % of the
-    prompt tokens were padding in input order, 0.4 % sorted); the metrics are sums, so order does not
-    change them. A short share is padded with (0, False) rows: every rank runs as many forward passes."""
+    prompt tokens were padding in input order, 0.4 % sorted: label ranking took 0.86x the time); the
+    metrics are sums, so order does not change them. A short share is padded with (0, False) rows:
+    every rank runs as many forward passes."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)  # stable: equal lengths keep input order
     mine = order[rank::world]
     count = math.ceil(math.ceil(len(lengths) / world) / batch_size)
