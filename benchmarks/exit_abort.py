@@ -34,7 +34,7 @@ def deepspeed_steps() -> None:
     import deepspeed
     import torch
 
-    from id3_ds.training.startup import use_per_environment_extensions
+    from id3_ds.integration.op_builds import use_per_environment_extensions
 
     use_per_environment_extensions(os.environ.get("RANK", "0") == "0")  # the trainer's op folder: no second build
     deepspeed.init_distributed(dist_backend="gloo")

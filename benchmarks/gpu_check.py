@@ -174,7 +174,7 @@ def check_requirements(cpu: bool) -> dict:
 
 
 BUILD_FUSED_ADAM = (
-    "from id3_ds.training.startup import use_per_environment_extensions as u; u(True); "
+    "from id3_ds.integration.op_builds import use_per_environment_extensions as u; u(True); "
     "from deepspeed.accelerator import get_accelerator as g; "
     "g().create_op_builder('FusedAdamBuilder').load(); print('FusedAdam built for', g().device_name())"
 )
@@ -317,7 +317,7 @@ def overhead_worker(plan: Plan, stage: int, out: Path) -> None:
     from benchmarks.bench_step_overhead import summarize
     from id3_ds import ID3Config
     from id3_ds.integration.hook import DeepSpeedID3
-    from id3_ds.training.startup import use_per_environment_extensions
+    from id3_ds.integration.op_builds import use_per_environment_extensions
 
     use_per_environment_extensions(True)
     accel = get_accelerator()

@@ -76,6 +76,7 @@ def main(argv: list[str]) -> None:
     from id3_ds.data.evaluate import evaluate
     from id3_ds.integration.ds_config import build_ds_config
     from id3_ds.integration.hook import build_update, freeze_outside, trainable_layout
+    from id3_ds.integration.op_builds import clear_stale_build_locks, use_per_environment_extensions
     from id3_ds.integration.params import full_shape
     from id3_ds.integration.start_costs import avoid_start_costs
     from id3_ds.methods import MASKED, method_spec
@@ -84,12 +85,12 @@ def main(argv: list[str]) -> None:
     from id3_ds.resources import cache_dir
     from id3_ds.training.batches import micro_batch_indices, total_steps
     from id3_ds.training.faults import maybe_hang, maybe_kill, maybe_poison
-    from id3_ds.training.guards import clear_stale_build_locks, stop_if_nonfinite
+    from id3_ds.training.guards import stop_if_nonfinite
     from id3_ds.training.loss import step_loss
     from id3_ds.training.lr_schedule import lr_scheduler
     from id3_ds.training.optimizers import build_client_optimizer
     from id3_ds.training.run_log import RunLogger, print_final_line, save_resolved_config
-    from id3_ds.training.startup import check_rendezvous_port, use_per_environment_extensions
+    from id3_ds.training.startup import check_rendezvous_port
 
     # -- processes ----------------------------------------------------------------------------------
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():

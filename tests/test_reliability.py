@@ -66,7 +66,7 @@ def test_a_dead_builds_torch_extension_lock_is_removed_and_a_live_one_kept(tmp_p
     """A lock left by a build killed mid-way would make every later DeepSpeed start wait forever."""
     import os
 
-    from id3_ds.training.guards import clear_stale_build_locks
+    from id3_ds.integration.op_builds import clear_stale_build_locks
 
     stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
     live = tmp_path / "py311_cpu" / "cpu_adam" / "lock"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from id3_ds.errors import ID3Error
+from id3_ds.integration import op_builds
 from id3_ds.training import startup
 from tests.launcher import ROOT, TINY_CONFIG, TRAIN
 
@@ -88,33 +89,33 @@ def test_extensions_dir_is_keyed_by_the_environment(monkeypatch) -> None:
     from torch.utils.cpp_extension import get_default_build_root
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
-    here = startup.extensions_dir()
+    here = op_builds.extensions_dir()
     assert here.parent == Path(get_default_build_root())
-    assert startup.extensions_dir() == here  # stable: every rank and every run of this env agree
+    assert op_builds.extensions_dir() == here  # stable: every rank and every run of this env agree
     monkeypatch.setattr(sys, "prefix", "/some/other/venv")
-    other = startup.extensions_dir()
+    other = op_builds.extensions_dir()
     assert other != here and other.parent == here.parent
 
 
 def test_a_users_torch_extensions_dir_is_respected(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert startup.use_per_environment_extensions(is_main=False) == tmp_path
+    assert op_builds.use_per_environment_extensions(is_main=False) == tmp_path
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path)
 
 
 def test_without_one_the_environments_dir_is_set_for_torch(monkeypatch) -> None:
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
-    path = startup.use_per_environment_extensions(is_main=False)
+    path = op_builds.use_per_environment_extensions(is_main=False)
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(path)
-    assert startup.environment_key() in path.name
+    assert op_builds.environment_key() in path.name
 
 
 def test_the_build_message_appears_only_while_the_op_is_not_built(tmp_path) -> None:
-    message = startup.build_message("fused_adam", tmp_path)
+    message = op_builds.build_message("fused_adam", tmp_path)
     assert message is not None and "fused_adam" in message and "once for this environment" in message
     (tmp_path / "fused_adam").mkdir()
     (tmp_path / "fused_adam" / "fused_adam.so").write_bytes(b"")
-    assert startup.build_message("fused_adam", tmp_path) is None
+    assert op_builds.build_message("fused_adam", tmp_path) is None
 
 
 def test_rank0_announces_a_jit_build_before_it_runs(monkeypatch, tmp_path, capsys) -> None:
@@ -133,12 +134,12 @@ def test_rank0_announces_a_jit_build_before_it_runs(monkeypatch, tmp_path, capsy
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(OpBuilder, "jit_load", fake_jit_load)
     capsys.readouterr()  # DeepSpeed's import-time notes
-    startup.announce_op_builds(is_main=False)
+    op_builds.announce_op_builds(is_main=False)
     assert OpBuilder.jit_load is fake_jit_load
-    startup.announce_op_builds(is_main=True)
-    startup.announce_op_builds(is_main=True)  # idempotent: one line per build, not one per call
+    op_builds.announce_op_builds(is_main=True)
+    op_builds.announce_op_builds(is_main=True)  # idempotent: one line per build, not one per call
     assert OpBuilder.jit_load(FakeBuilder()) == "module"
-    assert calls == [startup.build_message("cpu_adam", tmp_path) + "\n"]
+    assert calls == [op_builds.build_message("cpu_adam", tmp_path) + "\n"]
     (tmp_path / "cpu_adam").mkdir()
     (tmp_path / "cpu_adam" / "cpu_adam.so").write_bytes(b"")
     OpBuilder.jit_load(FakeBuilder())
@@ -147,7 +148,7 @@ def test_rank0_announces_a_jit_build_before_it_runs(monkeypatch, tmp_path, capsy
 
 def test_stale_build_locks_are_found_in_the_dir_ops_are_built_in(monkeypatch, tmp_path) -> None:
     """With TORCH_EXTENSIONS_DIR set (always, now) torch builds in <dir>/<op>/, without a py311_cpu level."""
-    from id3_ds.training.guards import clear_stale_build_locks
+    from id3_ds.integration.op_builds import clear_stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     stale = tmp_path / "fused_adam" / "lock"

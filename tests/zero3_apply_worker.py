@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from id3_ds import apply_delta, remove_delta
-from id3_ds.training.startup import use_per_environment_extensions
+from id3_ds.integration.op_builds import use_per_environment_extensions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root for benchmarks/
 from benchmarks._launch import end_worker  # noqa: E402

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from id3_ds.algorithm.id3 import Reducer
+from id3_ds.algorithm.id3 import Reducer, local_reducer
 from id3_ds.algorithm.selection import Candidates, merge_candidates
 
 MAX_KEY = 1 << 53
@@ -90,3 +90,17 @@ def allgather_reducer(group: dist.ProcessGroup | None = None, device: torch.devi
         return int(t.item())
 
     return lambda local, k: two_round_reduce(local, k, world, gather, max_all)
+
+
+def device_name() -> str:
+    """The device collectives run on for this process: DeepSpeed's accelerator ("cpu" under gloo, "cuda:N")."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
+
+
+def selection_reducer(partitioned: bool, group: dist.ProcessGroup | None = None) -> Reducer:
+    """How ID3's candidates become the global top-k: across `group`'s ranks when each rank holds only its
+    own partition of the parameters, locally when every rank already sees every candidate (one process,
+    or ZeRO stage 0's replicas)."""
+    return allgather_reducer(group, device_name()) if partitioned else local_reducer

@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 
 from id3_ds.algorithm.config import ID3Config
-from id3_ds.algorithm.id3 import ID3, Keep, Scorer, layout, local_reducer
+from id3_ds.algorithm.id3 import ID3, Keep, Scorer, layout
 from id3_ds.algorithm.mask import MaskState
 from id3_ds.algorithm.slices import named_weights, tied_aliases
 from id3_ds.errors import ID3Error
-from id3_ds.integration.collectives import allgather_reducer
+from id3_ds.integration.collectives import selection_reducer
 from id3_ds.integration.params import full_numel, full_shape, write_local_partition
 from id3_ds.integration.zero_slices import (
     check_deepspeed_version,
@@ -153,19 +153,13 @@ class DeepSpeedID3(MaskProgress, _EngineSteps):
         # sees every candidate, so selection stays local; stages 1-3 partition and must all-gather
         self.replicated = engine.zero_optimization_stage() == 0
         distributed = dist.is_initialized() and dist.get_world_size(group) > 1
-        if distributed and not self.replicated:
-            from deepspeed.accelerator import get_accelerator
-
-            reducer = allgather_reducer(group, get_accelerator().current_device_name())
-        else:
-            reducer = local_reducer
         self.id3 = ID3(
             slices,
             config,
             steps,
             selectable=selectable,
             fully_trainable=full,
-            reducer=reducer,
+            reducer=selection_reducer(distributed and not self.replicated, group),
             scorer=scorer,
             static=static,
         )

@@ -38,13 +38,13 @@ import torch
 import torch.distributed as dist
 
 from id3_ds.algorithm.config import ID3Config
-from id3_ds.algorithm.id3 import ID3, Keep, Scorer, local_reducer
+from id3_ds.algorithm.id3 import ID3, Keep, Scorer
 from id3_ds.algorithm.mask import MaskState
 from id3_ds.algorithm.slices import named_weights, write_entries
 from id3_ds.algorithm.sparse import SparseID3
 from id3_ds.algorithm.streaming import GradStream
 from id3_ds.errors import ID3Error
-from id3_ds.integration.collectives import allgather_reducer
+from id3_ds.integration.collectives import selection_reducer
 from id3_ds.integration.hook import MaskProgress, trainable_layout
 from id3_ds.integration.params import full_numel
 from id3_ds.integration.zero_slices import check_deepspeed_version
@@ -148,19 +148,13 @@ class SparseDeepSpeedID3(MaskProgress):
                 slices.append((piece, _Partition(w, valid, self.buffers, whole.name)))
             w.register_post_accumulate_grad_hook(self._hook(whole.name, valid))
         partitioned = self.stage == 3 and self.world > 1
-        if partitioned:
-            from deepspeed.accelerator import get_accelerator
-
-            reducer = allgather_reducer(None, get_accelerator().current_device_name())
-        else:
-            reducer = local_reducer
         id3 = ID3(
             slices,
             config,
             steps,
             selectable=selectable,
             fully_trainable=full,
-            reducer=reducer,
+            reducer=selection_reducer(partitioned),
             scorer=scorer,
             static=static,
         )

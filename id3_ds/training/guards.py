@@ -19,15 +19,13 @@ import torch.distributed as dist
 
 from id3_ds.checkpoint.layout import UNIVERSAL, latest_checkpoint
 from id3_ds.errors import ID3Error
+from id3_ds.integration.collectives import device_name
 from id3_ds.integration.params import full_numel
 
 
 def any_rank(flag: bool, device: str | None = None) -> bool:
     """True on every rank if it is True on any rank (one small all-reduce)."""
-    if device is None:
-        from deepspeed.accelerator import get_accelerator
-
-        device = get_accelerator().current_device_name()
+    device = device_name() if device is None else device
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
@@ -124,30 +122,3 @@ def ensure_disk_for_checkpoint(output_dir: str, engine) -> None:
             f"not enough disk space for the next checkpoint in {output_dir} ({detail}); free space or set "
             "train.output_dir elsewhere, then resume: earlier checkpoints are intact"
         )
-
-
-def clear_stale_build_locks(max_age_s: float = 900.0, root: str | None = None) -> list[str]:
-    """Remove torch-extension build locks older than `max_age_s`; returns the paths removed.
-
-    DeepSpeed JIT-compiles its CPU ops through torch.utils.cpp_extension, which takes a `lock` file in the
-    op's build directory and makes every other process wait until the file is gone. A run killed during
-    the build leaves the lock behind and every later run waits on it forever, silently. A build takes a
-    minute or two, so a lock untouched for 15 minutes belongs to a dead process.
-    """
-    if root is None:
-        from id3_ds.training.startup import extensions_dir
-
-        root = extensions_dir()  # where this run's ops build (TORCH_EXTENSIONS_DIR or this environment's)
-    removed = []
-    now = time.time()
-    locks = [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]  # <op>/lock, or py311_cpu/<op>/lock
-    for lock in locks:
-        try:
-            if now - lock.stat().st_mtime > max_age_s:
-                lock.unlink()
-                removed.append(str(lock))
-        except FileNotFoundError:  # another rank of this node removed it first
-            pass
-    for path in removed:
-        print(f"note: removed a stale torch build lock left by a killed run: {path}", file=sys.stderr, flush=True)
-    return removed
