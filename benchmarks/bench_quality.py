@@ -64,7 +64,8 @@ The steps check (`--model smollm2 --phase grid --methods M --lrs LR --steps 160 
 `--evals 4` for full and id3; rows in quality_logs/smollm2_steps_check.jsonl): full fine-tuning stopped
 improving by 240-320 steps (0.874, 0.876 on validation), where ID3 reached 0.874; LoRA r=1 at 1e-2 peaked
 at 40-80 steps and fell to 0.704 by 160, so a longer table needs its own grid (at 3e-3 and 320 steps:
-0.872, at 80/160/240 0.856, 0.846, 0.874: level with ID3's 0.874 and full's 0.876 there).
+0.872, at 80/160/240 0.856, 0.846, 0.874; at 1e-3: 0.874, at 80/160/240 0.830, 0.848, 0.848: level with
+ID3's 0.874 and full's 0.876 there).
 Seeds at 320 steps (`--phase seeds --grid quality_logs/smollm2_grid.jsonl --methods M --seeds 42 --steps 320
 --evals 1`; rows in quality_logs/smollm2_seeds_320_steps.jsonl, one seed so far): id3 0.851, BitFit 0.824,
 full 0.862 on eval.
