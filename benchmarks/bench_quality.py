@@ -216,6 +216,7 @@ def plan(a: argparse.Namespace, chosen: dict[Cell, float] | None = None) -> list
     """Every run of the phase, in a fixed order (so `--part` picks the same runs on every machine)."""
     model = MODELS[a.model]
     extra = tuple(getattr(a, "set", None) or ())
+    grid_steps = getattr(a, "grid_steps", None) or model.steps["grid"]  # which grid rows choose the seeds' LR
     runs = []
     for group in a.budgets or list(model.budgets):
         for method in a.methods or list(model.methods):
@@ -225,7 +226,7 @@ def plan(a: argparse.Namespace, chosen: dict[Cell, float] | None = None) -> list
                 if a.phase == "grid":
                     lrs = a.lrs or grid_of(method)  # --lrs: a subset, or a step past an edge the best LR sat on
                     runs += [Run(a.model, "grid", group, method, lr, a.seeds[0], opt, extra) for lr in lrs]
-                elif chosen is not None and (cell := (a.model, group, method, extra, model.steps["grid"])) in chosen:
+                elif chosen is not None and (cell := (a.model, group, method, extra, grid_steps)) in chosen:
                     lr = chosen[cell]
                     runs += [Run(a.model, "seeds", group, method, lr, s, opt, extra) for s in a.seeds]
     return runs
@@ -261,7 +262,8 @@ def _cell(r: dict) -> Cell:
 def best_lrs(rows: list[dict]) -> dict[Cell, float]:
     """Per cell: the grid LR with the best validation accuracy (ties: the smaller LR). An ablation chooses its
     own LR (a change to the method may move its best step size), and so does a grid run at other steps (a
-    longer check) than the plan's, which the seeds phase never reads."""
+    longer check) than the plan's, which the seeds phase reads only when told to (--grid-steps). Rows from CPU and
+    GPU share one choice: the LR is a property of the method and steps, not of the device's rounding."""
     best: dict[Cell, tuple[float, float]] = {}
     for r in rows:
         if r["phase"] != "grid":
@@ -286,6 +288,14 @@ def eval_subset(model: str, split: str, limit: int, tmp: Path) -> str:
     path = tmp / f"{split}-first-{limit}.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+def device_label() -> str | None:
+    """The GPU the runs train on (DeepSpeed takes it when one is visible), or None on CPU: every row before
+    this field ran on CPU, and a GPU's rows are tabled apart (other numerics, other seconds)."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | None, threads: int | None) -> dict:
@@ -344,6 +354,7 @@ def execute(run: Run, steps: int, eval_steps: int, out: Path, eval_path: str | N
         **({"optimizer": run.optimizer} if run.optimizer else {}),
         **({"set": list(run.extra)} if run.extra else {}),
         **({"threads": threads} if threads else {}),  # seconds measured with other runs on the cores
+        **({"device": device} if (device := device_label()) else {}),
     }
 
 
@@ -358,7 +369,7 @@ def _order(r: dict) -> tuple:
     """Table order and grouping: model, budget, method, then steps (a longer check is its own row)."""
     model = MODELS[r["model"]]
     method = METHODS.index(r["method"])
-    return (r["model"], list(model.budgets).index(r["group"]), method, _extra(r), r["steps"], _opt(r))
+    return (r["model"], list(model.budgets).index(r["group"]), method, _extra(r), r["steps"], _opt(r), _device(r))
 
 
 def _opt(r: dict) -> str:
@@ -366,7 +377,14 @@ def _opt(r: dict) -> str:
     return r.get("optimizer") or ""
 
 
+def _device(r: dict) -> str:
+    """The GPU a row trained on ('' for CPU, which rows without the field ran on)."""
+    return r.get("device") or ""
+
+
 def _name(r: dict) -> str:
+    if _device(r):
+        return f"{_name({**r, 'device': None})} on {_device(r)}"
     if _extra(r):
         return f"{_name({**r, 'set': None})} [{' '.join(_extra(r))}]"
     if _opt(r):
@@ -503,6 +521,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="grid: the first only")
     p.add_argument("--steps", type=int, help="default: the model's for the phase (minilm grid 100, seeds 600)")
     p.add_argument("--evals", type=int, help="eval points per run, the last at the final step (default: the model's)")
+    p.add_argument(
+        "--grid-steps",
+        type=int,
+        help="--phase seeds: take each LR from the grid rows of this many steps (default: the model's grid "
+        "steps; a longer run may need a smaller LR, as LoRA on SmolLM2 did at 320 steps)",
+    )
     p.add_argument("--lrs", type=float, nargs="+", help="grid: these LRs instead of the method's grid")
     p.add_argument(
         "--optimizers",

@@ -20,7 +20,7 @@ rm -f .whl/*.whl  # one version of each: two of one package stop the whole insta
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-    hjson==3.1.0 dill==0.4.1 multiprocess==0.70.19 datasets==5.2.0
+    hjson==3.1.0 dill==0.4.1 multiprocess==0.70.19 datasets==5.2.0 gguf==0.19.0
 
 # deepspeed 0.19.8 ships only as an sdist: DS_BUILD_OPS=0 builds a pure-Python wheel (its CUDA ops
 # such as FusedAdam are JIT-compiled on the GPU machine at first use, with its nvcc and ninja)

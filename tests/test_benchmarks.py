@@ -357,6 +357,30 @@ def test_quality_ablation_chooses_its_own_lr_and_is_tabled_apart_from_the_plan()
     assert any("--methods id3 --lrs 0.001 0.003 0.01" in c for c in todo)  # the plan's id3 grid has not run
 
 
+def test_quality_seeds_take_a_longer_grids_lr_when_told_and_gpu_rows_are_tabled_apart() -> None:
+    """--grid-steps N makes the seeds phase read the LR from grid rows of N steps (a longer check may prefer a
+    smaller LR); rows that trained on a GPU keep one LR choice with CPU rows but get a table row of their own."""
+    import argparse
+
+    from benchmarks import bench_quality as bq
+
+    short = [_quality_row("grid", "lora", lr, 42, acc) for lr, acc in ((1e-3, 0.7), (1e-2, 0.8))]  # 100 steps
+    longer = [{**r, "steps": 600, "accuracy": 1.5 - r["accuracy"]} for r in short]  # 1e-3 wins at 600 steps
+    gpu = {**longer[0], "lr": 3e-4, "accuracy": 0.75, "device": "NVIDIA H200"}  # below CPU's 1e-3 at 0.8
+    chosen = bq.best_lrs([*short, *longer, gpu])
+    a = argparse.Namespace(model="minilm", phase="seeds", budgets=["0.1%"], methods=["lora"], seeds=[1])
+    assert [r.lr for r in bq.plan(a, chosen)] == [1e-2]  # the plan's grid steps by default
+    (run,) = bq.plan(argparse.Namespace(**vars(a), grid_steps=600), chosen)
+    assert run.lr == 1e-3
+    seeds = [
+        _quality_row("seeds", "lora", 1e-3, 42, 0.8),
+        {**_quality_row("seeds", "lora", 1e-3, 42, 0.7), "device": "NVIDIA H200"},
+    ]
+    assert bq._name(seeds[1]) == "lora (r=3) on NVIDIA H200" and bq._order(seeds[0]) != bq._order(seeds[1])
+    rows = table(bq.seeds_table(seeds), "| model | budget | method | trained entries | LR (from grid)")
+    assert [(r[2], r[9]) for r in rows] == [("lora (r=3)", "42: 0.800"), ("lora (r=3) on NVIDIA H200", "42: 0.700")]
+
+
 def test_model_state_formulas_on_known_numbers() -> None:
     """Per-rank model state at ZeRO-3: the byte counts of each method, checked by hand on LLaMA-7B."""
     llama7b = next(m for m in pj.MODELS if m.name == "LLaMA-7B")
