@@ -110,6 +110,21 @@ def test_without_one_the_environments_dir_is_set_for_torch(monkeypatch) -> None:
     assert op_builds.environment_key() in path.name
 
 
+def test_arch_specific_cuda_arch_entries_are_made_readable_for_deepspeeds_jit_builder(monkeypatch, tmp_path) -> None:
+    """DeepSpeed's JIT builder int()s every part of TORCH_CUDA_ARCH_LIST, so an image's "9.0a" stopped every
+    GPU run at FusedAdam's build; the entry becomes "9.0" for the build, and a list it reads stays as it is."""
+    assert op_builds.deepspeed_arch_list("8.0 9.0 9.0a") == "8.0;9.0"
+    assert op_builds.deepspeed_arch_list("9.0a;10.0f+PTX") == "9.0;10.0+PTX"
+    assert op_builds.deepspeed_arch_list("8.0 8.6+PTX") == "8.0 8.6+PTX"  # readable: the user's own spelling
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    op_builds.use_per_environment_extensions(is_main=False)
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5;8.0")
+    op_builds.use_per_environment_extensions(is_main=False)
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "7.5;8.0"
+
+
 def test_the_build_message_appears_only_while_the_op_is_not_built(tmp_path) -> None:
     message = op_builds.build_message("fused_adam", tmp_path)
     assert message is not None and "fused_adam" in message and "once for this environment" in message

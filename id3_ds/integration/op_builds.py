@@ -51,8 +51,32 @@ def use_per_environment_extensions(is_main: bool) -> Path:
     announce each op build (`announce_op_builds`). Call before anything loads a DeepSpeed op."""
     path = extensions_dir()
     os.environ["TORCH_EXTENSIONS_DIR"] = str(path)
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch_list and (parsable := deepspeed_arch_list(arch_list)) != arch_list:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = parsable
+        if is_main:
+            print(f"TORCH_CUDA_ARCH_LIST={arch_list!r} becomes {parsable!r} for DeepSpeed's op builds", flush=True)
     announce_op_builds(is_main)
     return path
+
+
+def deepspeed_arch_list(value: str) -> str:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed 0.19's JIT builder can read it: arch-specific entries lose their
+    letter ("9.0a" -> "9.0"), "+PTX" stays, repeats go.
+
+    Why: CUDA images for Hopper and Blackwell set entries such as "9.0a" (torch reads them), and DeepSpeed
+    sorts the list with int() on each part, so every op build, FusedAdam under GPU training included, stops
+    with "invalid literal for int() with base 10: '0a'" (seen on an H200 image). Ops such as FusedAdam use
+    no arch-specific instructions, so building them for the plain architecture loses nothing."""
+    out: list[str] = []
+    for entry in value.replace(";", " ").split():
+        arch, plus, ptx = entry.partition("+")
+        major, dot, minor = arch.partition(".")
+        cleaned = f"{major}{dot}{minor.rstrip('abcdefghijklmnopqrstuvwxyz')}{plus}{ptx}"
+        if cleaned not in out:
+            out.append(cleaned)
+    cleaned_value = ";".join(out)
+    return value if cleaned_value == ";".join(value.replace(";", " ").split()) else cleaned_value
 
 
 def op_is_built(name: str, root: Path) -> bool:
