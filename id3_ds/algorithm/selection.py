@@ -44,6 +44,10 @@ class Candidates:
     def __len__(self) -> int:
         return self.keys.numel()
 
+    def to(self, device: torch.device | str) -> Candidates:
+        """The same entries on `device` (scores and keys; the payload stays where it is)."""
+        return Candidates(self.scores.to(device), self.keys.to(device), self.payload)
+
     @staticmethod
     def cat(parts: list[Candidates]) -> Candidates:
         if not parts:
@@ -65,9 +69,9 @@ def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     n = scores.numel()
     if k <= 0:
-        return torch.empty(0, dtype=torch.int64)
+        return torch.empty(0, dtype=torch.int64, device=scores.device)
     if k >= n:
-        return torch.arange(n, dtype=torch.int64)
+        return torch.arange(n, dtype=torch.int64, device=scores.device)
     kth = torch.topk(scores, k, largest=True, sorted=False).values.min()
     above = (scores > kth).nonzero().squeeze(1)
     tied = (scores == kth).nonzero().squeeze(1)[: k - above.numel()]
@@ -96,6 +100,9 @@ def slice_candidates(
     grad, value: 1-D views of the slice; chosen: sorted int64 local positions already in the mask (they
     are never proposed again); first_key: the global key of local position 0. score_chunk replaces the
     ID3 importance (then grad is only used for its length).
+
+    Scores and the per-chunk top-k stay on the slice's device (a GPU reads its gradient once, in place);
+    only the k candidates come back, on the CPU, where masks and the cross-rank merge keep their state.
     """
     n = value.numel()
     k = min(k, n - chosen.numel())
@@ -104,7 +111,8 @@ def slice_candidates(
     parts: list[Candidates] = []
     held, floor = 0, float("-inf")
     bounds = torch.searchsorted(chosen, torch.arange(0, n + chunk, chunk, dtype=torch.int64).clamp_(max=n))
-    buf = torch.empty(-(-min(chunk, n) // BLOCK) * BLOCK, dtype=torch.float32)
+    device = value.device
+    buf = torch.empty(-(-min(chunk, n) // BLOCK) * BLOCK, dtype=torch.float32, device=device)
     for i, c0 in enumerate(range(0, n, chunk)):
         c1 = min(c0 + chunk, n)
         padded = buf[: -(-(c1 - c0) // BLOCK) * BLOCK]
@@ -118,14 +126,14 @@ def slice_candidates(
         padded[c1 - c0 :] = float("-inf")
         inside = chosen[bounds[i] : bounds[i + 1]]
         if inside.numel():
-            score[inside - c0] = float("-inf")
+            score[(inside - c0).to(device)] = float("-inf")
         pos = chunk_top_positions(padded, min(k, (c1 - c0) - inside.numel()), floor)
         parts.append(Candidates(padded[pos], pos + (first_key + c0)))
         held += pos.numel()
         if held > k:  # keep the best k so far: its k-th score is the floor later chunks must beat
             best = _reduce(parts, k)
             parts, held, floor = [best], len(best), float(best.scores.min())
-    return _reduce(parts, k)
+    return _reduce(parts, k).to("cpu")
 
 
 def chunk_top_positions(score: torch.Tensor, k: int, floor: float = float("-inf")) -> torch.Tensor:
@@ -139,7 +147,7 @@ def chunk_top_positions(score: torch.Tensor, k: int, floor: float = float("-inf"
     lower keys: only blocks whose maximum beats it can contribute (an equal score loses the key tie).
     """
     if k <= 0:
-        return torch.empty(0, dtype=torch.int64)
+        return torch.empty(0, dtype=torch.int64, device=score.device)
     block = BLOCK
     while block > MIN_BLOCK and score.numel() // block < 8 * k:
         block //= 2
@@ -152,7 +160,7 @@ def chunk_top_positions(score: torch.Tensor, k: int, floor: float = float("-inf"
     if floor > float("-inf"):
         alive = (bmax > floor).nonzero().squeeze(1)
         if alive.numel() == 0:
-            return torch.empty(0, dtype=torch.int64)
+            return torch.empty(0, dtype=torch.int64, device=score.device)
         bmax = bmax[alive]
     if bmax.numel() <= k or 4 * k >= blocks.shape[0]:
         if alive is None:
@@ -162,7 +170,7 @@ def chunk_top_positions(score: torch.Tensor, k: int, floor: float = float("-inf"
         tau = torch.topk(bmax, k, sorted=False).values.min()
         keep = torch.cat([(bmax > tau).nonzero().squeeze(1), (bmax == tau).nonzero().squeeze(1)[:k]])
         keep = torch.sort(keep if alive is None else alive[keep]).values
-    offsets = (keep * block).unsqueeze(1) + torch.arange(block)
+    offsets = (keep * block).unsqueeze(1) + torch.arange(block, device=score.device)
     sub = top_positions(blocks[keep].reshape(-1), k)
     return offsets.reshape(-1)[sub]
 

@@ -219,7 +219,8 @@ class DeepSpeedID3(MaskProgress, _EngineSteps):
                 continue
             lo = int(torch.searchsorted(pm.indices, torch.tensor(h.info.start)))
             vals = pm.value[lo : lo + len(h.mask)]
-            h.access.value()[h.mask.positions] = vals
+            target = h.access.value()
+            target[h.mask.positions] = vals.to(target.device, target.dtype)
             if stage == 3:  # the model's own low-precision partition starts at the same offset
                 write_local_partition(params[h.info.name], h.mask.positions, vals)
         if stage != 3:  # replicated model weights: every rank writes every chosen entry

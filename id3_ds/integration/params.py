@@ -54,4 +54,4 @@ def write_local_partition(p: torch.Tensor, positions: torch.Tensor, values: torc
     optimizer updates: a resume that writes masters must write these too.
     """
     local = p.ds_tensor.data.view(-1)
-    local[positions] = values.to(local.dtype)
+    local[positions] = values.to(local.device, local.dtype)
