@@ -137,7 +137,8 @@ def candidate_scores(
         logits_to_keep=1,
     )
     first = out.logits[:, -1].float().cpu().repeat_interleave(k, 0)
-    cache = out.cache
+    cache_arg = "cache" if hasattr(out, "cache") else "past_key_values"  # its name before transformers 5.2x
+    cache = getattr(out, cache_arg)
     cache.batch_repeat_interleave(k)  # one copy of each prompt per candidate
     tails = [(e.input_ids[s:], e.labels[s:]) for cands, s in zip(records, starts, strict=True) for e in cands]
     m = max(len(t) for t, _ in tails)
@@ -151,7 +152,7 @@ def candidate_scores(
         input_ids=cont.to(device),
         attention_mask=full_mask.to(device),
         position_ids=(full_mask.cumsum(-1) - 1)[:, n:].clamp(min=0).to(device),
-        cache=cache,
+        **{cache_arg: cache},
         use_cache=True,
     )
     # token j of a response is predicted by the position before it: the prompt's last one for j = 0
