@@ -84,3 +84,18 @@ def test_whole_check_keeps_its_time_limit(tmp_path: Path) -> None:
     with pytest.raises(gc.CheckError, match="no time left for phase requirements within --time-limit 0 s"):
         gc.run_check(gc.CPU, True, tmp_path, keep=False, limit=0)
     assert "no time left" in json.loads((tmp_path / "gpu_check.json").read_text())["error"]
+
+
+def test_gpu_quality_script_refuses_a_bare_call_and_a_machine_without_half_the_model(tmp_path: Path) -> None:
+    """benchmarks/gpu_quality.sh spends a GPU lease in two calls; a wrong verb, or stage2 on a machine where
+    stage1 never left the model's first half, stops at once with one line instead of running the plan."""
+    script = str(ROOT / "benchmarks" / "gpu_quality.sh")
+    bare = subprocess.run(["bash", script], capture_output=True, text=True, timeout=30)
+    assert bare.returncode == 2 and bare.stdout.startswith("usage: bash benchmarks/gpu_quality.sh")
+    if Path("/tmp/stash/part1").exists():
+        pytest.skip("this machine holds a stage1 stash")
+    fresh = subprocess.run(["bash", script, "stage2", "60"], capture_output=True, text=True, timeout=30)
+    assert fresh.returncode == 2
+    assert fresh.stdout.strip() == (
+        "gpu_quality: error: half 1 of the model is not on this machine (a fresh one): run stage1 first"
+    )
