@@ -419,7 +419,7 @@ def grid_table(rows: list[dict]) -> str:
         for r in sorted(rs, key=lambda r: r["lr"]):
             cell = f"{r['lr']:g}: {r['accuracy']:.3f}"
             cells.append(f"**{cell}**" if r["lr"] == pick else cell)
-        run_lrs = {r["lr"] for r in rs}
+        run_lrs = {r["lr"] for r in rows if r["phase"] == "grid" and _cell(r) == _cell(r0)}  # any device's
         left = [lr for lr in grid_of(r0["method"]) if lr not in run_lrs]
         edge = " (best at the edge)" if not left and pick in (min(run_lrs), max(run_lrs)) else ""
         missing = f" ({len(left)} LR not run)" if left else ""
