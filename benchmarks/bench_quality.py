@@ -66,9 +66,13 @@ improving by 240-320 steps (0.874, 0.876 on validation), where ID3 reached 0.874
 at 40-80 steps and fell to 0.704 by 160, so a longer table needs its own grid (at 3e-3 and 320 steps:
 0.872, at 80/160/240 0.856, 0.846, 0.874; at 1e-3: 0.874, at 80/160/240 0.830, 0.848, 0.848: level with
 ID3's 0.874 and full's 0.876 there).
-Seeds at 320 steps (`--phase seeds --grid quality_logs/smollm2_grid.jsonl --methods M --seeds 42 --steps 320
---evals 1`; rows in quality_logs/smollm2_seeds_320_steps.jsonl, one seed so far): id3 0.851, BitFit 0.824,
-full 0.862 on eval.
+Seeds at 320 steps, 3 each, on eval (`--phase seeds --grid quality_logs/smollm2_grid.jsonl --methods M --seeds S
+--steps 320 --evals 1`; LoRA with `--grid quality_logs/smollm2_steps_check.jsonl GPU_GRID --grid-steps 320`, which
+chose 1e-3 over 3e-3 (0.872) and 3e-4 (0.834, run on the GPU)). Rows in quality_logs/smollm2_seeds_320_steps.jsonl
+(CPU: seed 42 of id3, full and BitFit, id3's 43 and 44) and smollm2_gpu_320_steps.jsonl (one H200 through
+benchmarks/gpu_quality.sh: full's and BitFit's 43 and 44, LoRA's three). Over seeds 42-44: id3 0.823 ± 0.026,
+dense LoRA r=1 0.841 ± 0.007, BitFit 0.805 ± 0.020, full fine-tuning 0.859 ± 0.005. A GPU row says so
+(`"device"`) and is tabled apart: other rounding, other seconds.
 """
 
 from __future__ import annotations
