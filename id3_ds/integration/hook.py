@@ -27,7 +27,7 @@ import torch.distributed as dist
 from id3_ds.algorithm.config import ID3Config
 from id3_ds.algorithm.id3 import ID3, Keep, Scorer, layout
 from id3_ds.algorithm.mask import MaskState
-from id3_ds.algorithm.slices import named_weights, tied_aliases
+from id3_ds.algorithm.slices import named_weights, tied_aliases, write_entries
 from id3_ds.errors import ID3Error
 from id3_ds.integration.collectives import selection_reducer
 from id3_ds.integration.params import full_numel, full_shape, write_local_partition
@@ -219,8 +219,7 @@ class DeepSpeedID3(MaskProgress, _EngineSteps):
                 continue
             lo = int(torch.searchsorted(pm.indices, torch.tensor(h.info.start)))
             vals = pm.value[lo : lo + len(h.mask)]
-            target = h.access.value()
-            target[h.mask.positions] = vals.to(target.device, target.dtype)
+            write_entries(h.access.value(), h.mask.positions, vals)
             if stage == 3:  # the model's own low-precision partition starts at the same offset
                 write_local_partition(params[h.info.name], h.mask.positions, vals)
         if stage != 3:  # replicated model weights: every rank writes every chosen entry
