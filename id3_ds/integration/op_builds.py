@@ -68,15 +68,15 @@ def deepspeed_arch_list(value: str) -> str:
     sorts the list with int() on each part, so every op build, FusedAdam under GPU training included, stops
     with "invalid literal for int() with base 10: '0a'" (seen on an H200 image). Ops such as FusedAdam use
     no arch-specific instructions, so building them for the plain architecture loses nothing."""
+    entries = value.replace(";", " ").split()
     out: list[str] = []
-    for entry in value.replace(";", " ").split():
+    for entry in entries:
         arch, plus, ptx = entry.partition("+")
         major, dot, minor = arch.partition(".")
         cleaned = f"{major}{dot}{minor.rstrip('abcdefghijklmnopqrstuvwxyz')}{plus}{ptx}"
         if cleaned not in out:
             out.append(cleaned)
-    cleaned_value = ";".join(out)
-    return value if cleaned_value == ";".join(value.replace(";", " ").split()) else cleaned_value
+    return value if out == entries else ";".join(out)  # a list DeepSpeed reads keeps the user's spelling
 
 
 def op_is_built(name: str, root: Path) -> bool:
