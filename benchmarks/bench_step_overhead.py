@@ -181,7 +181,7 @@ def run_deepspeed_worker(size: str, pairs: int, stage: int, out: str) -> None:
     import torch.distributed as dist
 
     from id3_ds import ID3Config
-    from id3_ds.integration.hook import DeepSpeedID3
+    from id3_ds.update import DeepSpeedID3
 
     use_per_environment_extensions(os.environ.get("RANK", "0") == "0")  # the trainer's op folder
     deepspeed.init_distributed(dist_backend="gloo")
@@ -211,8 +211,8 @@ def sparse_engine(size: str, world: int):
 
     from id3_ds.config import config_from_dict
     from id3_ds.integration.ds_config import build_ds_config
-    from id3_ds.integration.hook import build_update, freeze_outside
     from id3_ds.methods import method_spec
+    from id3_ds.update import build_update, freeze_outside
 
     raw = {
         "model": {"name_or_path": "builtin:tiny-llama", "dtype": "fp32"},  # only the config's rules are used
@@ -273,8 +273,8 @@ def client_optimizer_engine(size: str, optimizer: str):
     import deepspeed
 
     from id3_ds import ID3Config
-    from id3_ds.integration.hook import DeepSpeedID3
     from id3_ds.training.optimizers import build_client_optimizer
+    from id3_ds.update import DeepSpeedID3
 
     ds = {
         "train_micro_batch_size_per_gpu": 2,

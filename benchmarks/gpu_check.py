@@ -316,8 +316,8 @@ def overhead_worker(plan: Plan, stage: int, out: Path) -> None:
     from benchmarks._launch import end_worker
     from benchmarks.bench_step_overhead import summarize
     from id3_ds import ID3Config
-    from id3_ds.integration.hook import DeepSpeedID3
     from id3_ds.integration.op_builds import use_per_environment_extensions
+    from id3_ds.update import DeepSpeedID3
 
     use_per_environment_extensions(True)
     accel = get_accelerator()

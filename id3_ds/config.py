@@ -35,6 +35,7 @@ from id3_ds.data.formats import FORMATS
 from id3_ds.errors import ID3Error
 from id3_ds.methods.registry import METHODS
 from id3_ds.models.resolve import is_named
+from id3_ds.plan import RunPlan, check_modes, plan_of
 from id3_ds.training.batches import global_batch
 
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -125,6 +126,11 @@ class RunConfig(_Section):
     def path_notes(self) -> dict[str, PathNote]:
         """Dotted path key -> PathNote, for the relative paths whose other reading also exists."""
         return self._path_notes
+
+    @property
+    def plan(self) -> RunPlan:
+        """What this config runs (id3_ds/plan.py): every module asks it instead of re-deriving the mode."""
+        return plan_of(self)
 
     def to_dict(self) -> dict:
         return self.model_dump()
@@ -290,30 +296,14 @@ def config_from_dict(
 
 def _check_method(cfg: RunConfig) -> None:
     """Combinations of method, lora, data and eval settings that cannot work, refused before any launch."""
-    lora, t = cfg.lora, cfg.train
-    if cfg.method == "lora" and lora.rank == 0:
-        raise ID3Error("method 'lora' needs lora.rank > 0 (e.g. lora.rank=8)")
-    if cfg.method == "full" and lora.rank > 0:
-        raise ID3Error("method 'full' trains every weight and ignores LoRA; set lora.rank=0 or use method 'lora'")
+    check_modes(cfg)
+    t = cfg.train
     if t.steps:  # with train.epochs the run's steps are known once the data is read: ID3 checks then
         unmask_horizon(cfg.id3, t.steps)
     if t.eval_steps and not cfg.data.eval_path:
         raise ID3Error("train.eval_steps is set but data.eval_path is not: give an eval file or set eval_steps=0")
     if cfg.data.packing and cfg.data.format == "classification":
         raise ID3Error("data.packing does not apply to classification data; set data.packing=false")
-    if t.export_delta and cfg.method in ("full", "lora"):
-        raise ID3Error(
-            f"train.export_delta: method '{cfg.method}' trains densely, so there is no sparse delta to export; "
-            "set train.export_delta=false and keep the model with train.save_final_model=true"
-        )
-    # a plain classification run exports its fresh head whole (id3.fully_trainable); under LoRA it is PEFT's
-    # trainable copy, which a delta cannot carry
-    if t.export_delta and cfg.data.format == "classification" and lora.rank:
-        raise ID3Error(
-            "train.export_delta: this run trains a fresh classification head, which the base model does not "
-            "hold, so a sparse delta against it cannot be written; set train.export_delta=false "
-            "(train.save_final_model=true keeps the model)"
-        )
     # alpaca/messages with data.labels: the eval set's responses are class names, ranked by likelihood
     if cfg.data.labels is not None and cfg.data.format not in ("classification", "alpaca", "messages"):
         raise ID3Error(f"data.labels does not apply to data.format '{cfg.data.format}'; remove it")

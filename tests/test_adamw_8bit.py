@@ -18,8 +18,8 @@ import torch
 from id3_ds.checkpoint import checkpoint_dir, read_id3_state
 from id3_ds.config import load_config
 from id3_ds.errors import ID3Error
+from id3_ds.recipe.preflight import preflight
 from id3_ds.training.optimizers import BNB_BLOCK, build_client_optimizer
-from id3_ds.training.preflight import preflight
 from tests.assertions import assert_only_chosen_moved, chosen_indices
 from tests.launcher import TINY_CONFIG, ok, train, weights
 
@@ -230,12 +230,16 @@ def test_a_dense_run_resumes_only_where_deepspeed_can_load_its_weights(
     from types import SimpleNamespace
 
     from id3_ds.checkpoint import resuming
+    from id3_ds.update import DenseUpdate
     from tests.test_resume_rules import _cfg, _checkpoint
 
-    monkeypatch.setattr(resuming.guards, "start_watchdog", lambda timeout_s: None)  # no thread in the test process
+    monkeypatch.setattr(resuming, "start_watchdog", lambda timeout_s: None)  # no thread in the test process
     cfg = _cfg(tmp_path, "method=full", f"train.optimizer={optimizer}", "train.export_delta=false")
     ckpt = _checkpoint(cfg, 20, 40, world=2)  # saved by 2 ranks at ZeRO-2
-    engine, update = SimpleNamespace(zero_optimization_stage=lambda: now_stage), SimpleNamespace(masked=False)
+    engine, update = (
+        SimpleNamespace(zero_optimization_stage=lambda: now_stage),
+        SimpleNamespace(parts=DenseUpdate.parts),
+    )
     with pytest.raises(ID3Error) as e:
         resuming.resume(engine, update, cfg, world=now_world)
     assert str(e.value) == (

@@ -12,7 +12,7 @@ import pytest
 
 from id3_ds.config import load_config
 from id3_ds.errors import ID3Error
-from id3_ds.training.preflight import preflight
+from id3_ds.recipe.preflight import preflight
 from tests.launcher import ROOT
 
 DATA = ROOT / "id3_ds" / "resources" / "tiny_alpaca.jsonl"

@@ -12,7 +12,7 @@ import pytest
 
 from id3_ds.config import load_config
 from id3_ds.errors import ID3Error
-from id3_ds.training import preflight as pf
+from id3_ds.recipe import preflight as pf
 from tests.launcher import ROOT, TINY_CONFIG, TRAIN, train
 
 

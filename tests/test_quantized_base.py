@@ -25,7 +25,7 @@ from id3_ds.models.quantized import (
     quantize_selectable,
     quantized_names,
 )
-from id3_ds.training import preflight as pf
+from id3_ds.recipe import preflight as pf
 from tests.launcher import TINY_CONFIG
 
 KINDS = ["nf4", "int8"]

@@ -1,4 +1,4 @@
-"""The training loop's update objects (id3_ds/integration/hook.py) on a stand-in for a ZeRO-0 fp32 engine,
+"""The training loop's update objects (id3_ds/update/) on a stand-in for a ZeRO-0 fp32 engine,
 in one process: the FISH pass through them, the Fisher sums freed once the mask is chosen, the dense one."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("deepspeed")
 
 from id3_ds import ID3Config  # noqa: E402
-from id3_ds.integration.hook import DeepSpeedID3, DenseUpdate, build_update  # noqa: E402
 from id3_ds.methods import method_spec  # noqa: E402
+from id3_ds.update import DeepSpeedID3, DenseUpdate, build_update  # noqa: E402
 
 
 class Stage0Engine:

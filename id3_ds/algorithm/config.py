@@ -64,6 +64,11 @@ class ID3Config:
                 f"id3.budget={self.budget} is a float outside (0, 1): give a fraction like 0.001 "
                 "or an integer count of entries"
             )
+        if isinstance(self.budget, int) and self.budget < 1:
+            raise ID3Error(
+                f"id3.budget={self.budget}: give a count of entries >= 1 (e.g. id3.budget=100000) or a fraction "
+                "in (0, 1) (e.g. id3.budget=0.001)"
+            )
         if not self.eps > 0:
             raise ID3Error(f"id3.eps must be > 0 (got {self.eps}); it keeps |g|/(|theta|+eps)^exp finite")
         if self.bias_correction not in BIAS_CORRECTIONS:

@@ -22,8 +22,6 @@ def resolve_budget(budget: int | float, selectable: int) -> int:
         if count < 1:
             raise ID3Error(f"id3.budget={budget} of {selectable} selectable entries rounds to 0; raise the fraction")
         return count
-    if budget < 1:
-        raise ID3Error(f"id3.budget must be >= 1 entry, got {budget}")
     if budget > selectable:
         raise ID3Error(
             f"id3.budget={budget} exceeds the {selectable} selectable entries; lower it or widen id3.targets"

@@ -7,7 +7,7 @@ One optimizer step, after the micro-batches' backward passes:
                     # write the rounded masters into the weights, then release the gradients
 
 `SparseID3` is the step for any holder: one process over plain torch (its slices are whole parameters,
-gradients their `.grad`), or one DeepSpeed rank (id3_ds/integration/sparse_update.py: its slices are the
+gradients their `.grad`), or one DeepSpeed rank (id3_ds/update/sparse.py: its slices are the
 rank's ZeRO-3 partitions or whole stage-0 weights, gradients a per-step accumulation buffer). What differs
 is injected: `all_reduce` sums the clipping norm's squares over holders that own disjoint entries, and
 `release` drops the step's gradients. Every held slice, fully trainable ones included (all their entries

@@ -29,7 +29,7 @@ Clipping sees the masked gradient: the norm over chosen entries plus fully train
 clip_grad_norm_.
 
 Where it runs: `algorithm/sparse.py` (`SparseID3`) is the step over any holder's slices; under DeepSpeed
-(`integration/sparse_update.py`) a post-accumulate-grad hook on each trainable parameter averages its
+(`update/sparse.py`) a post-accumulate-grad hook on each trainable parameter averages its
 transient gradient over ranks into the rank's ZeRO-3 partition (reduce-scatter; all-reduce at stage 0);
 during a step's last micro-batch it streams that share into the step's candidates and kept gradient
 values (`streaming.py`), earlier micro-batches add it to an fp32 buffer; the norm's squares are

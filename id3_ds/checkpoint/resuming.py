@@ -11,7 +11,11 @@ universal files DeepSpeed 0.19 cannot cross-load, or a conversion that fails) th
 DeepSpeed's files: unchosen entries equal the pretrained weights (already loaded) and the shards hold
 every chosen entry's fp32 value, so weights and mask are restored exactly and Adam's moments restart from
 zero (logged with the reason). A dense method (full, lora) has no shards: DeepSpeed's files are its weights,
-so there it resumes only where they load, and says so in one line.
+so there it resumes only where they load, and says so in one line. Sparse state has no DeepSpeed state at
+all: its shards hold every chosen entry's fp32 master and moments in global coordinates, so any world size
+loads them exactly, and its LR schedule comes from id3/trainer_state.json. One path serves every update:
+it loads the parts the update's checkpoint consists of (`update.parts`) and hands them to
+`update.load_state_dict`.
 """
 
 from __future__ import annotations
@@ -32,14 +36,15 @@ from id3_ds.integration.engine_state import (
     set_step_counters,
 )
 from id3_ds.integration.universal import convert_to_universal
-from id3_ds.training import guards  # a module, not its names: guards reads this package's layout (an import cycle)
+from id3_ds.runtime.watchdog import beat, start_watchdog
+from id3_ds.update.contract import UpdateState
 
 if TYPE_CHECKING:
     from id3_ds.config import RunConfig
-    from id3_ds.integration.hook import DeepSpeedID3, DenseUpdate
+    from id3_ds.update.contract import Update
 
 
-def resume(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, world: int) -> int:
+def resume(engine, update: Update, cfg: RunConfig, world: int) -> int:
     """Restore the latest complete checkpoint (or the one named by train.resume); returns the next step.
 
     Refuses (ID3Error) a checkpoint trained with other settings, as `compat.already_finished` did before the
@@ -48,66 +53,60 @@ def resume(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, world: in
     progress watchdog: from here on, a rank that waits longer than train.collective_timeout_s for its
     peers ends the job.
     """
-    guards.start_watchdog(cfg.train.collective_timeout_s)
+    start_watchdog(cfg.train.collective_timeout_s)
     point = check_resume(cfg)
     if point is None:
         return 0
     ckpt, info, step = point.ckpt, point.info, point.step
-    if getattr(update, "sparse", False):
-        return _resume_sparse(update, ckpt, info, step, world)
+    parts = update.parts
     stage = engine.zero_optimization_stage()
-    same_world = info.get("world_size") == world and info.get("zero_stage") == stage
-    strict = cfg.model.quantization == "none"  # QLoRA: bitsandbytes' quantization constants are not loaded back
-    if same_world:
-        load_checkpoint(engine, ckpt / "ds", DS_TAG, strict)
-        moments = None
-    else:
-        moments = _load_resharded(engine, ckpt, info, strict, cfg.train.optimizer == "adamw_8bit")
-        if moments is not None and not update.masked:  # DeepSpeed loaded nothing, weights included
+    same_world = info.get("world_size") == world and (not parts.engine or info.get("zero_stage") == stage)
+    moments = None  # why DeepSpeed's optimizer state was not loaded, if it was not
+    if parts.engine and same_world:
+        load_checkpoint(engine, ckpt / "ds", DS_TAG, cfg.plan.strict_load)
+    elif parts.engine:
+        moments = _load_resharded(engine, ckpt, info, cfg.plan.strict_load, cfg.train.optimizer == "adamw_8bit")
+        if moments is not None and not parts.mask:  # DeepSpeed loaded nothing, weights included
             raise ID3Error(  # no mask shards to restore the weights from: DeepSpeed's files are all there is
                 f"{ckpt} was saved by {info.get('world_size')} ranks at ZeRO-{info.get('zero_stage')}; a "
                 f"method {cfg.method} run resumes only there ({moments}): resume on "
                 f"{info.get('world_size')} ranks at ZeRO-{info.get('zero_stage')}"
             )
-    if update.masked:
-        state, meta = read_id3_state(ckpt)
-        update.load_state(state, meta)
-        if not same_world:  # exact fp32 values of the chosen entries, whatever DeepSpeed restored
-            update.restore_values(state)
-    note = global_batch_note(info, cfg, world)
+    state = UpdateState()
+    if parts.mask:
+        state.mask, state.meta = read_id3_state(ckpt)
+    if parts.trainer:
+        state.trainer = read_trainer_state(ckpt)
+    update.load_state_dict(state, engine_exact=same_world)
+    note = global_batch_note(info, cfg, world) if parts.engine else None
     if note and dist.get_rank() == 0:
         print(note, flush=True)
     if not same_world and moments is not None:  # DeepSpeed's optimizer and scheduler state was not loaded
         fast_forward_scheduler(engine, step)
         set_step_counters(engine, step)
     if dist.get_rank() == 0:
-        line = f"resumed from {ckpt} at step {_of(step, update.steps or cfg.train.steps)}"
-        if not same_world:
-            how = (
-                "weights, mask and optimizer moments restored"
-                if moments is None
-                else f"weights and mask restored exactly, optimizer moments restart ({moments})"
-            )
-            line += (
-                f", saved by {info.get('world_size')} ranks at ZeRO-{info.get('zero_stage')}, now {world} ranks "
-                f"at ZeRO-{stage}: {how}"
-            )
-        print(line, flush=True)
+        how = _how(info, world, stage, parts.engine, moments)
+        print(f"resumed from {ckpt} at step {_of(step, update.steps or cfg.train.steps)}{how}", flush=True)
     return step
 
 
-def _resume_sparse(update, ckpt: Path, info: dict, step: int, world: int) -> int:
-    """id3.state=sparse: the shards hold everything per entry (mask, fp32 master, moments) in global
-    coordinates, so any world size loads them exactly; the LR schedule comes from id3/trainer_state.json."""
-    state, meta = read_id3_state(ckpt)
-    update.load_state(state, meta)
-    update.load_trainer_state(read_trainer_state(ckpt))
-    if dist.get_rank() == 0:
-        line = f"resumed from {ckpt} at step {_of(step, update.steps)}"
-        if info.get("world_size") != world:
-            line += f", saved by {info.get('world_size')} ranks, now {world}: weights, mask and moments restored"
-        print(line, flush=True)
-    return step
+def _how(info: dict, world: int, stage: int, engine_state: bool, moments: str | None) -> str:
+    """What a resume on another world size (or stage) restored; empty on the same one."""
+    was_world, was_stage = info.get("world_size"), info.get("zero_stage")
+    if not engine_state:  # the shards hold every chosen entry's master and moments, in global coordinates
+        return (
+            ""
+            if was_world == world
+            else f", saved by {was_world} ranks, now {world}: weights, mask and moments restored"
+        )
+    if was_world == world and was_stage == stage:
+        return ""
+    how = (
+        "weights, mask and optimizer moments restored"
+        if moments is None
+        else f"weights and mask restored exactly, optimizer moments restart ({moments})"
+    )
+    return f", saved by {was_world} ranks at ZeRO-{was_stage}, now {world} ranks at ZeRO-{stage}: {how}"
 
 
 def _of(step: int, total: int | None) -> str:
@@ -152,7 +151,7 @@ def _load_resharded(engine, ckpt: Path, info: dict, strict: bool = True, eight_b
     reason = _make_universal(ckpt) if dist.get_rank() == 0 else None
     box = [reason]
     dist.broadcast_object_list(box, src=0)  # the wait is bounded by train.collective_timeout_s
-    guards.beat()
+    beat()
     if box[0] is not None:
         return box[0]
     try:
@@ -164,7 +163,7 @@ def _load_resharded(engine, ckpt: Path, info: dict, strict: bool = True, eight_b
             f"loading DeepSpeed's universal checkpoint {ckpt / UNIVERSAL} failed ({type(e).__name__}: "
             f"{str(e)[:200]}); resume on {info.get('world_size')} ranks at ZeRO-{src} instead"
         ) from e
-    guards.beat()
+    beat()
     return None
 
 

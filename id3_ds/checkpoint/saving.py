@@ -1,7 +1,8 @@
 """Saving a run: DeepSpeed's engine state plus the mask shards, complete only when marked (layout.py).
 
-A sparse-state run (id3.state: sparse) has no DeepSpeed optimizer: its checkpoint is the shards (mask,
-fp32 master and Adam moments of each rank's chosen entries, O(B)) plus the LR schedule's state.
+What a checkpoint holds for the run's update is what its `parts` say (id3_ds/update/contract.py): DeepSpeed's
+engine state (dense optimizer state), every rank's mask shard (masked methods), and the LR schedule an update
+drives itself (sparse state, whose shards hold the chosen entries' fp32 masters and Adam moments, O(B)).
 
 Every rank writes its DeepSpeed part and its mask shard, then rank 0 writes the COMPLETE marker; a
 checkpoint without it never counts, so a run killed mid-save resumes from the one before.
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from id3_ds.checkpoint.compat import settings
+from id3_ds.checkpoint.disk import ensure_disk_for_checkpoint
 from id3_ds.checkpoint.layout import (
     DS_TAG,
     checkpoint_dir,
@@ -29,13 +31,14 @@ from id3_ds.checkpoint.layout import (
 from id3_ds.errors import ID3Error
 from id3_ds.files.atomic import staged_dir
 from id3_ds.integration.params import full_shape, gathered
+from id3_ds.models.lora_names import is_lora_param
 from id3_ds.models.quantized import quantized_names
-from id3_ds.training import guards  # a module, not its names: guards reads this package's layout (an import cycle)
-from id3_ds.training.faults import maybe_kill
+from id3_ds.runtime.faults import maybe_kill
+from id3_ds.runtime.watchdog import beat
 
 if TYPE_CHECKING:
     from id3_ds.config import RunConfig
-    from id3_ds.integration.hook import DeepSpeedID3, DenseUpdate
+    from id3_ds.update.contract import Update
 
 
 def check_output_dir(output_dir: str, is_main: bool) -> None:
@@ -54,27 +57,27 @@ def check_output_dir(output_dir: str, is_main: bool) -> None:
         ) from None
 
 
-def save(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, step: int, model_dir: str) -> Path:
-    """Write checkpoint-<step>: every rank its DeepSpeed part and mask shard, then rank 0 marks it complete."""
+def save(engine, update: Update, cfg: RunConfig, step: int, model_dir: str) -> Path:
+    """Write checkpoint-<step>: every rank its parts (DeepSpeed's, its mask shard), then rank 0 marks it complete."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    guards.ensure_disk_for_checkpoint(cfg.train.output_dir, engine)
+    ensure_disk_for_checkpoint(cfg.train.output_dir, engine)
     ckpt = checkpoint_dir(cfg.train.output_dir, step)
     if rank == 0 and ckpt.exists():  # an incomplete leftover of a killed run at this very step
         shutil.rmtree(ckpt)
     dist.barrier()
-    guards.beat()
-    sparse = getattr(update, "sparse", False)  # id3.state=sparse: no DeepSpeed optimizer state to save
-    if not sparse:
+    beat()
+    if update.parts.engine:
         engine.save_checkpoint(str(ckpt / "ds"), tag=DS_TAG, save_latest=False)
-    guards.beat()
+    beat()
     maybe_kill("kill_during_save", step, rank)
-    if update.masked:
-        write_id3_shard(ckpt, rank, world, update.shard_state(), update.state_meta())
+    state = update.state_dict()
+    if update.parts.mask:
+        write_id3_shard(ckpt, rank, world, state.mask, state.meta)
         _save_lora(engine.module, ckpt, rank)
-    if sparse and rank == 0:
-        write_trainer_state(ckpt, update.trainer_state())
+    if update.parts.trainer and rank == 0:
+        write_trainer_state(ckpt, state.trainer)
     dist.barrier()
-    guards.beat()
+    beat()
     classify = cfg.data.format == "classification" and not cfg.lora.rank
     if rank == 0:
         mark_complete(
@@ -91,7 +94,7 @@ def save(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, step: int, 
                     "quantized": quantized_names(engine.module),
                 },
                 **({"classification": classification_info(engine.module)} if classify else {}),
-                "id3": {**cfg.id3.__dict__, "budget_entries": update.budget if update.masked else None},
+                "id3": {**cfg.id3.__dict__, "budget_entries": state.budget},
                 "train": {
                     "steps": update.steps,
                     "lr": cfg.train.lr,
@@ -142,8 +145,6 @@ def _save_lora(model, ckpt: Path, rank: int) -> None:
     The delta of a LoRA run needs A's random init, which the base model does not hold; export rebuilds it
     from these and the shards' base values. Every rank must call this (ZeRO-3 gathers the matrices).
     """
-    from id3_ds.delta.lora import is_lora_param
-
     config = (getattr(model, "peft_config", None) or {}).get("default")
     params = [(n, p) for n, p in model.named_parameters() if is_lora_param(n)]
     if config is None or not params:

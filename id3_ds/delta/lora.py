@@ -9,27 +9,12 @@ LoRA settings; `merge` and `apply_delta` rebuild A and B and fold them into each
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from id3_ds.errors import ID3Error
+from id3_ds.models.lora_names import is_lora_param, split_lora_name
 
-# a live PeftModel names lora_A.<adapter>.weight; a saved adapter file (save_pretrained) drops the adapter name
-_LORA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-
-
-def split_lora_name(name: str) -> tuple[str, str] | None:
-    """(base weight name, 'A' | 'B') for a PEFT LoRA parameter of adapter 'default' (or of a saved adapter
-    file, whose names carry no adapter), else None."""
-    m = _LORA.match(name)
-    if m is None or m["adapter"] not in (None, "default"):
-        return None
-    return f"{m['module']}.weight", m["which"]
-
-
-def is_lora_param(name: str) -> bool:
-    return split_lora_name(name) is not None
+__all__ = ["fold", "fold_lora", "is_lora_param", "lora_pairs", "split_lora_name"]
 
 
 def fold(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:

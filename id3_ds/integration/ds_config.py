@@ -11,17 +11,16 @@ from typing import Any
 
 from id3_ds.config import RunConfig
 from id3_ds.errors import ID3Error
-from id3_ds.methods.registry import MASKED
+from id3_ds.plan import fp16_refused
 
 SUPPORTED_OPTIMIZERS = ("adam", "adamw")
-CLIENT_OPTIMIZERS = ("torch_adamw", "adamw_8bit")  # train.optimizer values the launcher builds itself
 SPARSE_BUCKET = 1_000_000  # sparse state: DeepSpeed reduces nothing, so its reduce buffer stays small
 
 
 def build_ds_config(cfg: RunConfig, world_size: int) -> tuple[dict, float]:
     """(DeepSpeed config dict, weight decay for ID3 to apply to chosen entries)."""
     ds: dict[str, Any] = copy.deepcopy(cfg.deepspeed) if isinstance(cfg.deepspeed, dict) else {}
-    t = cfg.train
+    t, plan = cfg.train, cfg.plan
     auto = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -39,7 +38,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> tuple[dict, float]:
             f'size = {auto["train_batch_size"]}; set it to "auto"'
         )
     if ds.get("fp16", {}).get("enabled") is True:
-        raise ID3Error("fp16 training is not supported (loss scaling skips steps the mask would count); use bf16")
+        raise fp16_refused()
     bf16 = cfg.model.dtype == "bf16"
     ds.setdefault("bf16", {})
     if ds["bf16"].get("enabled", "auto") not in ("auto", bf16):
@@ -52,9 +51,9 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> tuple[dict, float]:
     if zero.get("offload_param", {}).get("device", "none") not in ("none", None) and stage != 3:
         raise ID3Error("deepspeed offload_param needs zero_optimization.stage 3")
 
-    if cfg.id3.state == "sparse" and cfg.method in MASKED:
+    if plan.sparse_state:
         return _sparse_state(ds, zero), t.weight_decay
-    if t.optimizer in CLIENT_OPTIMIZERS:  # a client optimizer, built by the launcher (training/optimizers.py)
+    if plan.client_optimizer:  # a client optimizer, built by the recipe (training/optimizers.py)
         if "optimizer" in ds:
             raise ID3Error(f"train.optimizer={t.optimizer} conflicts with a deepspeed.optimizer block; drop one")
         ds.setdefault("zero_allow_untested_optimizer", True)
@@ -72,7 +71,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> tuple[dict, float]:
     wd = t.weight_decay if wd == "auto" else float(wd)
     if str(opt["type"]).lower() == "adam" and wd:
         params["adam_w_mode"] = True  # decoupled decay, as AdamW: ID3 applies it to chosen entries only
-    if cfg.method in MASKED:  # the mask core applies decay to chosen entries only
+    if plan.masked:  # the mask core applies decay to chosen entries only
         params["weight_decay"] = 0.0
     else:
         params["weight_decay"] = wd

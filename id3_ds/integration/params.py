@@ -55,3 +55,40 @@ def write_local_partition(p: torch.Tensor, positions: torch.Tensor, values: torc
     """
     local = p.ds_tensor.data.view(-1)
     local[positions] = values.to(local.device, local.dtype)
+
+
+def zero3_share(p: torch.Tensor) -> tuple[int, int]:
+    """(first flat entry, entries) of this rank's ZeRO-3 partition of `p`: rank r owns [r*P, r*P + valid) with
+    P = ceil(numel / world) and valid possibly short (the tail's padding) or 0."""
+    import torch.distributed as dist
+
+    per = p.ds_tensor.ds_numel
+    start = dist.get_rank(group=p.ds_process_group) * per
+    return start, max(0, min(per, full_numel(p) - start))
+
+
+def local_partition(p: torch.Tensor, valid: int) -> torch.Tensor:
+    """This rank's flat piece of `p` without the tail padding (ZeRO-3), or the whole flat tensor."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor.data.view(-1).narrow(0, 0, valid)
+    return p.data.view(-1)
+
+
+def reduce_scatter_share(p: torch.Tensor, flat: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum the whole flat gradient of a ZeRO-3 parameter over its ranks into this rank's partition (P entries,
+    padding included); the caller averages and trims it."""
+    import torch.distributed as dist
+
+    # torch >= 2.13 names it reduce_scatter_single (reduce_scatter_tensor is deprecated there); older torch lacks it
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    per = p.ds_tensor.ds_numel
+    pad = per * world - flat.numel()  # a padded copy only when numel is not a multiple of world
+    padded = torch.nn.functional.pad(flat, (0, pad)) if pad else flat.contiguous()
+    out = flat.new_empty(per)
+    reduce_scatter(out, padded, group=p.ds_process_group)
+    return out
+
+
+def empty_partition_cache(engine) -> None:
+    """Release every gathered ZeRO-3 parameter, so the next forward gathers the partitions written since."""
+    engine.optimizer.empty_partition_cache()

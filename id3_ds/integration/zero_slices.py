@@ -24,11 +24,10 @@ The same views serve scoring (read), masking (write gradient) and weight decay (
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from id3_ds.algorithm.slices import ParamSlice, TensorSliceAccess
 from id3_ds.errors import ID3Error
-from id3_ds.integration.params import full_numel
+from id3_ds.integration.params import zero3_share
 
 SUPPORTED_DEEPSPEED = ("0.19",)
 
@@ -159,9 +158,7 @@ def engine_slices(engine, wanted: list[ParamSlice]) -> list[tuple[ParamSlice, ob
     for whole in wanted:
         p = params[whole.name]
         if stage == 3:
-            per = p.ds_tensor.ds_numel
-            start = dist.get_rank(group=p.ds_process_group) * per
-            valid = max(0, min(per, full_numel(p) - start))
+            start, valid = zero3_share(p)
             if valid:
                 out.append((whole.piece(start, valid), Zero3Access(opt, p, valid)))
         elif stage in (1, 2):

@@ -7,6 +7,13 @@ from typing import Any
 from id3_ds.errors import ID3Error
 
 
+def load_tokenizer(model_dir: str):
+    """The model's tokenizer, as the data pipeline and the eval use it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 def load_model(model_dir: str, classification: bool, dtype: Any, labels: list[str] | None = None, pad_id=None):
     """A causal LM, or a sequence classifier with a fresh head over `labels` (the paper's GLUE setting)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -133,7 +133,7 @@ def print_final_line(cfg, is_main: bool) -> None:
     from id3_ds.checkpoint import latest_checkpoint
 
     out = Path(cfg.train.output_dir)
-    sparse = cfg.method not in ("full", "lora") and not (cfg.lora.rank and cfg.data.format == "classification")
+    sparse = cfg.plan.has_delta  # whether `id3-ds export-delta` applies
     ckpt = latest_checkpoint(out)
     delta = out / "delta" if cfg.train.export_delta and sparse and (out / "delta").is_dir() else None
     final_model = out / "final_model" if cfg.train.save_final_model and (out / "final_model").is_dir() else None

@@ -4,7 +4,7 @@ kill_after_step   SIGKILL this rank right after optimizer step <step> (after its
 kill_during_save  SIGKILL this rank in the middle of writing checkpoint <step> (before COMPLETE)
 nan_loss_at_step  this rank's loss becomes NaN at step <step> (0-based)
 hang_at_step      this rank sleeps forever at the start of step <step> (0-based), before any collective
-ID3_DS_FAKE_FREE_BYTES=<n> makes the disk look like it has n free bytes (see guards.free_bytes).
+ID3_DS_FAKE_FREE_BYTES=<n> makes the disk look like it has n free bytes (see checkpoint/disk.free_bytes).
 Unset in normal runs; the checks cost one dict lookup per step.
 """
 

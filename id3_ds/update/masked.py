@@ -1,20 +1,10 @@
-"""The training loop's one interface to how a method updates weights, whatever the method and state mode:
+"""A masked method (ID3 or a static baseline) on a DeepSpeed engine with dense optimizer state.
 
-    out = update.forward(batch); update.backward(loss)   # per micro-batch
-    chosen = update.step()                               # at the accumulation boundary
-    update.lr, update.grad_norm                          # for the log
-
-`DeepSpeedID3` binds the mask core (ID3 or a static baseline) to a DeepSpeed engine's optimizer (dense
-state); `DenseUpdate` is the same interface for the dense methods (full, lora), which train every trainable
-entry and have no mask; `SparseDeepSpeedID3` (sparse_update.py) keeps Adam for the chosen entries itself
-(id3.state: sparse). So the loop and the checkpoints never ask which kind runs. `build_update` picks one.
-For the first two, `step` calls `before_step()` between `engine.backward()` and `engine.step()`.
-
-Gradients are reduced by then (data-parallel averaged, partitioned by ZeRO); `before_step` scores this
-rank's partition, all-gathers k candidates per rank, grows every rank's mask with the same winners and
-zeros the unchosen gradient entries, so DeepSpeed's clipping inside `engine.step()` sees masked
-gradients. Weight decay and per-entry bias correction run in hooks on the inner torch optimizer, on the
-fp32 masters, before DeepSpeed copies them back into the model's weights.
+`DeepSpeedID3` binds the mask core to the engine's optimizer: at the accumulation boundary, `before_step`
+scores this rank's partition of the reduced gradients, all-gathers k candidates per rank, grows every
+rank's mask with the same winners and zeros the unchosen gradient entries, so DeepSpeed's clipping inside
+`engine.step()` sees masked gradients. Weight decay and per-entry bias correction run in hooks on the
+inner torch optimizer, on the fp32 masters, before DeepSpeed copies them back into the model's weights.
 """
 
 from __future__ import annotations
@@ -25,12 +15,11 @@ import torch
 import torch.distributed as dist
 
 from id3_ds.algorithm.config import ID3Config
-from id3_ds.algorithm.id3 import ID3, Keep, Scorer, layout
+from id3_ds.algorithm.id3 import ID3, Keep, Scorer
 from id3_ds.algorithm.mask import MaskState
-from id3_ds.algorithm.slices import named_weights, tied_aliases, write_entries
-from id3_ds.errors import ID3Error
+from id3_ds.algorithm.slices import write_entries
 from id3_ds.integration.collectives import selection_reducer
-from id3_ds.integration.params import full_numel, full_shape, write_local_partition
+from id3_ds.integration.params import write_local_partition
 from id3_ds.integration.zero_slices import (
     check_deepspeed_version,
     check_supported,
@@ -39,57 +28,12 @@ from id3_ds.integration.zero_slices import (
     offloaded,
     refresh_offload_norms,
 )
-from id3_ds.methods.registry import MethodSpec
 from id3_ds.methods.scorers import FisherScorer
-
-
-def trainable_layout(model: torch.nn.Module, config: ID3Config, keep: Keep | None = None):
-    """Whole-parameter slices (full shapes, also under zero.Init) and entry counts, in model order; weights
-    held outside parameters (a quantized base) count as parameters."""
-    named = [
-        (n, full_shape(w) if isinstance(w, torch.nn.Parameter) else tuple(w.shape)) for n, w in named_weights(model)
-    ]
-    return layout(named, config, keep, tied_aliases(model))
-
-
-def freeze_outside(model: torch.nn.Module, config: ID3Config, keep: Keep | None = None) -> None:
-    """requires_grad=False for parameters ID3 may never touch, before DeepSpeed builds optimizer state."""
-    kept = {s.name for s in trainable_layout(model, config, keep)[0]}
-    for n, p in model.named_parameters():
-        if n not in kept:
-            p.requires_grad_(False)
-
-
-class _EngineSteps:
-    """forward/backward/step through DeepSpeed's engine, which owns the optimizer (dense state)."""
-
-    engine = None
-
-    def before_step(self) -> int:
-        raise NotImplementedError
-
-    def forward(self, batch: dict):
-        return self.engine(**batch)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """engine.backward; before the boundary also engine.step, which there only counts the micro-step."""
-        self.engine.backward(loss)
-        if not self.engine.is_gradient_accumulation_boundary():
-            self.engine.step()
-
-    def step(self) -> int:
-        """The boundary: the method's work on the reduced gradients, then DeepSpeed's optimizer step."""
-        chosen = self.before_step()
-        self.engine.step()
-        return chosen
-
-    @property
-    def lr(self) -> float:
-        return float(self.engine.lr_scheduler.get_last_lr()[0])
-
-    @property
-    def grad_norm(self) -> float:
-        return float(self.engine.get_global_grad_norm() or 0.0)
+from id3_ds.plan import fp16_refused
+from id3_ds.update.contract import CheckpointParts, UpdateState
+from id3_ds.update.engine import EngineSteps
+from id3_ds.update.fisher import fisher_pass
+from id3_ds.update.layout import trainable_layout
 
 
 class MaskProgress:
@@ -117,10 +61,11 @@ class MaskProgress:
         return {"chosen": self.chosen_total, "budget": self.budget, "chosen_this_step": chosen_this_step}
 
 
-class DeepSpeedID3(MaskProgress, _EngineSteps):
+class DeepSpeedID3(MaskProgress, EngineSteps):
     """A masked method (ID3 or a static baseline) on a DeepSpeed engine: grows the mask, masks gradients."""
 
-    masked = True  # checkpoints carry this rank's mask shard; the run exports a sparse delta
+    masked = True  # the run exports a sparse delta
+    parts = CheckpointParts(engine=True, mask=True, trainer=False)
 
     def __init__(
         self,
@@ -141,7 +86,7 @@ class DeepSpeedID3(MaskProgress, _EngineSteps):
         """
         check_deepspeed_version()
         if engine.fp16_enabled():
-            raise ID3Error("fp16 is not supported with ID3; use bf16")
+            raise fp16_refused()
         check_supported(engine)
         self.engine = engine
         self.offloaded = offloaded(engine)
@@ -173,9 +118,7 @@ class DeepSpeedID3(MaskProgress, _EngineSteps):
         return self.fisher is not None and self.id3.step == 0
 
     def fisher_pass(self, micro_batch: Callable[[int, int], dict], batches: int, accum: int) -> None:
-        """Sum g^2 over `batches` sample batches through the engine, without training (methods/fish.py)."""
-        from id3_ds.methods.fish import fisher_pass
-
+        """Sum g^2 over `batches` sample batches through the engine, without training (update/fisher.py)."""
         fisher_pass(self.engine, self.id3, self.fisher, micro_batch, batches, accum)
 
     def before_step(self) -> int:
@@ -228,71 +171,10 @@ class DeepSpeedID3(MaskProgress, _EngineSteps):
                 if p.data.data_ptr() != 0:
                     p.data.view(-1)[pm.indices] = pm.value.to(p.dtype)
 
+    def state_dict(self) -> UpdateState:
+        return UpdateState(self.shard_state(), self.state_meta(), budget=self.budget)
 
-class DenseUpdate(_EngineSteps):
-    """A dense method (full, lora): every trainable entry moves from the first step; no mask, no shards."""
-
-    masked = False
-    wants_fisher_pass = False
-    steps = None  # no mask schedule
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.budget = sum(full_numel(p) for p in engine.module.parameters() if p.requires_grad)
-        self.chosen_total = self.budget
-
-    def fisher_pass(self, micro_batch: Callable[[int, int], dict], batches: int, accum: int) -> None:
-        """Nothing to sum: a dense method scores nothing."""
-
-    def before_step(self) -> int:
-        """Nothing to choose or mask."""
-        return 0
-
-    def progress(self, chosen_this_step: int) -> dict:
-        """A dense run's log records carry no mask fields."""
-        return {}
-
-
-def build_update(
-    engine,
-    method: MethodSpec | None,
-    config: ID3Config,
-    steps: int,
-    weight_decay: float,
-    *,
-    lr: float = 0.0,
-    max_grad_norm: float | None = None,
-    make_scheduler: Callable | None = None,
-):
-    """`DeepSpeedID3` for a masked method's spec, `DenseUpdate` for a dense method (spec None), and
-    `SparseDeepSpeedID3` for a masked method with id3.state=sparse (engine built without an optimizer; lr,
-    max_grad_norm and make_scheduler, optimizer -> LR scheduler, are then its own)."""
-    if method is None:
-        return DenseUpdate(engine)
-    if config.state == "sparse":
-        from id3_ds.integration.sparse_update import SparseDeepSpeedID3
-
-        if method.fisher is not None:
-            raise ID3Error("method fish is not supported with id3.state=sparse; use id3.state=dense")
-        return SparseDeepSpeedID3(
-            engine,
-            config,
-            steps,
-            weight_decay,
-            lr,
-            max_grad_norm,
-            make_scheduler,
-            scorer=method.scorer,
-            static=method.static,
-            keep=method.keep,
-        )
-    return DeepSpeedID3(
-        engine,
-        config,
-        steps,
-        weight_decay,
-        scorer=method.scorer,
-        static=method.static,
-        keep=method.keep,
-        fisher=method.fisher,
-    )
+    def load_state_dict(self, state: UpdateState, engine_exact: bool) -> None:
+        self.load_state(state.mask, state.meta)
+        if not engine_exact:  # exact fp32 values of the chosen entries, whatever DeepSpeed restored
+            self.restore_values(state.mask)

@@ -1,6 +1,6 @@
 """Sparse-state ID3 on a DeepSpeed engine (`id3.state: sparse`): DeepSpeed partitions, id3-ds optimizes.
 
-The engine is built without an optimizer (ds_config._sparse_state), so at ZeRO-3 DeepSpeed only partitions
+The engine is built without an optimizer (integration/ds_config._sparse_state), so at ZeRO-3 DeepSpeed only partitions
 and gathers parameters (its DeepSpeedZeRoOffload) and keeps no fp32 master, moment or gradient partition.
 Each selectable or fully trainable parameter keeps requires_grad=True and gets a post-accumulate-grad hook:
 autograd hands it the whole (gathered-shape) gradient of one backward; the hook averages it over the
@@ -12,7 +12,7 @@ share are scored at once into this rank's running top-k candidates, the gradient
 of the chosen entries are kept, and share and buffer are freed, so at grad_accum 1 no full-size gradient
 outlives its hook. Earlier micro-batches still add into fp32 buffers (4 B per entry / world, from a step's
 first backward to its last). ID3_DS_SPARSE_GRAD=buffered keeps every share in the buffer until the step
-instead (the former path, bit-identical: the reference for tests and memory comparisons).
+instead (bit-identical: the reference for tests and memory comparisons).
 Hooks fire in autograd's order, the same on every rank (same graph), so the collectives pair up; a tied
 weight is one leaf and fires once; a checkpointed layer's recomputed backward fires it once too.
 A quantized base (`model.quantization`, id3_ds/models/quantized.py) is no parameter: its autograd Function
@@ -45,12 +45,19 @@ from id3_ds.algorithm.sparse import SparseID3
 from id3_ds.algorithm.streaming import GradStream
 from id3_ds.errors import ID3Error
 from id3_ds.integration.collectives import selection_reducer
-from id3_ds.integration.hook import MaskProgress, trainable_layout
-from id3_ds.integration.params import full_numel
+from id3_ds.integration.params import (
+    empty_partition_cache,
+    full_numel,
+    local_partition,
+    reduce_scatter_share,
+    zero3_share,
+)
 from id3_ds.integration.zero_slices import check_deepspeed_version
+from id3_ds.plan import fish_with_sparse_state, quantization_at_zero3
+from id3_ds.update.contract import CheckpointParts, UpdateState
+from id3_ds.update.layout import trainable_layout
+from id3_ds.update.masked import MaskProgress
 
-# torch >= 2.13 names it reduce_scatter_single (reduce_scatter_tensor is deprecated there); older torch lacks it
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 GRAD_MODE_ENV = "ID3_DS_SPARSE_GRAD"  # "buffered": keep whole gradient partitions until the step (reference)
 
 
@@ -71,9 +78,7 @@ class _Partition:
         self.param, self.valid, self.buffers, self.name = param, valid, buffers, name
 
     def value(self) -> torch.Tensor:
-        if hasattr(self.param, "ds_tensor"):  # ZeRO-3: the rank's flat partition, tail padding left out
-            return self.param.ds_tensor.data.view(-1).narrow(0, 0, self.valid)
-        return self.param.data.view(-1)
+        return local_partition(self.param, self.valid)  # ZeRO-3: the rank's flat partition, tail padding left out
 
     def grad(self) -> torch.Tensor | None:
         return self.buffers.get(self.name)
@@ -101,7 +106,7 @@ class SparseDeepSpeedID3(MaskProgress):
     """A masked method (ID3, random, pafi, bitfit) with sparse optimizer state on a DeepSpeed engine."""
 
     masked = True
-    sparse = True  # checkpoints: no DeepSpeed engine state, the shards and `trainer_state` are everything
+    parts = CheckpointParts(engine=False, mask=True, trainer=True)  # no DeepSpeed engine state: shards + LR
     wants_fisher_pass = False
 
     def __init__(
@@ -138,7 +143,7 @@ class SparseDeepSpeedID3(MaskProgress):
             w = weights[whole.name]
             if not isinstance(w, torch.nn.Parameter):  # a quantized base: whole on every rank, dW from its Function
                 if self.stage == 3:
-                    raise ID3Error("model.quantization does not work with ZeRO stage 3; use zero stage 2 or 0")
+                    raise quantization_at_zero3(w.module.qweight.kind)
                 slices.append((whole, _HeldPartition(w, self.buffers, whole.name)))
                 w.module.grad_hook = self._held_hook(whole.name, whole.numel, w)
                 continue
@@ -176,11 +181,7 @@ class SparseDeepSpeedID3(MaskProgress):
 
     def _share(self, p: torch.nn.Parameter) -> tuple[int, int]:
         """(first flat entry, entries) of this rank's share of p: its ZeRO-3 partition, or all of it."""
-        if self.stage != 3:
-            return 0, full_numel(p)
-        per = p.ds_tensor.ds_numel
-        start = dist.get_rank(group=p.ds_process_group) * per
-        return start, max(0, min(per, full_numel(p) - start))
+        return zero3_share(p) if self.stage == 3 else (0, full_numel(p))
 
     def _hook(self, name: str, valid: int) -> Callable[[torch.Tensor], None]:
         """A parameter's post-accumulate-grad hook: its whole gradient, taken off `.grad`, to `_receive`."""
@@ -224,12 +225,7 @@ class SparseDeepSpeedID3(MaskProgress):
             flat = flat.contiguous()
             dist.all_reduce(flat)
             return flat.div_(self.world)
-        per = p.ds_tensor.ds_numel
-        group = p.ds_process_group
-        pad = per * self.world - flat.numel()  # a padded copy only when numel is not a multiple of world
-        padded = torch.nn.functional.pad(flat, (0, pad)) if pad else flat.contiguous()
-        out = flat.new_empty(per)
-        _reduce_scatter(out, padded, group=group)
+        out = reduce_scatter_share(p, flat, self.world)
         return out.narrow(0, 0, valid).div_(self.world) if valid else None
 
     # -- what the loop calls ------------------------------------------------------------------------
@@ -250,7 +246,7 @@ class SparseDeepSpeedID3(MaskProgress):
     def step(self) -> int:
         """Select, clip, update, write back; advance the LR schedule. Returns the entries chosen this step."""
         if self.stage == 3:  # nothing may stay gathered across the write: the next forward must re-gather
-            self.engine.optimizer.empty_partition_cache()
+            empty_partition_cache(self.engine)
         streamed, self._stream, self._micro = self._stream, None, 0
         self.core.step(lr=self.lr, streamed=streamed)
         self.lr_holder.step()  # a no-op the scheduler expects before its own step
@@ -267,7 +263,7 @@ class SparseDeepSpeedID3(MaskProgress):
         return self.core.last_norm
 
     def fisher_pass(self, micro_batch, batches: int, accum: int) -> None:
-        raise ID3Error("method fish is not supported with id3.state=sparse")
+        raise fish_with_sparse_state()
 
     # -- checkpoints --------------------------------------------------------------------------------
 
@@ -302,7 +298,7 @@ class SparseDeepSpeedID3(MaskProgress):
         """Mask, masters and moments from every shard (any world size), re-sliced onto this rank; the masters
         are written into the freshly loaded base weights."""
         if self.stage == 3:
-            self.engine.optimizer.empty_partition_cache()
+            empty_partition_cache(self.engine)
         self.core.load_state(state, meta)
 
     def restore_values(self, state: MaskState) -> None:
@@ -317,3 +313,11 @@ class SparseDeepSpeedID3(MaskProgress):
         self.scheduler.load_state_dict(saved["scheduler"])
         for group, lr in zip(self.lr_holder.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
+
+    def state_dict(self) -> UpdateState:
+        return UpdateState(self.shard_state(), self.state_meta(), self.trainer_state(), budget=self.budget)
+
+    def load_state_dict(self, state: UpdateState, engine_exact: bool) -> None:
+        """The shards hold everything per entry in global coordinates: any world size loads them exactly."""
+        self.load_state(state.mask, state.meta)
+        self.load_trainer_state(state.trainer)
