@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._launch import launch_command  # noqa: E402
 from benchmarks.bench_memory import VARIANTS, write_config, write_model  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
+from id3_ds.runtime.launching import launch_command  # noqa: E402
 
 CASES = ["id3 (dense state)", "id3 (sparse state)"]  # bench_memory's variants; dense first (the reference)
 

@@ -42,10 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import projection as pj  # noqa: E402
-from benchmarks._launch import launch_command  # noqa: E402
 from benchmarks.bench_step_overhead import SIZES, build_model  # noqa: E402
 from benchmarks.memstat import proc_status, reset_peak  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
+from id3_ds.runtime.launching import launch_command  # noqa: E402
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every linear layer
 # name -> launch/train.py overrides ('full' first: the others are reported against it)

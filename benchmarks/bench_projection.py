@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import projection as pj  # noqa: E402
-from benchmarks._launch import launch_command  # noqa: E402
 from benchmarks.bench_step_overhead import SIZES  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
+from id3_ds.runtime.launching import launch_command  # noqa: E402
 
 VALIDATE_STEPS = 4
 

@@ -92,8 +92,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks._launch import launch_command  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
+from id3_ds.runtime.launching import launch_command  # noqa: E402
 
 TITLE = "Quality: eval accuracy by method and budget"  # replaces the synthetic-set section it superseded
 MASKED = ("id3", "random", "pafi", "fish")

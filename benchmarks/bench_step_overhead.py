@@ -40,9 +40,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._launch import end_worker, launch_command  # noqa: E402
 from benchmarks.results import record_results  # noqa: E402
 from id3_ds.integration.op_builds import use_per_environment_extensions  # noqa: E402
+from id3_ds.runtime.launching import end_worker, launch_command  # noqa: E402
 
 SIZES = {  # hidden, layers, intermediate, vocab
     "100M": (768, 12, 2048, 8192),

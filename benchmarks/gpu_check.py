@@ -313,10 +313,10 @@ def overhead_worker(plan: Plan, stage: int, out: Path) -> None:
     from deepspeed.accelerator import get_accelerator
     from transformers import LlamaForCausalLM
 
-    from benchmarks._launch import end_worker
     from benchmarks.bench_step_overhead import summarize
     from id3_ds import ID3Config
     from id3_ds.integration.op_builds import use_per_environment_extensions
+    from id3_ds.runtime.launching import end_worker
     from id3_ds.update import DeepSpeedID3
 
     use_per_environment_extensions(True)
@@ -377,8 +377,8 @@ def overhead_worker(plan: Plan, stage: int, out: Path) -> None:
 
 def run_overhead(plan: Plan, cpu: bool, work: Path, seconds: Callable[[str], int]) -> list[dict]:
     """One child per ZeRO stage, each within `seconds("overhead")` (its budget, clipped to the time left)."""
-    from benchmarks._launch import launch_command
     from id3_ds.processes import free_port
+    from id3_ds.runtime.launching import launch_command
 
     rows = []
     for stage in (2, 3):
@@ -435,7 +435,7 @@ def markdown(report: dict) -> str:
 
 def run_check(plan: Plan, cpu: bool, out: Path, keep: bool, limit: int) -> dict:
     """All phases in order within `limit` seconds; the report (written even on failure, with what was done)."""
-    from benchmarks._launch import launch_command  # plain python here; the tests' fork server under pytest
+    from id3_ds.runtime.launching import launch_command  # plain python here; the tests' fork server under pytest
 
     deadline = time.monotonic() + limit
 

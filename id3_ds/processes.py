@@ -1,5 +1,5 @@
 """A free TCP port for a local rendezvous: launch/train.py's single-node runs use it (and so do the
-benchmark and test launchers, benchmarks/_launch.py)."""
+benchmark and test launchers, id3_ds/runtime/launching.py)."""
 
 from __future__ import annotations
 

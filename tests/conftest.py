@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks._launch import FORK_RANKS
 from id3_ds.models import resolve_model
+from id3_ds.runtime.launching import FORK_RANKS
 from tests import launcher
 from tests.launcher import ROOT
 
@@ -50,7 +50,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def fork_server(request, tmp_path_factory) -> Iterator[str | None]:
-    """One fork server per pytest worker (benchmarks/fork_ranks.py): every launch forks its ranks from a process
+    """One fork server per pytest worker (id3_ds/runtime/fork_ranks.py): every launch forks its ranks from a process
     that imported torch, DeepSpeed and transformers once, instead of each rank importing them. Set in the
     environment, so the benchmarks the tests launch use it too. ID3_DS_FORK_RANKS=0 launches without it; a
     session without `slow` tests (e.g. `-m "not slow"`) starts no process, so no server either."""
@@ -62,7 +62,7 @@ def fork_server(request, tmp_path_factory) -> Iterator[str | None]:
     log = tmp_path_factory.getbasetemp() / f"fork_server_{os.getpid()}.log"
     with log.open("w") as err:
         server = subprocess.Popen(
-            [sys.executable, str(ROOT / "benchmarks" / "fork_ranks.py"), "--serve", sock],
+            [sys.executable, str(ROOT / "id3_ds" / "runtime" / "fork_ranks.py"), "--serve", sock],
             env={**os.environ, "OMP_NUM_THREADS": "1"},
             stdout=subprocess.DEVNULL,
             stderr=err,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmarks._launch import launch_command, torchrun_command
+from id3_ds.runtime.launching import launch_command, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -46,7 +46,7 @@ def train(
 ) -> subprocess.CompletedProcess:
     """Launch a training run; returns the finished process (stdout and stderr merged).
 
-    The ranks are forked by the session's fork server (benchmarks/fork_ranks.py, started in conftest.py), or
+    The ranks are forked by the session's fork server (id3_ds/runtime/fork_ranks.py, started in conftest.py), or
     started by torchrun itself with `torchrun=True`: the users' launcher path, kept by a few tests.
     """
     require_markers(nproc)

@@ -1,4 +1,4 @@
-"""benchmarks/fork_ranks.py, the tests' launcher: ranks see their rank, a failing rank stops the others, and
+"""id3_ds/runtime/fork_ranks.py, the tests' launcher: ranks see their rank, a failing rank stops the others, and
 exit codes come back as from a fresh process."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks._launch import FORK_RANKS, fork_server, launch_command
+from id3_ds.runtime.launching import FORK_RANKS, fork_server, launch_command
 from tests.launcher import ROOT, require_markers
 
 

@@ -3,7 +3,7 @@
 One gloo process group of world 1 in this process (no launch): the references are planted the ways the
 real holders keep them (an attribute as on the engine and ZeRO parameters, a list, a dict key, a closure
 cell, a function default as in torch.distributed.nn.functional). The 2-rank DeepSpeed workers
-(benchmarks/_launch.end_worker) check the same on real engines at every launch.
+(id3_ds/runtime/launching.end_worker) check the same on real engines at every launch.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import time
 import pytest
 import torch.distributed as dist
 
-from benchmarks._launch import gloo_threads
 from id3_ds.integration.shutdown import shutdown
 from id3_ds.processes import free_port
+from id3_ds.runtime.launching import gloo_threads
 
 
 class Holder:

@@ -7,11 +7,13 @@ optimizer's own weight_decay is set to 0 here and the rate travels to the hook i
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from id3_ds.config import RunConfig
 from id3_ds.errors import ID3Error
 from id3_ds.plan import fp16_refused
+
+if TYPE_CHECKING:
+    from id3_ds.config import RunConfig
 
 SUPPORTED_OPTIMIZERS = ("adam", "adamw")
 SPARSE_BUCKET = 1_000_000  # sparse state: DeepSpeed reduces nothing, so its reduce buffer stays small

@@ -7,8 +7,8 @@ work is under 1 s), and the suite launches about 75 runs. Here each pytest worke
 still its own process, with its own gloo process group, DeepSpeed engine, exit path (the interpreter's normal
 shutdown) and exit code; only the imports happened before the fork.
 
-One launch, as `launch_command` (benchmarks/_launch.py) spells it when ID3_DS_FORK_RANKS names a server:
-    python benchmarks/fork_ranks.py --server SOCKET --nproc N --port P script.py [args...]
+One launch, as `launch_command` (id3_ds/runtime/launching.py) spells it when ID3_DS_FORK_RANKS names a server:
+    python id3_ds/runtime/fork_ranks.py --server SOCKET --nproc N --port P script.py [args...]
 This client imports nothing heavy. It hands the server its environment, working directory and stdin/stdout/
 stderr, and exits with the run's exit code. The server forks a manager for the launch, which takes the
 client's environment, directory and streams, then forks the ranks. With several ranks each gets RANK /
