@@ -13,6 +13,8 @@ from id3_ds.errors import ID3Error
 EXAMPLES = """\
 Examples:
 
+  id3-ds train --config configs/tiny_cpu.json train.steps=20 (one process; torchrun -m id3_ds.cli train ... for more)
+
   id3-ds export-delta runs/llama/checkpoint-00001000 --base ./Llama-3.2-1B --out delta/
 
   id3-ds export-delta runs/llama --base ./Llama-3.2-1B --out delta/ (latest complete checkpoint)
@@ -27,7 +29,7 @@ Examples:
 """
 
 app = typer.Typer(
-    help="ID3 sparse fine-tuning on DeepSpeed: preview data; plot a run; export, merge and inspect sparse deltas.",
+    help="ID3 sparse fine-tuning on DeepSpeed: train, preview data, plot a run; export, merge, inspect sparse deltas.",
     epilog=EXAMPLES,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
@@ -59,6 +61,26 @@ def version() -> None:
     from id3_ds import __version__
 
     typer.echo(__version__)
+
+
+@app.command(
+    "train",
+    epilog="Example: id3-ds train --config configs/tiny_cpu.json train.lr=1e-4 method=pafi",
+    context_settings={"ignore_unknown_options": True},
+)
+def train_cmd(
+    config: Annotated[Path, typer.Option("--config", help="The run config JSON (model, data, id3, train, ...).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4.")] = None,
+) -> None:
+    """Fine-tune with a run config: the recipe launch/train.py runs (check, setup, train, save), in this process.
+
+    Several ranks: torchrun --nproc_per_node N -m id3_ds.cli train --config ..., or deepspeed launch/train.py.
+    """
+    from id3_ds.recipe.train import exit_code
+
+    code = exit_code(["--config", str(config), *(overrides or [])])
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("export-delta", epilog="Example: id3-ds export-delta runs/x/checkpoint-00000500 --base ./base --out d/")

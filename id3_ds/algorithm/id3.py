@@ -86,8 +86,6 @@ def budget_split(config: ID3Config, selectable: int, fully_trainable: int) -> tu
             f"id3.budget={total} entries is smaller than the {fully_trainable} entries of the fully "
             "trainable parameters (id3.fully_trainable), which are charged to it; raise the budget"
         )
-    if left > selectable:
-        raise ID3Error(f"id3.budget={total} exceeds the {selectable + fully_trainable} trainable entries")
     return total, left
 
 
