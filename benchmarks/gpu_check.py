@@ -154,7 +154,7 @@ def check_requirements(cpu: bool) -> dict:
         except ImportError:
             raise CheckError(
                 f"{mod} is not installed: build the wheels with benchmarks/gpu_wheels.sh and install .whl/*.whl "
-                "(README, 'GPU check')"
+                "(docs/gpu-runs.md, 'GPU check')"
             ) from None
     if cpu:
         return {**found, "device": "CPU (DeepSpeed CPU accelerator, gloo)"}

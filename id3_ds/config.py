@@ -236,7 +236,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     """Read, override and validate a run config.
 
     Relative paths written in the file are relative to the file's folder; those given as overrides are
-    relative to the working directory; train.output_dir always is (see PATH_KEYS and README "Paths").
+    relative to the working directory; train.output_dir always is (see PATH_KEYS and docs/training.md, "Paths").
     """
     path = Path(path)
     try:

@@ -1,8 +1,8 @@
 """Whether this run may continue the checkpoint `train.resume` points at, decided before any work is done.
 
-`resume: auto` used to pick up whatever checkpoint the output directory held: a rerun with another lr or
-seed after a finished run trained nothing and said nothing. The rules, checked from the config and the
-checkpoint's COMPLETE marker alone (no process group, model or data is needed):
+Picking up whatever checkpoint the output directory holds would let a rerun with another lr or seed after a
+finished run train nothing and say nothing. The rules, checked from the config and the checkpoint's
+COMPLETE marker alone (no process group, model or data is needed):
 
 - Settings that change what the run computes (`RESULT_KEYS`, and the data files' content) must equal the
   checkpoint's, else the resume is refused with one line naming each difference and the fixes. World size,

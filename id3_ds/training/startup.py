@@ -1,8 +1,8 @@
 """Start-up checks that turn the first hour's silent waits and deep tracebacks into one line each.
 
 - `check_rendezvous_port`: two jobs on one machine both get the launcher's default port (29500); the second
-  used to die in a deep EADDRINUSE traceback (after a two-minute hang on some backends). Rank 0 now tries
-  the port first and stops with the launcher flag that fixes it.
+  would die in a deep EADDRINUSE traceback (after a two-minute hang on some backends). Rank 0 tries the
+  port first and stops with the launcher flag that fixes it.
 - `quiet_third_party_noise`: warnings id3-ds cannot act on, repeated once per rank.
 
 DeepSpeed's op builds (their folder, the line while one runs, stale locks) are in
