@@ -19,9 +19,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from id3_ds import apply_delta, remove_delta
 from id3_ds.integration.op_builds import use_per_environment_extensions
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1])
-)  # run as a script: the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
 from id3_ds.runtime.launching import end_worker  # noqa: E402
 
 
