@@ -68,13 +68,20 @@ class RunPlan:
         return self.quantization == "none"
 
 
+def zero_stage(zero: dict) -> int:
+    """deepspeed.zero_optimization.stage as configured (0 when absent), refused unless 0, 1, 2 or 3."""
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ID3Error(f"deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return stage
+
+
 def plan_of(cfg: RunConfig) -> RunPlan:
     """The plan of a validated config (config.RunConfig.plan)."""
     masked = cfg.method in MASKED
     sparse = masked and cfg.id3.state == "sparse"
     ds = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
-    zero = ds.get("zero_optimization", {})
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    stage = zero_stage(ds.get("zero_optimization", {}))
     if sparse and stage in (1, 2):  # nothing for ZeRO-1/2 to partition without a DeepSpeed optimizer
         stage = 0
     client = cfg.train.optimizer if cfg.train.optimizer in CLIENT_OPTIMIZERS and not sparse else None
@@ -94,6 +101,19 @@ def plan_of(cfg: RunConfig) -> RunPlan:
 def fp16_refused() -> ID3Error:
     """fp16 with any method: DeepSpeed's loss scaler skips overflowing steps, which the unmasking counts."""
     return ID3Error("fp16 training is not supported (loss scaling skips steps the mask would count); use bf16")
+
+
+def round_robin_refused() -> ID3Error:
+    """ZeRO's round-robin gradient partitioning moves entries between ranks' partitions under the mask."""
+    return ID3Error("deepspeed.zero_optimization.round_robin_gradients=true is not supported by ID3; set it to false")
+
+
+def bf16_optimizer_refused() -> ID3Error:
+    """DeepSpeed's BF16_Optimizer keeps fp32 gradients apart from where the mask reads and zeroes them."""
+    return ID3Error(
+        "DeepSpeed's BF16_Optimizer (ZeRO-1 + bf16 + data_types.grad_accum_dtype=fp32) is not supported by "
+        "ID3: drop grad_accum_dtype or use zero_optimization.stage 2"
+    )
 
 
 def fish_with_sparse_state() -> ID3Error:
@@ -146,16 +166,11 @@ def check_masking(cfg: RunConfig, stage: int, zero: dict, ds: dict) -> None:
     if cfg.method not in MASKED:
         return
     if zero.get("round_robin_gradients") is True:
-        raise ID3Error(
-            "deepspeed.zero_optimization.round_robin_gradients=true is not supported by ID3; set it to false"
-        )
+        raise round_robin_refused()
     accum = ds.get("data_types", {}).get("grad_accum_dtype")
     offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     if stage == 1 and cfg.model.dtype == "bf16" and accum in BF16_OPTIMIZER_ACCUM and not offloaded:
-        raise ID3Error(
-            "DeepSpeed's BF16_Optimizer (ZeRO-1 + bf16 + data_types.grad_accum_dtype=fp32) is not supported by "
-            "ID3: drop grad_accum_dtype or use zero_optimization.stage 2"
-        )
+        raise bf16_optimizer_refused()
 
 
 def check_sparse_state(cfg: RunConfig, zero: dict) -> None:

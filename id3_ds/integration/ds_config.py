@@ -10,7 +10,7 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 from id3_ds.errors import ID3Error
-from id3_ds.plan import fp16_refused
+from id3_ds.plan import fp16_refused, zero_stage
 
 if TYPE_CHECKING:
     from id3_ds.config import RunConfig
@@ -47,9 +47,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> tuple[dict, float]:
         raise ID3Error(f'deepspeed.bf16.enabled disagrees with model.dtype={cfg.model.dtype}; set it to "auto"')
     ds["bf16"]["enabled"] = bf16
     zero = ds.setdefault("zero_optimization", {})
-    stage = zero.setdefault("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ID3Error(f"deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    stage = zero.setdefault("stage", zero_stage(zero))
     if zero.get("offload_param", {}).get("device", "none") not in ("none", None) and stage != 3:
         raise ID3Error("deepspeed offload_param needs zero_optimization.stage 3")
 

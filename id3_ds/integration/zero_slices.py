@@ -28,6 +28,7 @@ import torch
 from id3_ds.algorithm.slices import ParamSlice, TensorSliceAccess
 from id3_ds.errors import ID3Error
 from id3_ds.integration.params import zero3_share
+from id3_ds.plan import bf16_optimizer_refused, round_robin_refused
 
 SUPPORTED_DEEPSPEED = ("0.19",)
 
@@ -115,12 +116,9 @@ def check_supported(engine) -> None:
 
     opt = engine.optimizer
     if isinstance(opt, BF16_Optimizer):
-        raise ID3Error(
-            "DeepSpeed's BF16_Optimizer (ZeRO-1 + bf16 + data_types.grad_accum_dtype=fp32) is not supported by "
-            "ID3: drop grad_accum_dtype or use zero_optimization.stage 2"
-        )
+        raise bf16_optimizer_refused()
     if getattr(opt, "round_robin_gradients", False):
-        raise ID3Error("zero_optimization.round_robin_gradients=true is not supported by ID3; set it to false")
+        raise round_robin_refused()
 
 
 def offloaded(engine) -> bool:

@@ -19,7 +19,7 @@ from id3_ds.data.sources import check_source, is_source
 from id3_ds.errors import ID3Error
 from id3_ds.integration.ds_config import build_ds_config
 from id3_ds.models.resolve import BUILTIN_MODELS, resolve_model
-from id3_ds.plan import check_engine
+from id3_ds.plan import check_engine, zero_stage
 
 DATA_SUFFIXES = (".json", ".jsonl")
 
@@ -47,9 +47,7 @@ def check_deepspeed(cfg: RunConfig, world: int) -> None:
     for name in ("offload_param", "offload_optimizer"):
         _object(zero, name, "deepspeed.zero_optimization")
     _object(ds.get("optimizer", {}), "params", "deepspeed.optimizer")
-    stage = zero.get("stage", 0)
-    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
-        raise ID3Error(f"deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    stage = zero_stage(zero)
     check_engine(cfg, stage, zero, ds)  # the modes against the DeepSpeed block (id3_ds/plan.py)
     build_ds_config(cfg, world)  # its own checks: batch sizes against train, fp16, bf16, offload, optimizer, "auto"
 
