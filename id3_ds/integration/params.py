@@ -67,13 +67,6 @@ def zero3_share(p: torch.Tensor) -> tuple[int, int]:
     return start, max(0, min(per, full_numel(p) - start))
 
 
-def local_partition(p: torch.Tensor, valid: int) -> torch.Tensor:
-    """This rank's flat piece of `p` without the tail padding (ZeRO-3), or the whole flat tensor."""
-    if hasattr(p, "ds_tensor"):
-        return p.ds_tensor.data.view(-1).narrow(0, 0, valid)
-    return p.data.view(-1)
-
-
 def reduce_scatter_share(p: torch.Tensor, flat: torch.Tensor, world: int) -> torch.Tensor:
     """Sum the whole flat gradient of a ZeRO-3 parameter over its ranks into this rank's partition (P entries,
     padding included); the caller averages and trims it."""

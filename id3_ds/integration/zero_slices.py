@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from id3_ds.algorithm.slices import ParamSlice, TensorSliceAccess
+from id3_ds.algorithm.slices import ParamSlice, TensorSliceAccess, write_entries
 from id3_ds.errors import ID3Error
 from id3_ds.integration.params import zero3_share
 from id3_ds.plan import bf16_optimizer_refused, round_robin_refused
@@ -54,6 +54,23 @@ class Zero3Access:
     def value(self) -> torch.Tensor:
         g_idx, off, _ = self._position()
         return self.opt.fp32_partitioned_groups_flat[g_idx].detach().narrow(0, off, self.valid)
+
+
+class PartitionAccess:
+    """This rank's piece of a ZeRO-3 parameter itself (model dtype, tail padding left out), where no optimizer
+    holds a master: sparse state reads and writes the chosen entries there."""
+
+    def __init__(self, param: torch.nn.Parameter, valid: int) -> None:
+        self.param, self.valid = param, valid
+
+    def grad(self) -> torch.Tensor | None:
+        return None  # the sparse update's hooks keep the gradient
+
+    def value(self) -> torch.Tensor:
+        return self.param.ds_tensor.data.view(-1).narrow(0, 0, self.valid)
+
+    def write(self, positions: torch.Tensor, values: torch.Tensor) -> None:
+        write_entries(self.value(), positions, values)
 
 
 class FragmentAccess:

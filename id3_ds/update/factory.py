@@ -48,9 +48,8 @@ def build_update(
     max_grad_norm and make_scheduler, optimizer -> LR scheduler, are then its own)."""
     if method is None:
         return DenseUpdate(engine)
-    kind = {"scorer": method.scorer, "static": method.static, "keep": method.keep}  # which masked method
     if config.state == "sparse":
         if method.fisher is not None:
             raise fish_with_sparse_state()
-        return SparseDeepSpeedID3(engine, config, steps, weight_decay, lr, max_grad_norm, make_scheduler, **kind)
-    return DeepSpeedID3(engine, config, steps, weight_decay, fisher=method.fisher, **kind)
+        return SparseDeepSpeedID3(engine, config, steps, weight_decay, lr, max_grad_norm, make_scheduler, method)
+    return DeepSpeedID3(engine, config, steps, weight_decay, method)

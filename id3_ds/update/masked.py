@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from id3_ds.algorithm.config import ID3Config
-from id3_ds.algorithm.id3 import ID3, Keep, Scorer
+from id3_ds.algorithm.id3 import ID3
 from id3_ds.algorithm.mask import MaskState
 from id3_ds.algorithm.slices import write_entries
 from id3_ds.integration.collectives import selection_reducer
@@ -28,7 +28,7 @@ from id3_ds.integration.zero_slices import (
     offloaded,
     refresh_offload_norms,
 )
-from id3_ds.methods.scorers import FisherScorer
+from id3_ds.methods.registry import MethodSpec
 from id3_ds.plan import fp16_refused
 from id3_ds.update.contract import CheckpointParts, UpdateState
 from id3_ds.update.engine import EngineSteps
@@ -61,28 +61,20 @@ class MaskProgress:
         return {"chosen": self.chosen_total, "budget": self.budget, "chosen_this_step": chosen_this_step}
 
 
+ID3_SPEC = MethodSpec("id3")  # the default method: ID3's own score and schedule
+
+
 class DeepSpeedID3(MaskProgress, EngineSteps):
     """A masked method (ID3 or a static baseline) on a DeepSpeed engine: grows the mask, masks gradients."""
 
     masked = True  # the run exports a sparse delta
     parts = CheckpointParts(engine=True, mask=True, trainer=False)
 
-    def __init__(
-        self,
-        engine,
-        config: ID3Config,
-        steps: int,
-        weight_decay: float,
-        *,
-        scorer: Scorer | None = None,
-        static: bool = False,
-        keep: Keep | None = None,
-        fisher: FisherScorer | None = None,
-    ) -> None:
-        """scorer/static/keep/fisher pick a baseline method (id3_ds.methods.method_spec); the defaults are ID3.
+    def __init__(self, engine, config: ID3Config, steps: int, weight_decay: float, method: MethodSpec = ID3_SPEC):
+        """`method` (id3_ds.methods.method_spec) picks a baseline's score, schedule and selectable tensors.
 
-        fisher (FISH) must be fed sample gradients before the first step (`fisher_pass`); its per-entry sums
-        are freed as soon as the static mask is chosen from them.
+        FISH's Fisher (`method.fisher`) must be fed sample gradients before the first step (`fisher_pass`); its
+        per-entry sums are freed as soon as the static mask is chosen from them.
         """
         check_deepspeed_version()
         if engine.fp16_enabled():
@@ -90,8 +82,8 @@ class DeepSpeedID3(MaskProgress, EngineSteps):
         check_supported(engine)
         self.engine = engine
         self.offloaded = offloaded(engine)
-        self.fisher = fisher
-        wanted, selectable, full = trainable_layout(engine.module, config, keep)
+        self.fisher = method.fisher
+        wanted, selectable, full = trainable_layout(engine.module, config, method.keep)
         slices = engine_slices(engine, wanted)
         group = getattr(engine.optimizer, "dp_process_group", None)
         # stage 0 replicates parameters (and BF16_Optimizer's masters) on every rank: each rank already
@@ -105,8 +97,8 @@ class DeepSpeedID3(MaskProgress, EngineSteps):
             selectable=selectable,
             fully_trainable=full,
             reducer=selection_reducer(distributed and not self.replicated, group),
-            scorer=scorer,
-            static=static,
+            scorer=method.scorer,
+            static=method.static,
         )
         self.id3.attach(inner_optimizer(engine), self.id3.decay_rates(weight_decay))
 

@@ -38,9 +38,9 @@ import torch
 import torch.distributed as dist
 
 from id3_ds.algorithm.config import ID3Config
-from id3_ds.algorithm.id3 import ID3, Keep, Scorer
+from id3_ds.algorithm.id3 import ID3
 from id3_ds.algorithm.mask import MaskState
-from id3_ds.algorithm.slices import named_weights, write_entries
+from id3_ds.algorithm.slices import TensorSliceAccess, named_weights
 from id3_ds.algorithm.sparse import SparseID3
 from id3_ds.algorithm.streaming import GradStream
 from id3_ds.errors import ID3Error
@@ -48,15 +48,15 @@ from id3_ds.integration.collectives import selection_reducer
 from id3_ds.integration.params import (
     empty_partition_cache,
     full_numel,
-    local_partition,
     reduce_scatter_share,
     zero3_share,
 )
-from id3_ds.integration.zero_slices import check_deepspeed_version
+from id3_ds.integration.zero_slices import PartitionAccess, check_deepspeed_version
+from id3_ds.methods.registry import MethodSpec
 from id3_ds.plan import fish_with_sparse_state, quantization_at_zero3
 from id3_ds.update.contract import CheckpointParts, UpdateState
 from id3_ds.update.layout import trainable_layout
-from id3_ds.update.masked import MaskProgress
+from id3_ds.update.masked import ID3_SPEC, MaskProgress
 
 GRAD_MODE_ENV = "ID3_DS_SPARSE_GRAD"  # "buffered": keep whole gradient partitions until the step (reference)
 
@@ -71,35 +71,22 @@ class LrHolder(torch.optim.Optimizer):
         return None
 
 
-class _Partition:
-    """This rank's share of one parameter: its weight (model dtype) and the step's gradient buffer."""
+class _Buffered:
+    """One slice of sparse state: the weight's own access (ZeRO-3 partition, whole parameter or quantized base)
+    for its value and writes, and the step's gradient buffer the hooks fill for its gradient."""
 
-    def __init__(self, param: torch.nn.Parameter, valid: int, buffers: dict[str, torch.Tensor], name: str) -> None:
-        self.param, self.valid, self.buffers, self.name = param, valid, buffers, name
+    def __init__(self, weight, buffers: dict[str, torch.Tensor], name: str) -> None:
+        self.weight, self.buffers, self.name = weight, buffers, name
 
     def value(self) -> torch.Tensor:
-        return local_partition(self.param, self.valid)  # ZeRO-3: the rank's flat partition, tail padding left out
+        return self.weight.value()
 
     def grad(self) -> torch.Tensor | None:
         return self.buffers.get(self.name)
 
     def write(self, positions: torch.Tensor, values: torch.Tensor) -> None:
-        """The chosen entries' rounded masters into the rank's partition (ZeRO-3) or the whole weight."""
-        write_entries(self.value(), positions, values)
-
-
-class _HeldPartition(_Partition):
-    """A weight held outside nn.Parameter (a quantized base, never partitioned): its own value and write
-    (the effective weight and its overlay), the step's gradient from the shared buffers like a parameter's."""
-
-    def __init__(self, access, buffers: dict[str, torch.Tensor], name: str) -> None:
-        self.access, self.buffers, self.name = access, buffers, name
-
-    def value(self) -> torch.Tensor:
-        return self.access.value()
-
-    def write(self, positions: torch.Tensor, values: torch.Tensor) -> None:
-        self.access.write(positions, values)
+        """The chosen entries' rounded masters into the rank's partition, the whole weight or the overlay."""
+        self.weight.write(positions, values)
 
 
 class SparseDeepSpeedID3(MaskProgress):
@@ -118,10 +105,7 @@ class SparseDeepSpeedID3(MaskProgress):
         lr: float,
         max_grad_norm: float | None,
         make_scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
-        *,
-        scorer: Scorer | None = None,
-        static: bool = False,
-        keep: Keep | None = None,
+        method: MethodSpec = ID3_SPEC,
     ) -> None:
         check_deepspeed_version()
         self.stage = engine.zero_optimization_stage()
@@ -136,7 +120,7 @@ class SparseDeepSpeedID3(MaskProgress):
         self.streaming = os.environ.get(GRAD_MODE_ENV, "streamed") != "buffered"
         self._micro = 0  # micro-batches backpropagated in this step
         self._stream: GradStream | None = None  # open during the step's last backward
-        wanted, selectable, full = trainable_layout(engine.module, config, keep)
+        wanted, selectable, full = trainable_layout(engine.module, config, method.keep)
         weights = dict(named_weights(engine.module))  # parameters, and quantized bases (models/quantized.py)
         slices = []
         for whole in wanted:
@@ -144,13 +128,14 @@ class SparseDeepSpeedID3(MaskProgress):
             if not isinstance(w, torch.nn.Parameter):  # a quantized base: whole on every rank, dW from its Function
                 if self.stage == 3:
                     raise quantization_at_zero3(w.module.qweight.kind)
-                slices.append((whole, _HeldPartition(w, self.buffers, whole.name)))
+                slices.append((whole, _Buffered(w, self.buffers, whole.name)))
                 w.module.grad_hook = self._held_hook(whole.name, whole.numel, w)
                 continue
             start, valid = self._share(w)
             if valid:
                 piece = whole.piece(start, valid)
-                slices.append((piece, _Partition(w, valid, self.buffers, whole.name)))
+                weight = PartitionAccess(w, valid) if self.stage == 3 else TensorSliceAccess(w)
+                slices.append((piece, _Buffered(weight, self.buffers, whole.name)))
             w.register_post_accumulate_grad_hook(self._hook(whole.name, valid))
         partitioned = self.stage == 3 and self.world > 1
         id3 = ID3(
@@ -160,8 +145,8 @@ class SparseDeepSpeedID3(MaskProgress):
             selectable=selectable,
             fully_trainable=full,
             reducer=selection_reducer(partitioned),
-            scorer=scorer,
-            static=static,
+            scorer=method.scorer,
+            static=method.static,
         )
         self.core = SparseID3(
             id3,
