@@ -33,7 +33,7 @@ from id3_ds.algorithm.id3 import unmask_horizon
 from id3_ds.data.cache import DataSpec
 from id3_ds.data.formats import FORMATS
 from id3_ds.errors import ID3Error
-from id3_ds.methods.registry import METHODS
+from id3_ds.methods.registry import MASKED, METHODS
 from id3_ds.models.resolve import is_named
 from id3_ds.training.batches import global_batch
 
@@ -250,14 +250,26 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 OUTPUT_DIR_FIELDS = ("method", "config")
 
 
+def run_label(cfg: RunConfig) -> str:
+    """What `{method}` stands for in train.output_dir: the method, then `-sparse` under id3.state=sparse and
+    the base's quantization (`-nf4`, `-int8`): settings no checkpoint can be continued across, so a run
+    that changes one of them starts in its own folder instead of being refused by the other's checkpoints."""
+    label = cfg.method
+    if cfg.method in MASKED and cfg.id3.state == "sparse":
+        label += "-sparse"
+    if cfg.model.quantization != "none":
+        label += f"-{cfg.model.quantization}"
+    return label
+
+
 def expand_output_dir(cfg: RunConfig, config_name: str) -> RunConfig:
-    """Fill `{method}` and `{config}` (the config file's stem) in train.output_dir, once, at load.
+    """Fill `{method}` (see `run_label`) and `{config}` (the config file's stem) in train.output_dir, once, at load.
 
     So one config run with method=pafi does not land in (and resume from) the id3 run's folder, and the
     config.json a run writes names its concrete folder. Any other `{...}` is refused: a typo would otherwise
     become a folder name.
     """
-    values = {"method": cfg.method, "config": config_name}
+    values = {"method": run_label(cfg), "config": config_name}
     out = re.sub(r"\{(\w*)\}", lambda m: values.get(m.group(1), m.group(0)), cfg.train.output_dir)
     if unknown := re.search(r"\{[^{}]*\}", out):
         known = " or ".join("{" + k + "}" for k in OUTPUT_DIR_FIELDS)

@@ -201,7 +201,7 @@ def test_sparse_state_runs_without_a_deepspeed_optimizer(method, stage, tmp_path
             f"deepspeed.zero_optimization.stage={stage}",
         ],
     )
-    assert pf.preflight(cfg) == []
+    assert len(pf.preflight(cfg)) == (1 if stage == 2 else 0)  # stage 2: the note that it runs as stage 0
     ds, wd = build_ds_config(cfg, 2)
     assert "optimizer" not in ds and wd == cfg.train.weight_decay
     assert ds["zero_optimization"]["reduce_bucket_size"] == SPARSE_BUCKET
@@ -212,3 +212,26 @@ def test_sparse_state_runs_without_a_deepspeed_optimizer(method, stage, tmp_path
 def test_id3_state_must_be_dense_or_sparse(tmp_path) -> None:
     with pytest.raises(ID3Error, match="id3.state"):
         _check(tmp_path, "id3.state=half")
+
+
+def test_sparse_state_at_zero_2_says_it_runs_as_stage_0(tmp_path) -> None:
+    """The README's main job (ZeRO-2) with id3.state=sparse: not silently stage 0, one note at start-up."""
+    from id3_ds.training.preflight import sparse_stage_notes
+
+    cfg = load_config(ROOT / "configs" / "minilm_rotten_tomatoes.json", ["id3.state=sparse"])
+    assert cfg.deepspeed["zero_optimization"]["stage"] == 2
+    (note,) = sparse_stage_notes(cfg)
+    assert "runs ZeRO stage 2 as stage 0" in note and "stage=3" in note and "\n" not in note
+    stage3 = load_config(
+        ROOT / "configs" / "minilm_rotten_tomatoes.json", ["id3.state=sparse", "deepspeed.zero_optimization.stage=3"]
+    )
+    assert (
+        sparse_stage_notes(stage3) == []
+        and sparse_stage_notes(load_config(ROOT / "configs" / "minilm_rotten_tomatoes.json")) == []
+    )
+    notes = pf.preflight(
+        load_config(
+            TINY_CONFIG, ["id3.state=sparse", "deepspeed.zero_optimization.stage=1", f"train.output_dir={tmp_path}"]
+        )
+    )
+    assert any("runs ZeRO stage 1 as stage 0" in n for n in notes)

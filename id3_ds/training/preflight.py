@@ -34,7 +34,21 @@ def preflight(cfg: RunConfig, world: int | None = None) -> list[str]:
     check_writable("train.output_dir", cfg.train.output_dir)
     if cfg.data.cache_dir:
         check_writable("data.cache_dir", cfg.data.cache_dir)
-    return [note.text() for note in cfg.path_notes.values()]
+    return [note.text() for note in cfg.path_notes.values()] + sparse_stage_notes(cfg)
+
+
+def sparse_stage_notes(cfg: RunConfig) -> list[str]:
+    """id3.state=sparse at ZeRO stage 1 or 2 runs as stage 0 (integration/ds_config.py says why): said once
+    at start-up, so a user who asked for stage 2's partitioning is not left to find it in the log."""
+    ds = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if cfg.id3.state != "sparse" or stage not in (1, 2):
+        return []
+    return [
+        f"id3.state=sparse runs ZeRO stage {stage} as stage 0: sparse state keeps no optimizer state or gradient "
+        "partitions in DeepSpeed for stages 1-2 to split, so each rank holds the whole model plus the O(B) Adam "
+        "state of the chosen entries; set deepspeed.zero_optimization.stage=3 to partition the weights too"
+    ]
 
 
 def check_budget(cfg: RunConfig) -> None:
