@@ -147,7 +147,7 @@ def _one_line(error: dict, raw: Any) -> ID3Error:
     dotted = ".".join(path)
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         key = ".".join(str(part) for part in loc)
-        return ID3Error(f"unknown config key {key!r}; known keys here: {', '.join(sorted(_fields(annotation)))}")
+        return ID3Error(unknown_key_line(key, str(loc[-1]), _fields(annotation)))
     value = raw
     for part in path:
         value = value[part]
@@ -163,6 +163,40 @@ def _one_line(error: dict, raw: Any) -> ID3Error:
         if name in ctx:
             return ID3Error(f"config key {dotted!r} must be {op} {ctx[name]:g}, got {value!r}")
     return ID3Error(f"config key {dotted!r} has the wrong type: got {value!r}, expected {_type_name(annotation)}")
+
+
+# the names other fine-tuning tools (HF TrainingArguments, PEFT, DeepSpeed) give keys this config calls otherwise
+ALIASES = {
+    "learning_rate": "lr",
+    "max_steps": "steps",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "micro_batch_size",
+    "train_micro_batch_size_per_gpu": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "warmup_ratio": "warmup_steps",
+    "lr_scheduler_type": "lr_scheduler",
+    "logging_steps": "log_steps",
+    "model_name_or_path": "name_or_path",
+    "r": "rank",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "max_seq_length": "max_length",
+    "dataset": "path",
+}
+
+
+def unknown_key_line(key: str, name: str, known: dict[str, Any] | list[str]) -> str:
+    """The refusal of an unknown key: the near miss first (`train.learning_rate` -> did you mean `train.lr`?,
+    by another tool's name or by spelling), then the keys of that section."""
+    import difflib
+
+    section = key[: -len(name)]
+    guess = ALIASES.get(name) if ALIASES.get(name) in known else None
+    if guess is None:
+        close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+        guess = close[0] if close else None
+    hint = f" (did you mean {section + guess!r}?)" if guess else ""
+    return f"unknown config key {key!r}{hint}; known keys here: {', '.join(sorted(known))}"
 
 
 def _fields(section: Any) -> dict[str, Any]:

@@ -111,8 +111,6 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(cfg.train.seed)
 
     # -- model and data -----------------------------------------------------------------------------
-    checkpoints.check_output_dir(cfg.train.output_dir, is_main)
-    save_resolved_config(cfg, is_main)  # output_dir/config.json: what ran, overrides included
     if is_main:
         model_dir = resolve_model(cfg.model.name_or_path)
     dist.barrier()
@@ -134,6 +132,9 @@ def main(argv: list[str]) -> None:
         eval_labels = tuple(label_names) if label_names else None
         eval_spec = d.spec(path=d.eval_path, packing=False, labels=eval_labels)
         eval_set, _ = cached_dataset(eval_spec, tokenizer, model_dir, cache_root, is_main)
+    # the output folder once the data is known to be good: a bad record leaves no folder behind
+    checkpoints.check_output_dir(cfg.train.output_dir, is_main)
+    save_resolved_config(cfg, is_main)  # output_dir/config.json: what ran, overrides included
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t = cfg.train
     masked = cfg.method in MASKED

@@ -3,6 +3,7 @@ load or folder exists, with one `error:` line, once, whatever the number of rank
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -235,3 +236,34 @@ def test_sparse_state_at_zero_2_says_it_runs_as_stage_0(tmp_path) -> None:
         )
     )
     assert any("runs ZeRO stage 1 as stage 0" in n for n in notes)
+
+
+def test_tensorboard_without_the_package_is_refused_before_anything_is_written(tmp_path, monkeypatch) -> None:
+    """It used to print a line mid-progress-bar and train on without logs (rc 0)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorboard" else real(n, *a))
+    out = tmp_path / "run"
+    cfg = load_config(TINY_CONFIG, ["train.tensorboard=true", f"train.output_dir={out}"])
+    with pytest.raises(ID3Error, match=r"^train.tensorboard=true needs the tensorboard package: pip install tensorb"):
+        pf.preflight(cfg)
+    assert not out.exists()
+    pf.preflight(load_config(TINY_CONFIG, [f"train.output_dir={out}"]))  # off: no need for it
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_report_a_malformed_data_line_once_and_leave_no_output_folder(tmp_path, env) -> None:
+    data = tmp_path / "train.jsonl"
+    good = json.dumps({"instruction": "Say hi.", "output": "hi"})
+    data.write_text(f"{good}\n{good}\n{{not json\n{good}\n")
+    out = tmp_path / "run"
+    args = [f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={out}"]
+    proc = train(args, nproc=2, env=env)
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and errors == [
+        f"error: {data}:3: invalid JSON (Expecting property name enclosed in double quotes)"
+    ], proc.stdout[-4000:]
+    assert "stopping because another rank failed" not in proc.stdout
+    assert not out.exists()  # no folder, no config.json of a run that never started

@@ -25,7 +25,7 @@ from id3_ds.data.loading import (
     tokenize_records,
 )
 from id3_ds.data.sources import is_source, resolve_data
-from id3_ds.errors import ID3Error
+from id3_ds.errors import ID3Error, SameOnEveryRank
 from id3_ds.files.atomic import staged_dir
 
 CACHE_VERSION = "2"  # 2: no second start token where the chat template writes it
@@ -146,4 +146,4 @@ def _raise_everywhere(error: str | None) -> None:
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error is not None:
-        raise ID3Error(error)
+        raise SameOnEveryRank(error)  # every rank raises it: rank 0 alone prints it

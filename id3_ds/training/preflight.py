@@ -31,10 +31,23 @@ def preflight(cfg: RunConfig, world: int | None = None) -> list[str]:
     check_model(cfg)
     check_data(cfg)
     check_resume(cfg)
+    check_tensorboard(cfg)
     check_writable("train.output_dir", cfg.train.output_dir)
     if cfg.data.cache_dir:
         check_writable("data.cache_dir", cfg.data.cache_dir)
     return [note.text() for note in cfg.path_notes.values()] + sparse_stage_notes(cfg)
+
+
+def check_tensorboard(cfg: RunConfig) -> None:
+    """train.tensorboard=true needs the tensorboard package: refused now, not found missing mid-run (when the
+    run would train on without the logs asked for)."""
+    import importlib.util
+
+    if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ID3Error(
+            "train.tensorboard=true needs the tensorboard package: pip install tensorboard, or set "
+            "train.tensorboard=false (log.jsonl holds every record either way)"
+        )
 
 
 def sparse_stage_notes(cfg: RunConfig) -> list[str]:
