@@ -96,6 +96,7 @@ class TrainSection(_Section):
     seed: int = 42
     output_dir: str = "outputs/{config}-{method}"  # placeholders: expand_output_dir
     save_steps: NonNegativeInt = 0
+    save_total_limit: PositiveInt | None = None  # keep the newest N complete checkpoints (checkpoint/rotation.py)
     log_steps: PositiveInt = 10
     eval_steps: NonNegativeInt = 0
     resume: str | None = "auto"

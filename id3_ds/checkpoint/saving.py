@@ -26,6 +26,7 @@ from id3_ds.checkpoint.layout import (
     write_lora_state,
     write_trainer_state,
 )
+from id3_ds.checkpoint.rotation import after_save
 from id3_ds.errors import ID3Error
 from id3_ds.files.atomic import staged_dir
 from id3_ds.integration.params import full_shape, gathered
@@ -101,6 +102,7 @@ def save(engine, update: DeepSpeedID3 | DenseUpdate, cfg: RunConfig, step: int, 
                 "config": cfg.to_dict(),  # the whole run config, for the record
             },
         )
+        after_save(ckpt, cfg, update.budget if update.masked else None, sparse)  # save_total_limit; size note
     dist.barrier()
     return ckpt
 
