@@ -33,8 +33,9 @@ from id3_ds.algorithm.id3 import unmask_horizon
 from id3_ds.data.cache import DataSpec
 from id3_ds.data.formats import FORMATS
 from id3_ds.errors import ID3Error
+from id3_ds.hub import looks_like_hub_id
 from id3_ds.methods.registry import MASKED, METHODS
-from id3_ds.models.resolve import is_named
+from id3_ds.models.resolve import PREFIXES
 from id3_ds.training.batches import global_batch
 
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -413,7 +414,7 @@ def _is_path(key: str, value: Any) -> bool:
     if not isinstance(value, str) or not value:
         return False
     if key in ("model.name_or_path", "data.path", "data.eval_path"):
-        return not is_named(value)  # builtin:/package: are names (models/resolve.py, data/sources.py)
+        return not value.startswith(PREFIXES)  # builtin:/package: are names (models/resolve.py, data/sources.py)
     if key == "train.resume":
         return value not in RESUME_WORDS
     return True
@@ -429,13 +430,23 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path, given: set[str] | frozenset[s
         for part in parents:
             node = getattr(node, part)
         value = getattr(node, last)
-        if not _is_path(key, value):
+        if not _is_path(key, value) or _hub_name(key, value, base_dir):
             continue
         on_cli = any(key == g or key.startswith(g + ".") for g in given)
         resolved, note = _resolve_one(key, value, base_dir, on_cli)
         setattr(node, last, os.path.expanduser(value) if key in WORKING_DIR_KEYS else resolved)
         if note is not None:
             cfg.path_notes[key] = note
+
+
+def _hub_name(key: str, value: str, base_dir: Path) -> bool:
+    """A model or data value shaped like a Hugging Face Hub name (`owner/name`, data `owner/name:split`) that
+    exists under neither reading of a relative path: a Hub name, left as written (id3_ds/hub.py)."""
+    if key not in ("model.name_or_path", "data.path", "data.eval_path"):
+        return False
+    if not looks_like_hub_id(value.partition(":")[0] if key != "model.name_or_path" else value):
+        return False
+    return not any((root / value).exists() for root in (Path.cwd(), Path(base_dir)))
 
 
 def _resolve_one(key: str, value: str, base_dir: Path, on_cli: bool) -> tuple[str, PathNote | None]:

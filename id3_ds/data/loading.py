@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from id3_ds.data.formats import classification_fields, segments
+from id3_ds.data.hub_data import is_hub_dataset, resolve_hub_data
 from id3_ds.data.prompt import start_ids, text_ids
 from id3_ds.data.sources import is_source, resolve_data
 from id3_ds.errors import ID3Error, SameOnEveryRank
@@ -52,6 +53,8 @@ def load_records(path: str | Path, policy: RecordPolicy | None = None) -> list[t
     policy = policy or RecordPolicy()
     if is_source(str(path)):  # a named source: its JSONL file in the cache (built on first use)
         path = resolve_data(str(path))
+    elif is_hub_dataset(str(path)):  # a Hugging Face Hub data set: its split as JSONL in the cache
+        path = resolve_hub_data(str(path))
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from id3_ds.config import RunConfig
+from id3_ds.data.hub_data import check_hub_dataset, is_hub_dataset
 from id3_ds.data.sources import check_source, is_source
 from id3_ds.errors import ID3Error
 
@@ -230,7 +231,7 @@ def check_model(cfg: RunConfig) -> None:
     note = cfg.path_notes.get("model.name_or_path")
     if note is not None and not note.used.exists():  # names both readings and how to get the other
         raise ID3Error(note.text())
-    resolve_model(spec)  # a package's model directory, or a directory with a config.json
+    resolve_model(spec, download=False)  # a package's model, a Hub name cached or downloadable, or a directory
 
 
 def check_data(cfg: RunConfig) -> None:
@@ -240,6 +241,9 @@ def check_data(cfg: RunConfig) -> None:
             continue
         if is_source(path):  # a named source (package:...): known name, package installed
             check_source(path)
+            continue
+        if is_hub_dataset(path):  # a Hub data set: in the HF cache, or downloads are allowed
+            check_hub_dataset(path, key)
             continue
         p = Path(path)
         if p.is_dir():
