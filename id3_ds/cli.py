@@ -85,19 +85,31 @@ def export_delta_cmd(
 @app.command("merge", epilog="Example: id3-ds merge ./base delta/ --out merged/ --dtype bf16")
 def merge_cmd(
     base: Annotated[str, typer.Argument(help="The base model (safetensors): a directory, " + SPECS)],
-    delta: Annotated[Path, typer.Argument(help="The delta directory export-delta wrote.")],
+    deltas: Annotated[list[Path], typer.Argument(help="One or more delta directories export-delta wrote.")],
     out: Annotated[Path, typer.Option("--out", help="The merged model directory to write.")],
     dtype: Annotated[str | None, typer.Option("--dtype", help="Cast weights to bf16, fp16 or fp32.")] = None,
+    combine: Annotated[
+        str, typer.Option("--combine", help="Several deltas: sum, mean (per entry) or ties (sign election).")
+    ] = "sum",
     force: Annotated[bool, typer.Option("--force", help="Merge even if the base fingerprint differs.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
 ) -> None:
-    """Add a delta to a base model, one shard at a time, into a from_pretrained-ready directory."""
+    """Add one delta (or several, combined) to a base model, one shard at a time, into a from_pretrained-ready
+    directory."""
     from id3_ds.delta.merge import merge
 
     try:
-        r = merge(_base_dir(base), delta, out, dtype=dtype, force=force, overwrite=overwrite)
+        target = deltas[0] if len(deltas) == 1 else deltas
+        r = merge(_base_dir(base), target, out, dtype=dtype, force=force, overwrite=overwrite, combine=combine)
     except ID3Error as e:
         raise _fail(e) from None
+    if r.overlap is not None:
+        ov = r.overlap
+        share = 100 * ov["entries"] / ov["union"] if ov["union"] else 0.0
+        typer.echo(
+            f"combined {len(deltas)} deltas by {combine}: {ov['inputs_total']:,} entries in, {ov['union']:,} distinct; "
+            f"{ov['entries']:,} chosen by more than one ({share:.1f} %)"
+        )
     mb = r.bytes_written / 1e6
     typer.echo(
         f"wrote {r.out}: {r.files} shard(s), {r.tensors_patched} tensors patched, {mb:.1f} MB in {r.seconds:.1f}s"

@@ -95,6 +95,11 @@ class ParamDelta:
             vals[self.fix_at.to(torch.int64)] += self.fix.to(torch.float64)
         return idx, vals
 
+    def __repr__(self) -> str:
+        kind = "dense" if self.dense else "sparse"
+        fixes = f", {self.fixes} fix-ups" if self.fixes else ""
+        return f"ParamDelta({list(self.shape)}, {kind}, {self.entries:,} entries{fixes})"
+
     def add_to(self, start: torch.Tensor) -> torch.Tensor:
         """start + this update as a new fp32 tensor of `shape` (summed in fp64, rounded once)."""
         idx, vals = self.flat()
@@ -125,6 +130,9 @@ class LoraModule:
     def shape(self) -> tuple[int, int]:
         return self.b.shape[0], self.a.shape[1]
 
+    def __repr__(self) -> str:
+        return f"LoraModule({self.weight}, A {self.a.entries:,} + B {self.b.entries:,} entries)"
+
 
 @dataclass
 class LoraDelta:
@@ -140,6 +148,10 @@ class LoraDelta:
     @property
     def entries(self) -> int:
         return sum(m.a.entries + m.b.entries for m in self.modules.values())
+
+    def __repr__(self) -> str:
+        n = len(self.modules)
+        return f"LoraDelta(rank={self.rank}, alpha={self.alpha:g}, {n} modules, {self.entries:,} entries)"
 
 
 @dataclass
@@ -169,6 +181,17 @@ class Delta:
     @property
     def fingerprint(self) -> dict:
         return self.config["base"]["fingerprint"]
+
+    def __repr__(self) -> str:
+        """One line (the tensors are summarised, never printed: a repr of a 1M-entry delta must stay short)."""
+        parts = [f"{self.total_entries:,} entries in {len(self.params)} tensors"]
+        if self.lora is not None:
+            parts.append(f"LoRA {len(self.lora.modules)} modules")
+        if self.new:
+            parts.append(f"new {sorted(self.new)}")
+        base = self.config.get("base", {}).get("name_or_path")
+        digest = self.fingerprint.get("digest", "")[:12]
+        return f"Delta({str(self.root)!r}, {', '.join(parts)}, base {base!r} sha256:{digest})"
 
 
 # -- writing ----------------------------------------------------------------------------------------
