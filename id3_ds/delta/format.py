@@ -271,9 +271,12 @@ def write_delta(
         **extra,
         "total_entries": total,
     }
+    from id3_ds.delta.card import write_card
+
     with staged_dir(out, "replace" if overwrite else "error") as tmp:
         save_file(tensors, str(tmp / DELTA_FILE), metadata={"format": FORMAT_NAME, "version": str(version)})
         write_json_atomic(tmp / CONFIG_FILE, config)
+        write_card(tmp, config)  # README.md with the Hub's YAML header: the folder uploads as is
     return out
 
 
