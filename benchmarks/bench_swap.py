@@ -75,7 +75,7 @@ def run(base: str, delta: Path | None, budget: int, repeats: int) -> dict:
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
     timings: dict[str, list[float]] = {"apply (fingerprint checked)": [], "apply (force)": [], "remove": []}
     exact = True
-    for i in range(repeats):
+    for _ in range(repeats):
         for label, force in (("apply (fingerprint checked)", False), ("apply (force)", True)):
             t = time.perf_counter()
             apply_delta(model, d, force=force)
