@@ -96,6 +96,9 @@ def export_delta_cmd(
     peft_embeddings: Annotated[
         str, typer.Option("--peft-embeddings", help="--format peft: refuse, or copy updated embeddings whole.")
     ] = "refuse",
+    index: Annotated[
+        str, typer.Option("--index", help="gaps (compact, format v3) or flat (int32, readable by any id3-ds).")
+    ] = "gaps",
     force: Annotated[bool, typer.Option("--force", help="Export even if the base differs from training's.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
 ) -> None:
@@ -127,7 +130,7 @@ def export_delta_cmd(
             )
             return
         path = export_delta(
-            checkpoint, _base_dir(base), out, dtype=dtype, force=force, overwrite=overwrite, entries=keep
+            checkpoint, _base_dir(base), out, dtype=dtype, force=force, overwrite=overwrite, entries=keep, index=index
         )
         s = summarize(path)
     except ID3Error as e:

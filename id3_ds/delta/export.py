@@ -79,10 +79,12 @@ def export_delta(
     force: bool = False,
     overwrite: bool = False,
     entries: int | float | None = None,
+    index: str = "gaps",
 ) -> Path:
     """Write the delta of a training checkpoint against its base model directory; returns `out`.
 
     `entries` (an int K, or a fraction in (0, 1]) keeps only the K earliest-chosen entries (see `truncate`).
+    `index`: "gaps" (compact, format version 3) or "flat" (int32 positions, readable since version 1).
     """
     ckpt = resolve_checkpoint(checkpoint)
     info = read_complete(ckpt)
@@ -190,6 +192,7 @@ def export_delta(
         lora=lora,
         new=new,
         config_updates=cls["config_updates"] if cls else None,
+        index=index,
     )
 
 
