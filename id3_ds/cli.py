@@ -21,6 +21,12 @@ Examples:
 
   id3-ds merge ./Llama-3.2-1B delta/ --out merged/ --dtype bf16
 
+  id3-ds merge ./Llama-3.2-1B delta_a/ delta_b/ --combine ties --out merged/
+
+  id3-ds export-delta runs/llama --base ./Llama-3.2-1B --out shira/ --format peft (a PEFT SHiRA adapter)
+
+  id3-ds export-delta runs/llama --base ./Llama-3.2-1B --out delta_25/ --entries 25%
+
   id3-ds inspect delta/ --json
 
   id3-ds plot runs/llama (PNGs of the run's curves and budget in runs/llama/plots/)
@@ -83,21 +89,90 @@ def train_cmd(
         raise typer.Exit(code)
 
 
+def _entries(text: str | None) -> int | float | None:
+    """--entries: a whole number of entries (2000), a fraction (0.25) or a percentage (25%)."""
+    if text is None:
+        return None
+    t = text.strip()
+    try:
+        if t.endswith("%"):
+            return float(t[:-1]) / 100
+        return float(t) if "." in t or "e" in t.lower() else int(t)
+    except ValueError:
+        raise ID3Error(f"--entries {text!r} is not a number: give a count (2000), a fraction (0.25) or 25%") from None
+
+
 @app.command("export-delta", epilog="Example: id3-ds export-delta runs/x/checkpoint-00000500 --base ./base --out d/")
 def export_delta_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint-* directory, or an output dir (latest complete).")],
     base: Annotated[str, typer.Option("--base", help="The base model the run was trained from: a directory, " + SPECS)],
     out: Annotated[Path, typer.Option("--out", help="The delta directory to write.")],
     dtype: Annotated[str, typer.Option("--dtype", help="Value type of the delta: fp32 or bf16.")] = "fp32",
+    entries: Annotated[
+        str | None,
+        typer.Option("--entries", help="Keep only the K earliest-chosen entries: a count, a fraction or N%."),
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="id3 (an id3-ds delta) or peft (a PEFT SHiRA adapter folder).")
+    ] = "id3",
+    peft_embeddings: Annotated[
+        str, typer.Option("--peft-embeddings", help="--format peft: refuse, or copy updated embeddings whole.")
+    ] = "refuse",
+    index: Annotated[
+        str, typer.Option("--index", help="gaps (compact, format v3) or flat (int32, readable by any id3-ds).")
+    ] = "gaps",
     force: Annotated[bool, typer.Option("--force", help="Export even if the base differs from training's.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
 ) -> None:
-    """Write the sparse delta of a training checkpoint (any ZeRO stage, any world size)."""
+    """Write the sparse delta of a training checkpoint (any ZeRO stage, any world size), or a PEFT adapter."""
+    import tempfile
+
     from id3_ds.delta.export import export_delta
     from id3_ds.delta.summary import summarize
 
     try:
-        path = export_delta(checkpoint, _base_dir(base), out, dtype=dtype, force=force, overwrite=overwrite)
+        if fmt not in ("id3", "peft"):
+            raise ID3Error(f"--format {fmt!r}: use id3 (an id3-ds delta) or peft (a PEFT SHiRA adapter)")
+        keep = _entries(entries)
+        if fmt == "peft":
+            from id3_ds.delta.peft import export_peft
+
+            with tempfile.TemporaryDirectory() as tmp:
+                d = export_delta(
+                    checkpoint, _base_dir(base), Path(tmp) / "delta", dtype="fp32", force=force, entries=keep
+                )
+                s = export_peft(d, _base_dir(base), out, embeddings=peft_embeddings, overwrite=overwrite)
+            extra = (
+                f"; {s['modules_to_save_entries']:,} entries whole in modules_to_save" if s["modules_to_save"] else ""
+            )
+            typer.echo(
+                f"wrote {out}: PEFT SHiRA adapter, r={s['r']}, {s['shira_modules']} linear layers with "
+                f"{s['shira_entries']:,} entries (+{s['padding_entries']:,} zero padding){extra}, "
+                f"{s['file_bytes']:,} bytes; load with PeftModel.from_pretrained(base, '{out}')"
+            )
+            return
+        path = export_delta(
+            checkpoint, _base_dir(base), out, dtype=dtype, force=force, overwrite=overwrite, entries=keep, index=index
+        )
+        s = summarize(path)
+    except ID3Error as e:
+        raise _fail(e) from None
+    typer.echo(f"wrote {path}: {s['total_entries']:,} entries, {s['file_bytes']:,} bytes")
+
+
+@app.command("import-peft", epilog="Example: id3-ds import-peft shira_adapter/ --base ./base --out delta/")
+def import_peft_cmd(
+    adapter: Annotated[Path, typer.Argument(help="A PEFT SHiRA adapter folder (adapter_config.json + safetensors).")],
+    base: Annotated[str, typer.Option("--base", help="The base model the adapter was trained on: " + SPECS)],
+    out: Annotated[Path, typer.Option("--out", help="The delta directory to write.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+) -> None:
+    """Turn a PEFT SHiRA adapter into an id3-ds delta (then inspect, merge, apply_delta work on it)."""
+    from id3_ds.delta.peft import import_peft
+    from id3_ds.delta.summary import summarize
+
+    try:
+        path = import_peft(adapter, _base_dir(base), out, overwrite=overwrite)
         s = summarize(path)
     except ID3Error as e:
         raise _fail(e) from None
@@ -107,19 +182,31 @@ def export_delta_cmd(
 @app.command("merge", epilog="Example: id3-ds merge ./base delta/ --out merged/ --dtype bf16")
 def merge_cmd(
     base: Annotated[str, typer.Argument(help="The base model (safetensors): a directory, " + SPECS)],
-    delta: Annotated[Path, typer.Argument(help="The delta directory export-delta wrote.")],
+    deltas: Annotated[list[Path], typer.Argument(help="One or more delta directories export-delta wrote.")],
     out: Annotated[Path, typer.Option("--out", help="The merged model directory to write.")],
     dtype: Annotated[str | None, typer.Option("--dtype", help="Cast weights to bf16, fp16 or fp32.")] = None,
+    combine: Annotated[
+        str, typer.Option("--combine", help="Several deltas: sum, mean (per entry) or ties (sign election).")
+    ] = "sum",
     force: Annotated[bool, typer.Option("--force", help="Merge even if the base fingerprint differs.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
 ) -> None:
-    """Add a delta to a base model, one shard at a time, into a from_pretrained-ready directory."""
+    """Add one delta (or several, combined) to a base model, one shard at a time, into a from_pretrained-ready
+    directory."""
     from id3_ds.delta.merge import merge
 
     try:
-        r = merge(_base_dir(base), delta, out, dtype=dtype, force=force, overwrite=overwrite)
+        target = deltas[0] if len(deltas) == 1 else deltas
+        r = merge(_base_dir(base), target, out, dtype=dtype, force=force, overwrite=overwrite, combine=combine)
     except ID3Error as e:
         raise _fail(e) from None
+    if r.overlap is not None:
+        ov = r.overlap
+        share = 100 * ov["entries"] / ov["union"] if ov["union"] else 0.0
+        typer.echo(
+            f"combined {len(deltas)} deltas by {combine}: {ov['inputs_total']:,} entries in, {ov['union']:,} distinct; "
+            f"{ov['entries']:,} chosen by more than one ({share:.1f} %)"
+        )
     mb = r.bytes_written / 1e6
     typer.echo(
         f"wrote {r.out}: {r.files} shard(s), {r.tensors_patched} tensors patched, {mb:.1f} MB in {r.seconds:.1f}s"

@@ -33,8 +33,9 @@ from id3_ds.algorithm.id3 import unmask_horizon
 from id3_ds.data.cache import DataSpec
 from id3_ds.data.formats import FORMATS
 from id3_ds.errors import ID3Error
+from id3_ds.hub import looks_like_hub_id
 from id3_ds.methods.registry import METHODS
-from id3_ds.models.resolve import is_named
+from id3_ds.models.resolve import PREFIXES
 from id3_ds.plan import RunPlan, check_modes, plan_of
 from id3_ds.training.batches import global_batch
 
@@ -97,6 +98,7 @@ class TrainSection(_Section):
     seed: int = 42
     output_dir: str = "outputs/{config}-{method}"  # placeholders: expand_output_dir
     save_steps: NonNegativeInt = 0
+    save_total_limit: PositiveInt | None = None  # keep the newest N complete checkpoints (checkpoint/rotation.py)
     log_steps: PositiveInt = 10
     eval_steps: NonNegativeInt = 0
     resume: str | None = "auto"
@@ -153,7 +155,7 @@ def _one_line(error: dict, raw: Any) -> ID3Error:
     dotted = ".".join(path)
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         key = ".".join(str(part) for part in loc)
-        return ID3Error(f"unknown config key {key!r}; known keys here: {', '.join(sorted(_fields(annotation)))}")
+        return ID3Error(unknown_key_line(key, str(loc[-1]), _fields(annotation)))
     value = raw
     for part in path:
         value = value[part]
@@ -169,6 +171,40 @@ def _one_line(error: dict, raw: Any) -> ID3Error:
         if name in ctx:
             return ID3Error(f"config key {dotted!r} must be {op} {ctx[name]:g}, got {value!r}")
     return ID3Error(f"config key {dotted!r} has the wrong type: got {value!r}, expected {_type_name(annotation)}")
+
+
+# the names other fine-tuning tools (HF TrainingArguments, PEFT, DeepSpeed) give keys this config calls otherwise
+ALIASES = {
+    "learning_rate": "lr",
+    "max_steps": "steps",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "micro_batch_size",
+    "train_micro_batch_size_per_gpu": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "warmup_ratio": "warmup_steps",
+    "lr_scheduler_type": "lr_scheduler",
+    "logging_steps": "log_steps",
+    "model_name_or_path": "name_or_path",
+    "r": "rank",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "max_seq_length": "max_length",
+    "dataset": "path",
+}
+
+
+def unknown_key_line(key: str, name: str, known: dict[str, Any] | list[str]) -> str:
+    """The refusal of an unknown key: the near miss first (`train.learning_rate` -> did you mean `train.lr`?,
+    by another tool's name or by spelling), then the keys of that section."""
+    import difflib
+
+    section = key[: -len(name)]
+    guess = ALIASES.get(name) if ALIASES.get(name) in known else None
+    if guess is None:
+        close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+        guess = close[0] if close else None
+    hint = f" (did you mean {section + guess!r}?)" if guess else ""
+    return f"unknown config key {key!r}{hint}; known keys here: {', '.join(sorted(known))}"
 
 
 def _fields(section: Any) -> dict[str, Any]:
@@ -256,14 +292,26 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 OUTPUT_DIR_FIELDS = ("method", "config")
 
 
+def run_label(cfg: RunConfig) -> str:
+    """What `{method}` stands for in train.output_dir: the method, then `-sparse` under id3.state=sparse and
+    the base's quantization (`-nf4`, `-int8`): settings no checkpoint can be continued across, so a run
+    that changes one of them starts in its own folder instead of being refused by the other's checkpoints."""
+    label = cfg.method
+    if cfg.plan.sparse_state:
+        label += "-sparse"
+    if cfg.model.quantization != "none":
+        label += f"-{cfg.model.quantization}"
+    return label
+
+
 def expand_output_dir(cfg: RunConfig, config_name: str) -> RunConfig:
-    """Fill `{method}` and `{config}` (the config file's stem) in train.output_dir, once, at load.
+    """Fill `{method}` (see `run_label`) and `{config}` (the config file's stem) in train.output_dir, once, at load.
 
     So one config run with method=pafi does not land in (and resume from) the id3 run's folder, and the
     config.json a run writes names its concrete folder. Any other `{...}` is refused: a typo would otherwise
     become a folder name.
     """
-    values = {"method": cfg.method, "config": config_name}
+    values = {"method": run_label(cfg), "config": config_name}
     out = re.sub(r"\{(\w*)\}", lambda m: values.get(m.group(1), m.group(0)), cfg.train.output_dir)
     if unknown := re.search(r"\{[^{}]*\}", out):
         known = " or ".join("{" + k + "}" for k in OUTPUT_DIR_FIELDS)
@@ -356,7 +404,7 @@ def _is_path(key: str, value: Any) -> bool:
     if not isinstance(value, str) or not value:
         return False
     if key in ("model.name_or_path", "data.path", "data.eval_path"):
-        return not is_named(value)  # builtin:/package: are names (models/resolve.py, data/sources.py)
+        return not value.startswith(PREFIXES)  # builtin:/package: are names (models/resolve.py, data/sources.py)
     if key == "train.resume":
         return value not in RESUME_WORDS
     return True
@@ -372,13 +420,23 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path, given: set[str] | frozenset[s
         for part in parents:
             node = getattr(node, part)
         value = getattr(node, last)
-        if not _is_path(key, value):
+        if not _is_path(key, value) or _hub_name(key, value, base_dir):
             continue
         on_cli = any(key == g or key.startswith(g + ".") for g in given)
         resolved, note = _resolve_one(key, value, base_dir, on_cli)
         setattr(node, last, os.path.expanduser(value) if key in WORKING_DIR_KEYS else resolved)
         if note is not None:
             cfg.path_notes[key] = note
+
+
+def _hub_name(key: str, value: str, base_dir: Path) -> bool:
+    """A model or data value shaped like a Hugging Face Hub name (`owner/name`, data `owner/name:split`) that
+    exists under neither reading of a relative path: a Hub name, left as written (id3_ds/hub.py)."""
+    if key not in ("model.name_or_path", "data.path", "data.eval_path"):
+        return False
+    if not looks_like_hub_id(value.partition(":")[0] if key != "model.name_or_path" else value):
+        return False
+    return not any((root / value).exists() for root in (Path.cwd(), Path(base_dir)))
 
 
 def _resolve_one(key: str, value: str, base_dir: Path, on_cli: bool) -> tuple[str, PathNote | None]:

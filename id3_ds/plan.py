@@ -52,6 +52,12 @@ class RunPlan:
         return not self.masked and self.quantization == "nf4"
 
     @property
+    def sparse_state_fits(self) -> bool:
+        """Whether id3.state=sparse would run this method (masked, no Fisher pass, no LoRA): what the dense
+        checkpoint's size note may suggest."""
+        return self.masked and not self.fisher_pass and not self.lora
+
+    @property
     def engine_optimizer(self) -> bool:
         """Whether DeepSpeed's engine holds an optimizer (and an LR scheduler); sparse state keeps its own."""
         return not self.sparse_state
@@ -81,7 +87,8 @@ def plan_of(cfg: RunConfig) -> RunPlan:
     masked = cfg.method in MASKED
     sparse = masked and cfg.id3.state == "sparse"
     ds = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
-    stage = zero_stage(ds.get("zero_optimization", {}))
+    zero = ds.get("zero_optimization", {})
+    stage = zero_stage(zero) if isinstance(zero, dict) else 0  # not an object: preflight says so
     if sparse and stage in (1, 2):  # nothing for ZeRO-1/2 to partition without a DeepSpeed optimizer
         stage = 0
     client = cfg.train.optimizer if cfg.train.optimizer in CLIENT_OPTIMIZERS and not sparse else None

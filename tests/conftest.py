@@ -24,6 +24,9 @@ from tests.launcher import ROOT
 # waiting at every op's barrier (test_thousands_of_steps_keep_memory_flat: 388 s with 2 threads on a loaded
 # machine, 50 of its steps 16x slower than with one).
 torch.set_num_threads(1)
+# Tests never download: a Hub name (owner/name) that no test cache holds fails at once instead of reaching
+# for the network (tests/test_hub_names.py builds its own cache; launched runs inherit this).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -81,14 +81,18 @@ def test_tiny_llama_classification_delta_merges_to_the_trained_model(llama_run, 
     want = _logits(run / "final_model", base)
     assert torch.equal(_logits(tmp_path / "merged", base), want)
 
-    # apply_delta on a freshly loaded classifier (random head) gives the same model; remove_delta refuses
+    # apply_delta on a freshly loaded classifier (random head) gives the same model; remove_delta puts the
+    # random head back too (apply kept it); subtracting without a record refuses (it has no earlier head)
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     apply_delta(model, run / "delta")
     assert torch.equal(model.score.weight.detach(), final["score.weight"])
+    remove_delta(model, run / "delta")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ID3Error, match="remove_delta cannot restore") as e:
-        remove_delta(model, run / "delta")
+        remove_delta(model, run / "delta", exact=False)
     assert "\n" not in str(e.value)
 
 

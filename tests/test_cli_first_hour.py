@@ -83,3 +83,39 @@ def test_preview_of_classification_data_shows_the_label_not_tokens_with_loss():
     lines = res.output.splitlines()
     assert lines[2] == "--- example 0: 18 tokens; label: positive (id 1) ---", res.output
     assert "with loss" not in res.output and "-> label" not in res.output
+
+
+# -- the second hour: the worked example as written -------------------------------------------------------
+
+
+def test_the_readme_set_up_installs_what_id3_ds_plot_needs():
+    """The README's set-up installs `.[real]`, and the worked example then runs `id3-ds plot` (matplotlib)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    extras = set(re.findall(r'pip install [^\n`]*-e "\.\[([\w,]+)\]"', readme)[0].split(","))
+    assert "id3-ds plot" in readme
+    pyproject = (ROOT / "pyproject.toml").read_text()  # (tomllib is 3.11+; the project supports 3.10)
+    declared = dict(re.findall(r"^(\w+) = \[(.*)\]$", pyproject, re.M))
+    installed = {re.split(r"[<>=\[ ]", req)[0] for e in extras for req in re.findall(r'"([^"]+)"', declared[e])}
+    assert "matplotlib" in installed, (extras, installed)
+
+
+def test_what_the_readme_examples_write_in_the_repository_is_ignored_by_git():
+    """`--out delta/`, `--out merged/`, `--out smollm2_merged/` run from a clone's root: not untracked clutter."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    readme = (ROOT / "README.md").read_text()
+    outs = sorted(set(re.findall(r"--out (\S+)", readme)) | {"outputs/tiny_cpu-id3/"})
+    assert outs
+    for out in outs:
+        path = out.strip("'\"`")
+        if Path(path).is_absolute() or "$" in path:
+            continue
+        probe = path.rstrip("/") + "/model.safetensors"  # a file the command writes there
+        res = subprocess.run(["git", "check-ignore", "--no-index", "-q", probe], cwd=ROOT)
+        assert res.returncode == 0, f"{path} is not covered by .gitignore"

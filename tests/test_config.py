@@ -23,8 +23,14 @@ def _load(*overrides: str):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("train.lrr=1", "unknown config key 'train.lrr'; known keys here: collective_timeout_s, epochs, "),
-        ("id3.bugdet=5", "unknown config key 'id3.bugdet'; known keys here: bias_correction, budget, eps, "),
+        ("train.lrr=1", "unknown config key 'train.lrr' (did you mean 'train.lr'?); known keys here: collective_"),
+        ("id3.bugdet=5", "unknown config key 'id3.bugdet' (did you mean 'id3.budget'?); known keys here: bias_corr"),
+        ("train.learning_rate=1e-4", "unknown config key 'train.learning_rate' (did you mean 'train.lr'?); known "),
+        (
+            "train.gradient_accumulation_steps=4",
+            "unknown config key 'train.gradient_accumulation_steps' (did you mean 'train.grad_accum'?)",
+        ),
+        ("model.nme_or_path=x", "unknown config key 'model.nme_or_path' (did you mean 'model.name_or_path'?); "),
         ("bogus=1", "unknown config key 'bogus'; known keys here: data, deepspeed, id3, lora, method, model, train"),
         ("train.steps=x", "config key 'train.steps' has the wrong type: got 'x', expected int | None"),
         ('train.steps="3"', "config key 'train.steps' has the wrong type: got '3', expected int | None"),

@@ -106,3 +106,15 @@ def rewrite(delta: Path, tensors=None, config=None) -> None:
         c = json.loads((delta / CONFIG_FILE).read_text())
         config(c)
         (delta / CONFIG_FILE).write_text(json.dumps(c))
+
+
+def two_deltas(tmp: Path) -> tuple[Case, Path, Path]:
+    """Two deltas of one base (tiny_llama seed 0): budget 2000 over 10 steps with the norm fully trainable,
+    and budget 900 over 6 steps without; their supports overlap in part."""
+    from id3_ds.delta import export_delta
+
+    c1 = make_case(tmp / "a", budget=2000, steps=10)
+    export_delta(c1.run, c1.base, tmp / "d1")
+    c2 = make_case(tmp / "b", budget=900, steps=6, full=())
+    export_delta(c2.run, c1.base, tmp / "d2")
+    return c1, tmp / "d1", tmp / "d2"

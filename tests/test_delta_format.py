@@ -21,7 +21,7 @@ N = "model.norm.weight"
 def good(tmp_path_factory, shared_case):
     c = shared_case()
     out = tmp_path_factory.mktemp("fmt") / "delta"
-    export_delta(c.ckpt, c.base, out)
+    export_delta(c.ckpt, c.base, out, index="flat")  # int32 positions (the gap form: tests/test_delta_size.py)
     return c, out
 
 

@@ -124,7 +124,7 @@ def test_apply_and_remove_on_a_loaded_base(case) -> None:
     torch.testing.assert_close(_logits(model), _logits(lora), atol=1e-5, rtol=1e-5)
     remove_delta(model, tmp / "delta")
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, before[k], atol=1e-6, rtol=0)
+        assert torch.equal(v, before[k]), k  # bit for bit, although the fold rounds every entry it changes
 
 
 def test_inspect_shows_the_lora_settings(case) -> None:

@@ -3,6 +3,7 @@ load or folder exists, with one `error:` line, once, whatever the number of rank
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -201,7 +202,7 @@ def test_sparse_state_runs_without_a_deepspeed_optimizer(method, stage, tmp_path
             f"deepspeed.zero_optimization.stage={stage}",
         ],
     )
-    assert pf.preflight(cfg) == []
+    assert len(pf.preflight(cfg)) == (1 if stage == 2 else 0)  # stage 2: the note that it runs as stage 0
     ds, wd = build_ds_config(cfg, 2)
     assert "optimizer" not in ds and wd == cfg.train.weight_decay
     assert ds["zero_optimization"]["reduce_bucket_size"] == SPARSE_BUCKET
@@ -212,3 +213,57 @@ def test_sparse_state_runs_without_a_deepspeed_optimizer(method, stage, tmp_path
 def test_id3_state_must_be_dense_or_sparse(tmp_path) -> None:
     with pytest.raises(ID3Error, match="id3.state"):
         _check(tmp_path, "id3.state=half")
+
+
+def test_sparse_state_at_zero_2_says_it_runs_as_stage_0(tmp_path) -> None:
+    """The README's main job (ZeRO-2) with id3.state=sparse: not silently stage 0, one note at start-up."""
+    from id3_ds.recipe.preflight import sparse_stage_notes
+
+    cfg = load_config(ROOT / "configs" / "minilm_rotten_tomatoes.json", ["id3.state=sparse"])
+    assert cfg.deepspeed["zero_optimization"]["stage"] == 2
+    (note,) = sparse_stage_notes(cfg)
+    assert "runs ZeRO stage 2 as stage 0" in note and "stage=3" in note and "\n" not in note
+    stage3 = load_config(
+        ROOT / "configs" / "minilm_rotten_tomatoes.json", ["id3.state=sparse", "deepspeed.zero_optimization.stage=3"]
+    )
+    assert (
+        sparse_stage_notes(stage3) == []
+        and sparse_stage_notes(load_config(ROOT / "configs" / "minilm_rotten_tomatoes.json")) == []
+    )
+    notes = pf.preflight(
+        load_config(
+            TINY_CONFIG, ["id3.state=sparse", "deepspeed.zero_optimization.stage=1", f"train.output_dir={tmp_path}"]
+        )
+    )
+    assert any("runs ZeRO stage 1 as stage 0" in n for n in notes)
+
+
+def test_tensorboard_without_the_package_is_refused_before_anything_is_written(tmp_path, monkeypatch) -> None:
+    """It used to print a line mid-progress-bar and train on without logs (rc 0)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorboard" else real(n, *a))
+    out = tmp_path / "run"
+    cfg = load_config(TINY_CONFIG, ["train.tensorboard=true", f"train.output_dir={out}"])
+    with pytest.raises(ID3Error, match=r"^train.tensorboard=true needs the tensorboard package: pip install tensorb"):
+        pf.preflight(cfg)
+    assert not out.exists()
+    pf.preflight(load_config(TINY_CONFIG, [f"train.output_dir={out}"]))  # off: no need for it
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_report_a_malformed_data_line_once_and_leave_no_output_folder(tmp_path, env) -> None:
+    data = tmp_path / "train.jsonl"
+    good = json.dumps({"instruction": "Say hi.", "output": "hi"})
+    data.write_text(f"{good}\n{good}\n{{not json\n{good}\n")
+    out = tmp_path / "run"
+    args = [f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={out}"]
+    proc = train(args, nproc=2, env=env)
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and errors == [
+        f"error: {data}:3: invalid JSON (Expecting property name enclosed in double quotes)"
+    ], proc.stdout[-4000:]
+    assert "stopping because another rank failed" not in proc.stdout
+    assert not out.exists()  # no folder, no config.json of a run that never started

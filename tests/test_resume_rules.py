@@ -211,12 +211,31 @@ def test_dense_and_sparse_state_never_resume_each_other(tmp_path) -> None:
     stage3 = "deepspeed.zero_optimization.stage=3"
     _checkpoint(_cfg(tmp_path, stage3), 20, 40)
     for extra in ([], ["train.resume_mismatch=allow"]):  # allow cannot cross it: the optimizer state differs
-        with pytest.raises(ID3Error, match='id3.state "dense" -> "sparse".*change which weights train'):
+        with pytest.raises(ID3Error, match='id3.state "dense" -> "sparse".*same entries train') as e:
             check_resume(_cfg(tmp_path, stage3, "id3.state=sparse", *extra))
+        assert "which weights train" not in str(e.value)  # the README's "same training": the line must agree
     sparse = tmp_path / "sparse"
     _checkpoint(_cfg(sparse, stage3, "id3.state=sparse"), 20, 40)
     with pytest.raises(ID3Error, match='id3.state "sparse" -> "dense"'):
         check_resume(_cfg(sparse, stage3))
+
+
+def test_sparse_state_of_a_shipped_config_does_not_meet_the_dense_runs_checkpoints(tmp_path, monkeypatch) -> None:
+    """The README's steps: a dense run of a config, then the same config with id3.state=sparse. The sparse run
+    has its own default folder (no refusal by the dense run's checkpoints); a fixed output_dir still refuses."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("tiny_cpu", "minilm_rotten_tomatoes", "minilm_sentiment"):
+        path = ROOT / "configs" / f"{name}.json"
+        dense = load_config(path)
+        _checkpoint(dense, 20, 20)
+        sparse = load_config(path, ["id3.state=sparse", "deepspeed.zero_optimization.stage=3"])
+        assert sparse.train.output_dir == dense.train.output_dir + "-sparse"
+        assert check_resume(sparse) is None  # starts fresh in its own folder
+    nf4 = load_config(TINY_CONFIG, ["id3.state=sparse", "model.quantization=nf4"]).train.output_dir
+    assert nf4.endswith("tiny_cpu-id3-sparse-nf4")
+    assert load_config(
+        TINY_CONFIG, ["method=full", "id3.state=sparse", "train.export_delta=false"]
+    ).train.output_dir.endswith("tiny_cpu-full")
 
 
 def test_a_checkpoint_recorded_before_id3_state_counts_as_dense(tmp_path) -> None:

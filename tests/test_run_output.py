@@ -64,10 +64,35 @@ def test_final_line_names_the_output_checkpoint_and_export_command() -> None:
     assert "id3-ds export-delta outputs/x --base builtin:tiny-llama --out outputs/x/delta" in line
 
 
-def test_final_line_after_an_export_names_the_delta() -> None:
-    line = final_line("out", "out/checkpoint-00000002", "/m/base dir", delta="out/delta")
-    assert "sparse delta in out/delta" in line and "export-delta" not in line
-    assert "id3-ds merge '/m/base dir' out/delta --out merged/" in line  # a path with a space stays one argument
+def test_final_line_after_an_export_names_the_delta(tmp_path) -> None:
+    out = tmp_path / "out"
+    line = final_line(str(out), f"{out}/checkpoint-00000002", "/m/base dir", delta=f"{out}/delta")
+    assert f"sparse delta in {out}/delta" in line and "export-delta" not in line
+    assert f"id3-ds merge '/m/base dir' {out}/delta --out {out}/merged" in line  # a space stays one argument
+
+
+def test_the_suggested_merge_folder_is_never_one_that_exists(tmp_path) -> None:
+    """The worked example's `merge ... --out merged/` had already made the folder the done line suggested."""
+    out = tmp_path / "run"
+    (out / "merged").mkdir(parents=True)
+    line = final_line(str(out), None, "b", delta=str(out / "delta"))
+    assert line.endswith(f"--out {out}/merged-2")
+    (out / "merged-2").mkdir()
+    assert final_line(str(out), None, "b", delta=str(out / "delta")).endswith(f"--out {out}/merged-3")
+
+
+def test_the_done_line_repeats_the_final_eval_metrics(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    cfg = load_config(TINY_CONFIG, [f"train.output_dir={out}", "train.export_delta=false"])
+    logger = RunLogger(str(out), True, total=2, start=0, progress=False, tensorboard=False)
+    logger.log({"step": 1, "eval_loss": 0.9, "eval_accuracy": 0.5})
+    logger.log({"step": 2, "loss": 0.4})
+    logger.log({"step": 2, "eval_loss": 0.61234, "eval_accuracy": 0.7393, "eval_f1": 0.7824, "eval_examples": 1212})
+    logger.close()
+    print_final_line(cfg, is_main=True)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("done: eval_loss=0.6123 eval_accuracy=0.7393 eval_f1=0.7824 eval_examples=1212; results in")
+    assert final_line("o", None, "b").startswith("done: results in o")  # no eval, no metrics
 
 
 def test_final_line_for_dense_runs_offers_no_delta_command() -> None:

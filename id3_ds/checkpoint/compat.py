@@ -82,6 +82,11 @@ _FIXED_KEYS = (
     "id3.fully_trainable",
     "id3.state",  # dense checkpoints hold DeepSpeed's optimizer, sparse ones the chosen entries' Adam state
 )
+# fixed keys that change something other than which weights train, and what
+_WHY_FIXED = {
+    "id3.state": "the same entries train either way, but a dense checkpoint holds DeepSpeed's optimizer state "
+    "for every weight and a sparse one only the chosen entries' own, so neither loads into the other",
+}
 _LEGACY_ID3 = ("budget", "eps", "exp", "targets", "fully_trainable", "bias_correction", "no_decay")
 
 
@@ -254,8 +259,14 @@ def _mismatch_line(ckpt: Path, cfg: RunConfig, diffs: list, fixed: list) -> str:
     line = f"{ckpt} was trained with other settings (checkpoint -> this run): {_listed(diffs)}; "
     line += f"to train this run's settings from scratch {scratch}"
     if fixed:
-        keys = ", ".join(k for k, _, _ in fixed)
-        return line + f" ({keys} change which weights train, so the checkpoint cannot be continued with them)"
+        weights = [k for k, _, _ in fixed if k not in _WHY_FIXED]
+        why = (
+            [f"{', '.join(weights)} {'changes' if len(weights) == 1 else 'change'} which weights train"]
+            if weights
+            else []
+        )
+        why += [f"{k}: {_WHY_FIXED[k]}" for k, _, _ in fixed if k in _WHY_FIXED]
+        return line + f" ({'; '.join(why)}; so the checkpoint cannot be continued with them)"
     return line + ", or to continue the checkpoint with them anyway add train.resume_mismatch=allow"
 
 

@@ -28,6 +28,7 @@ from id3_ds.checkpoint.layout import (
     write_lora_state,
     write_trainer_state,
 )
+from id3_ds.checkpoint.rotation import after_save
 from id3_ds.errors import ID3Error
 from id3_ds.files.atomic import staged_dir
 from id3_ds.integration.params import full_shape, gathered
@@ -104,6 +105,7 @@ def save(engine, update: Update, cfg: RunConfig, step: int, model_dir: str) -> P
                 "config": cfg.to_dict(),  # the whole run config, for the record
             },
         )
+        after_save(ckpt, cfg, state.budget, cfg.plan.sparse_state)  # save_total_limit; size note
     dist.barrier()
     return ckpt
 

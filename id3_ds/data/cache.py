@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from id3_ds.data.hub_data import is_hub_dataset, resolve_hub_data
 from id3_ds.data.loading import (
     Example,
     RecordPolicy,
@@ -25,10 +26,10 @@ from id3_ds.data.loading import (
     tokenize_records,
 )
 from id3_ds.data.sources import is_source, resolve_data
-from id3_ds.errors import ID3Error
+from id3_ds.errors import ID3Error, SameOnEveryRank
 from id3_ds.files.atomic import staged_dir
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: no second start token where the chat template writes it
 
 
 @dataclass(frozen=True)
@@ -123,18 +124,22 @@ def cached_dataset(
 
 
 def _resolve_source(spec: DataSpec, is_main: bool) -> DataSpec:
-    """A named source (`package:...`) as its JSONL file: rank 0 builds it, then every rank uses it, so the
-    cache key hashes the real file's bytes on every rank."""
-    if not is_source(spec.path):
+    """A named source (`package:...`) or a Hub data set as its JSONL file: rank 0 builds it, then every rank
+    uses it, so the cache key hashes the real file's bytes on every rank."""
+    if is_source(spec.path):
+        resolve = resolve_data
+    elif is_hub_dataset(spec.path):  # rank 0 downloads and converts; the others then read the cache
+        resolve = resolve_hub_data
+    else:
         return spec
     error = None
     if is_main:
         try:
-            resolve_data(spec.path)
+            resolve(spec.path)
         except ID3Error as e:
             error = str(e)
     _raise_everywhere(error)
-    return replace(spec, path=str(resolve_data(spec.path)))
+    return replace(spec, path=str(resolve(spec.path)))
 
 
 def _raise_everywhere(error: str | None) -> None:
@@ -146,4 +151,4 @@ def _raise_everywhere(error: str | None) -> None:
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error is not None:
-        raise ID3Error(error)
+        raise SameOnEveryRank(error)  # every rank raises it: rank 0 alone prints it

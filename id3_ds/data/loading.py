@@ -10,8 +10,10 @@ from typing import Any
 import torch
 
 from id3_ds.data.formats import classification_fields, segments
+from id3_ds.data.hub_data import is_hub_dataset, resolve_hub_data
+from id3_ds.data.prompt import start_ids, text_ids
 from id3_ds.data.sources import is_source, resolve_data
-from id3_ds.errors import ID3Error
+from id3_ds.errors import ID3Error, SameOnEveryRank
 
 IGNORE = -100
 BAD_RECORD_MODES = ("error", "skip")
@@ -30,7 +32,7 @@ class RecordPolicy:
 
     def reject(self, reason: str, message: str) -> None:
         if self.mode == "error":
-            raise ID3Error(message if reason != "empty" else f"{message}; fix it or set data.bad_records=skip")
+            raise SameOnEveryRank(message if reason != "empty" else f"{message}; fix it or set data.bad_records=skip")
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def drop(self, reason: str) -> None:
@@ -44,26 +46,31 @@ class RecordPolicy:
 
 
 def load_records(path: str | Path, policy: RecordPolicy | None = None) -> list[tuple[str, Any]]:
-    """(where, record) pairs from a .json array, a .jsonl file, or a directory of them (sorted)."""
+    """(where, record) pairs from a .json array, a .jsonl file, or a directory of them (sorted).
+
+    A fault in a file is a `SameOnEveryRank` error (here and in RecordPolicy): every rank that reads the file
+    finds it alike, so a launched run prints it once, from rank 0."""
     policy = policy or RecordPolicy()
     if is_source(str(path)):  # a named source: its JSONL file in the cache (built on first use)
         path = resolve_data(str(path))
+    elif is_hub_dataset(str(path)):  # a Hugging Face Hub data set: its split as JSONL in the cache
+        path = resolve_hub_data(str(path))
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
         if not files:
-            raise ID3Error(f"data directory {path} holds no .json or .jsonl file")
+            raise SameOnEveryRank(f"data directory {path} holds no .json or .jsonl file")
         return [r for f in files for r in load_records(f, policy)]
     if not path.is_file():
-        raise ID3Error(f"data file {path} does not exist; set data.path to a JSON/JSONL file or directory")
+        raise SameOnEveryRank(f"data file {path} does not exist; set data.path to a JSON/JSONL file or directory")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ID3Error(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            raise SameOnEveryRank(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(items, list):
-            raise ID3Error(f"{path}: a .json data file must hold a list of records")
+            raise SameOnEveryRank(f"{path}: a .json data file must hold a list of records")
         return [(f"{path}[{i}]", r) for i, r in enumerate(items)]
     out = []
     # JSONL lines end at \n only: str.splitlines would also break at U+2028/U+0085 inside a JSON string
@@ -115,7 +122,8 @@ def tokenize_records(
     labels: list[str] | None = None,
     policy: RecordPolicy | None = None,
 ) -> list[Example]:
-    """Token ids and labels (-100 outside responses), BOS first and EOS after the last response.
+    """Token ids and labels (-100 outside responses), one start token first (see data/prompt.py) and EOS after
+    the last response (alpaca, text; a chat template writes its own end of turn).
 
     classification: the tokenizer's own special tokens ([CLS] ... [SEP] for BERT), and the record's label
     as an id into `labels` (required; see `label_names`).
@@ -133,10 +141,10 @@ def tokenize_records(
         if not any(text.strip() for text, loss in pieces if loss):
             policy.reject("empty", f"{where}: the response is empty, nothing to learn")
             continue
-        ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids: list[int] = start_ids(tokenizer, pieces[0][0])  # BOS, unless the chat template wrote it
         labels: list[int] = [IGNORE] * len(ids)
         for text, loss in pieces:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            piece = text_ids(tokenizer, text)
             ids += piece
             labels += piece if loss else [IGNORE] * len(piece)
         if fmt != "messages" and tokenizer.eos_token_id is not None:

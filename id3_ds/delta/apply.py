@@ -1,27 +1,33 @@
-"""Add or subtract a delta on a model already in memory, so one loaded base can serve several deltas.
+"""Add a delta to a model already in memory, and take it out again exactly: one loaded base, many deltas.
 
-`apply_delta(model, DELTA_DIR)` adds base + delta in place (in fp32, cast back to each parameter's dtype);
-`remove_delta` subtracts it again. Everything is validated before the first parameter changes: names exist
-in the model, shapes agree, and (unless force) each touched parameter, cast to the base dtype recorded in
-the delta, hashes to the recorded fingerprint. remove_delta cannot check the fingerprint (the model then
-holds base + delta, not the base); it checks names and shapes.
+`apply_delta(model, DELTA)` adds base + delta in place (summed in fp64, rounded once to each parameter's
+dtype); `remove_delta(model, DELTA)` puts the base back. Everything is validated before the first parameter
+changes: names exist in the model, shapes agree, and (unless force) each touched parameter, cast to the base
+dtype recorded in the delta, hashes to the recorded fingerprint.
 
-Exactness: in fp32, apply then remove restores the base exactly wherever fl(fl(b + d) - d) == b, which is
-nearly always but not guaranteed; in bf16/fp16 each step rounds to the parameter's precision, so a round
-trip can move a touched entry by about one ulp. Keep a pristine copy if you need bit-exact restoration.
-
-A LoRA delta's modules are folded in place, W += (alpha/r)·B·A with the rebuilt A and B (fp32, cast back
-to W's dtype), and subtracted again by remove_delta (exact only up to that rounding).
+Exactness: subtracting the delta again is not an inverse (fl(fl(b + d) - d) differs from b for a few entries
+in fp32, for about one ulp's worth of entries in bf16), so apply_delta keeps, on the model, the values it
+overwrote (`AppliedDelta`: the changed positions and their old values, 12 bytes per entry for a sparse fp32
+delta on the parameter's device) and remove_delta writes them back: the model is bit-identical to the base
+afterwards, whatever the dtype, for sparse, dense, LoRA-folded and head tensors alike. Deltas applied on top
+of each other are removed in any order unless two of them changed the same entry (then the later one first).
+`remove_delta(..., exact=False)` subtracts arithmetically for a model with no record (e.g. merged and saved).
 
 ZeRO-3: each touched partitioned parameter is gathered whole (`id3_ds.integration.params.gathered`),
-modified on every rank identically, and re-partitioned on exit (rank 0's copy wins). Call it on every
-rank (tests/test_delta_zero3_apply.py).
+modified on every rank identically, and re-partitioned on exit (rank 0's copy wins); every rank keeps the
+same record. Call it on every rank (tests/test_delta_zero3_apply.py).
+
+Several deltas at once (`apply_delta(model, [D1, D2], combine="sum")`) are combined first
+(`id3_ds.delta.compose`) and applied, and removed, as one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -31,6 +37,31 @@ from id3_ds.delta.merge import add_delta
 from id3_ds.errors import ID3Error
 from id3_ds.files import safetensors_io as st
 from id3_ds.integration.params import full_shape, gathered
+
+DeltaLike = str | os.PathLike | Delta
+_RECORDS = "_id3_applied_deltas"  # attribute of the model holding its AppliedDelta stack
+
+
+@dataclass
+class AppliedDelta:
+    """What apply_delta overwrote: per tensor, the flat positions it changed (None: all) and their old values."""
+
+    key: tuple
+    label: str
+    saved: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def entries(self) -> int:
+        return sum(old.numel() for _, old in self.saved.values())
+
+    def __repr__(self) -> str:
+        return f"AppliedDelta({self.label}, {len(self.saved)} tensors, {self.entries:,} entries saved)"
+
+
+def _key(delta: Delta) -> tuple:
+    """Identity of a delta for matching remove_delta to its apply_delta: where it lives and what it holds."""
+    roots = delta.config.get("combined_from") or [str(Path(delta.root).resolve())]
+    return (tuple(roots), delta.config.get("combine"), delta.fingerprint["digest"], delta.total_entries)
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -100,39 +131,138 @@ def _check_fingerprint(delta: Delta, tensors: dict[str, torch.Tensor]) -> None:
                 raise fingerprint_error(delta, name)
 
 
-def _add(model: torch.nn.Module, delta_dir: str | os.PathLike | Delta, scale: float, force: bool, check: bool) -> Delta:
-    delta = delta_dir if isinstance(delta_dir, Delta) else load_delta(delta_dir)
-    if scale < 0 and delta.new:
-        raise ID3Error(
-            f"{named(delta.root)} replaces a fresh classification head ({sorted(delta.new)[0]}), whose earlier "
-            "value it does not hold, so remove_delta cannot restore the model: reload the base instead"
-        )
-    tensors = _resolve(model, delta)
-    heads = _resolve_new(model, delta)
-    if check and not force:
-        _check_fingerprint(delta, tensors)
+def _load(deltas: DeltaLike | Sequence[DeltaLike], combine: str) -> Delta:
+    if isinstance(deltas, (str, os.PathLike, Delta)):
+        return deltas if isinstance(deltas, Delta) else load_delta(deltas)
+    from id3_ds.delta.compose import combine_deltas
+
+    loaded = [d if isinstance(d, Delta) else load_delta(d) for d in deltas]
+    return loaded[0] if len(loaded) == 1 else combine_deltas(loaded, combine)
+
+
+def _new_value(full: torch.Tensor, name: str, delta: Delta, scale: float) -> torch.Tensor:
+    """The tensor after adding `scale` x the delta (a new tensor, or `full` itself changed in place)."""
+    if name in delta.params:
+        return add_delta(full, delta.params[name], full.dtype, scale)  # in place for sparse deltas
+    a, b = delta.lora.modules[name].matrices()
+    return fold(full, a.to(full.device), b.to(full.device), scale * delta.lora.scale, full.dtype)
+
+
+def _records(model: torch.nn.Module) -> list[AppliedDelta]:
+    return model.__dict__.setdefault(_RECORDS, [])
+
+
+def applied_deltas(model: torch.nn.Module) -> list[AppliedDelta]:
+    """The deltas applied to `model` and not removed yet, oldest first."""
+    return list(model.__dict__.get(_RECORDS, []))
+
+
+def apply_delta(
+    model: torch.nn.Module, delta: DeltaLike | Sequence[DeltaLike], *, force: bool = False, combine: str = "sum"
+) -> Delta:
+    """Add a delta (or several, combined by `combine`: sum, mean or ties) to `model` in place.
+
+    Validated first; `force` skips the base fingerprint check. Returns the (combined) delta applied.
+    """
+    d = _load(delta, combine)
+    tensors = _resolve(model, d)
+    heads = _resolve_new(model, d)
+    if not force:
+        _check_fingerprint(d, tensors)
+    record = AppliedDelta(_key(d), named(d.root))
     with torch.no_grad():
         for name, t in heads.items():
             with gathered([t], modify=True):
-                t.data.copy_(delta.new[name].to(device=t.data.device, dtype=t.data.dtype))
+                record.saved[name] = (None, t.data.detach().clone())
+                t.data.copy_(d.new[name].to(device=t.data.device, dtype=t.data.dtype))
         for name, t in tensors.items():
             with gathered([t], modify=True):
                 full = t.data
-                if name in delta.params:
-                    merged = add_delta(full, delta.params[name], full.dtype, scale)  # in place for sparse deltas
-                else:
-                    a, b = delta.lora.modules[name].matrices()
-                    merged = fold(full, a.to(full.device), b.to(full.device), scale * delta.lora.scale, full.dtype)
+                flat = full.view(-1) if full.is_contiguous() else full.reshape(-1)
+                p = d.params.get(name)
+                if p is not None and not p.dense:  # sparse: save exactly the entries the add writes
+                    at = p.indices.to(device=full.device, dtype=torch.int64)
+                    record.saved[name] = (at, flat[at].clone())
+                    merged = _new_value(full, name, d, 1.0)
+                else:  # dense or LoRA-folded: save the entries that changed
+                    merged = _new_value(full, name, d, 1.0)
+                    at = (merged.reshape(-1) != flat).nonzero().flatten()
+                    record.saved[name] = (at, flat[at].clone())
                 if merged.data_ptr() != full.data_ptr():
                     full.copy_(merged)
-    return delta
+    _records(model).append(record)
+    return d
 
 
-def apply_delta(model: torch.nn.Module, delta_dir: str | os.PathLike | Delta, *, force: bool = False) -> Delta:
-    """Add a delta to `model` in place (validated first; `force` skips the base fingerprint check)."""
-    return _add(model, delta_dir, 1.0, force, check=True)
+def remove_delta(
+    model: torch.nn.Module, delta: DeltaLike | Sequence[DeltaLike], *, combine: str = "sum", exact: bool = True
+) -> Delta:
+    """Take a delta applied with `apply_delta` out of `model` again, restoring the base bit for bit.
+
+    With `exact=False` and no record of the apply (a model that had the delta merged), subtracts it instead
+    (within rounding of the base, see the module docstring).
+    """
+    d = _load(delta, combine)
+    stack = _records(model)
+    key = _key(d)
+    at = next((i for i in range(len(stack) - 1, -1, -1) if stack[i].key == key), None)
+    if at is None:
+        if exact:
+            raise ID3Error(
+                f"{named(d.root)} was not applied to this model by apply_delta (no record of the values it "
+                "replaced): reload the base, or pass exact=False to subtract it (equal to the base within rounding)"
+            )
+        return _subtract(model, d)
+    record = stack[at]
+    _check_order(record, stack[at + 1 :])
+    tensors = _tensors(model)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    with torch.no_grad():
+        for name, (pos, old) in record.saved.items():
+            t = tensors.get(name)
+            if t is None and prefix:
+                t = tensors.get(f"{prefix}.{name}")
+            if t is None:
+                raise ID3Error(f"{named(d.root)}: the model no longer has {name}; reload the base")
+            with gathered([t], modify=True):
+                if pos is None:
+                    t.data.copy_(old)
+                else:
+                    flat = t.data.view(-1) if t.data.is_contiguous() else None
+                    if flat is None:
+                        t.data.copy_(t.data.reshape(-1).index_put((pos,), old).reshape(t.data.shape))
+                    else:
+                        flat[pos] = old
+    del stack[at]
+    return d
 
 
-def remove_delta(model: torch.nn.Module, delta_dir: str | os.PathLike | Delta) -> Delta:
-    """Subtract a delta previously applied with `apply_delta`, in place."""
-    return _add(model, delta_dir, -1.0, force=False, check=False)
+def _check_order(record: AppliedDelta, later: list[AppliedDelta]) -> None:
+    """Refuse to restore entries that a delta applied afterwards changed too (its result would be lost)."""
+    for other in later:
+        for name, (pos, _) in record.saved.items():
+            if name not in other.saved:
+                continue
+            opos = other.saved[name][0]
+            if pos is None or opos is None or bool(torch.isin(pos, opos).any()):
+                raise ID3Error(
+                    f"{record.label} and {other.label}, applied after it, change the same entries of {name}: "
+                    f"remove {other.label} first"
+                )
+
+
+def _subtract(model: torch.nn.Module, d: Delta) -> Delta:
+    if d.new:
+        raise ID3Error(
+            f"{named(d.root)} replaces a fresh classification head ({sorted(d.new)[0]}), whose earlier "
+            "value it does not hold, so remove_delta cannot restore the model: reload the base instead"
+        )
+    tensors = _resolve(model, d)
+    with torch.no_grad():
+        for name, t in tensors.items():
+            with gathered([t], modify=True):
+                full = t.data
+                merged = _new_value(full, name, d, -1.0)
+                if merged.data_ptr() != full.data_ptr():
+                    full.copy_(merged)
+    return d

@@ -18,10 +18,12 @@ into the delta whole, as new tensors, with the config.json keys that declare it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from id3_ds.algorithm.mask import ParamMask
@@ -76,8 +78,14 @@ def export_delta(
     dtype: str = "fp32",
     force: bool = False,
     overwrite: bool = False,
+    entries: int | float | None = None,
+    index: str = "gaps",
 ) -> Path:
-    """Write the delta of a training checkpoint against its base model directory; returns `out`."""
+    """Write the delta of a training checkpoint against its base model directory; returns `out`.
+
+    `entries` (an int K, or a fraction in (0, 1]) keeps only the K earliest-chosen entries (see `truncate`).
+    `index`: "gaps" (compact, format version 3) or "flat" (int32 positions, readable since version 1).
+    """
     ckpt = resolve_checkpoint(checkpoint)
     info = read_complete(ckpt)
     state, meta = read_id3_state(ckpt)
@@ -90,6 +98,11 @@ def export_delta(
     plain = {
         name: _base_name(name, base, prefix) for name in state.params if name not in lora_names and name not in head
     }
+    cut = None
+    if entries is not None:
+        if lora_names:
+            raise ID3Error(f"checkpoint {ckpt} trains LoRA matrices: --entries cuts plain ID3 deltas only")
+        cut = truncate(state, sorted(plain), entries)
     for name, bname in plain.items():  # cheap header checks first: fail before reading any weight
         pm = state.params[name]
         if cls is None and bname not in base.tensors and not name.startswith(PEFT_PREFIX):
@@ -162,6 +175,9 @@ def export_delta(
     }
     stats = {"world_size": meta.get("world_size"), "checkpoint": ckpt.name, "fixups": fixes if dtype == "fp32" else 0}
     id3["export"] = stats
+    if cut is not None:
+        id3["export"]["truncated"] = cut
+    id3.update(_provenance(ckpt, info))
     if lora is not None and not lora.modules:
         lora = None  # no B entry anywhere: the LoRA part folds to nothing
     return write_delta(
@@ -176,7 +192,73 @@ def export_delta(
         lora=lora,
         new=new,
         config_updates=cls["config_updates"] if cls else None,
+        index=index,
     )
+
+
+def truncate(state, names: list[str], entries: int | float) -> dict:
+    """Keep, in `state`, only the K earliest-chosen entries of `names`; returns what was cut.
+
+    ID3's mask only grows, so the entries chosen by step s are exactly the run's state at budget B(s): the
+    K earliest are the delta a shorter unmasking would have chosen (with the values the full run trained).
+    Order: the step each entry was chosen (`chosen_at`), then parameter name, then flat index: inside one
+    step the checkpoint does not record the scores, so a cut inside a step keeps a deterministic part of it.
+    """
+    steps = [state.params[n].chosen_at.to(torch.int64) for n in names]
+    total = sum(int(s.numel()) for s in steps)
+    if isinstance(entries, float):
+        if not 0.0 < entries <= 1.0:
+            raise ID3Error(f"--entries {entries}: a fraction must be in (0, 1], or give a whole number of entries")
+        k = round(entries * total)
+    else:
+        if entries < 1:
+            raise ID3Error(f"--entries {entries}: keep at least one entry")
+        k = min(int(entries), total)
+    if not steps or total == 0:
+        return {"kept": 0, "of": 0, "last_step": None}
+    step = torch.cat(steps)
+    which = torch.cat([torch.full((s.numel(),), i, dtype=torch.int64) for i, s in enumerate(steps)])
+    pos = torch.cat([torch.arange(s.numel()) for s in steps])
+    order = torch.from_numpy(np.lexsort((pos.numpy(), which.numpy(), step.numpy())))
+    keep = torch.zeros(total, dtype=torch.bool)
+    keep[order[:k]] = True
+    last = int(step[order[k - 1]]) if k else None
+    start = 0
+    for i, n in enumerate(names):
+        pm = state.params[n]
+        m = keep[start : start + steps[i].numel()]
+        start += steps[i].numel()
+        opt = {f: (None if getattr(pm, f) is None else getattr(pm, f)[m]) for f in ("value", "exp_avg", "exp_avg_sq")}
+        state.params[n] = ParamMask(pm.shape, pm.indices[m], pm.chosen_at[m], pm.base[m], **opt)
+    return {"kept": k, "of": total, "last_step": last}
+
+
+def _provenance(ckpt: Path, info: dict) -> dict:
+    """The run's data file and its latest eval metrics (for the model card): best effort, never an error."""
+    out: dict = {}
+    cfg = info.get("config") if isinstance(info.get("config"), dict) else {}
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    if isinstance(data.get("path"), str):
+        out["data"] = Path(data["path"]).name if "/" in data["path"] else data["path"]
+    log = ckpt.parent / "log.jsonl"
+    step = info.get("step")
+    try:
+        lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(rec, dict):
+            continue
+        if isinstance(step, int) and isinstance(rec.get("step"), int) and rec["step"] > step:
+            continue
+        evals = {k: v for k, v in rec.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+        if evals:
+            out["eval"] = {**evals, "step": rec.get("step")}
+    return out
 
 
 def _classification(ckpt: Path, info: dict, lora_names: list[str]) -> dict | None:

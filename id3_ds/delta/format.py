@@ -33,11 +33,15 @@ from id3_ds.files import safetensors_io as st
 from id3_ds.files.atomic import check_out, staged_dir, write_json_atomic
 
 FORMAT_NAME = "id3-delta"
-FORMAT_VERSION = 2  # the newest version this id3-ds reads (and the highest it writes)
+FORMAT_VERSION = 3  # the newest version this id3-ds reads (and the highest it writes)
 # The version that introduced each optional section of delta_config.json. The previous id3-ds wrote these
 # sections under version 1, so a reader accepts them there too; a writer declares the highest version among
 # the sections it wrote (see written_version).
 SECTION_VERSIONS = {"lora": 2, "new": 2, "config_updates": 2}
+# The version that introduced each storage form of a parameter (params[NAME].storage).
+STORAGE_VERSIONS = {"dense": 1, "sparse": 1, "gaps": 3}
+INDEX_FORMS = ("gaps", "flat")  # how write_delta stores sparse positions: uint16 gap codes, or int32/int64
+GAP_ESCAPE = 65535  # a gap code meaning "advance 65535 positions, no entry here"
 UPGRADE = "pip install -U id3-ds"
 DELTA_FILE = "delta.safetensors"
 CONFIG_FILE = "delta_config.json"
@@ -95,6 +99,11 @@ class ParamDelta:
             vals[self.fix_at.to(torch.int64)] += self.fix.to(torch.float64)
         return idx, vals
 
+    def __repr__(self) -> str:
+        kind = "dense" if self.dense else "sparse"
+        fixes = f", {self.fixes} fix-ups" if self.fixes else ""
+        return f"ParamDelta({list(self.shape)}, {kind}, {self.entries:,} entries{fixes})"
+
     def add_to(self, start: torch.Tensor) -> torch.Tensor:
         """start + this update as a new fp32 tensor of `shape` (summed in fp64, rounded once)."""
         idx, vals = self.flat()
@@ -125,6 +134,9 @@ class LoraModule:
     def shape(self) -> tuple[int, int]:
         return self.b.shape[0], self.a.shape[1]
 
+    def __repr__(self) -> str:
+        return f"LoraModule({self.weight}, A {self.a.entries:,} + B {self.b.entries:,} entries)"
+
 
 @dataclass
 class LoraDelta:
@@ -140,6 +152,10 @@ class LoraDelta:
     @property
     def entries(self) -> int:
         return sum(m.a.entries + m.b.entries for m in self.modules.values())
+
+    def __repr__(self) -> str:
+        n = len(self.modules)
+        return f"LoraDelta(rank={self.rank}, alpha={self.alpha:g}, {n} modules, {self.entries:,} entries)"
 
 
 @dataclass
@@ -170,17 +186,56 @@ class Delta:
     def fingerprint(self) -> dict:
         return self.config["base"]["fingerprint"]
 
+    def __repr__(self) -> str:
+        """One line (the tensors are summarised, never printed: a repr of a 1M-entry delta must stay short)."""
+        parts = [f"{self.total_entries:,} entries in {len(self.params)} tensors"]
+        if self.lora is not None:
+            parts.append(f"LoRA {len(self.lora.modules)} modules")
+        if self.new:
+            parts.append(f"new {sorted(self.new)}")
+        base = self.config.get("base", {}).get("name_or_path")
+        digest = self.fingerprint.get("digest", "")[:12]
+        return f"Delta({str(self.root)!r}, {', '.join(parts)}, base {base!r} sha256:{digest})"
+
 
 # -- writing ----------------------------------------------------------------------------------------
 
 
-def written_version(sections: Iterable[str]) -> int:
-    """The lowest format version that describes a delta with these optional sections.
+def written_version(sections: Iterable[str], storages: Iterable[str] = ()) -> int:
+    """The lowest format version that describes a delta with these optional sections and storage forms.
 
     Why not always FORMAT_VERSION: a plain delta is unchanged since version 1, and declaring 1 keeps it
     readable by an id3-ds that reads only version 1; only a delta that needs a newer reader says so.
     """
-    return max([1, *(SECTION_VERSIONS[s] for s in sections)])
+    return max([1, *(SECTION_VERSIONS[s] for s in sections), *(STORAGE_VERSIONS[s] for s in storages)])
+
+
+def encode_gaps(indices: torch.Tensor) -> torch.Tensor:
+    """Sorted unique flat indices -> uint16 gap codes (2 bytes an entry instead of 4 or 8).
+
+    Each entry's gap g = index - previous index (the first from -1, so g >= 1) is written as g - 1 when that
+    fits below 65535, else preceded by one GAP_ESCAPE code ("advance 65535, no entry") per 65535 skipped.
+    ID3's entries are spread over whole tensors, so gaps above 65535 are rare and the file stays at ~2 bytes
+    an entry; the codes cost one cumsum to decode.
+    """
+    idx = indices.to(torch.int64)
+    gaps = torch.diff(idx, prepend=torch.tensor([-1], dtype=torch.int64)) - 1
+    skips, rest = gaps // GAP_ESCAPE, gaps % GAP_ESCAPE
+    if not bool((skips > 0).any()):
+        return rest.to(torch.uint16)
+    counts = skips + 1
+    codes = torch.full((int(counts.sum()),), GAP_ESCAPE, dtype=torch.int64)
+    codes[torch.cumsum(counts, 0) - 1] = rest  # each entry's code closes its run of escapes
+    return codes.to(torch.uint16)
+
+
+def decode_gaps(codes: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """uint16 gap codes -> (int64 flat indices, well_formed: no trailing escape)."""
+    c = codes.to(torch.int64)
+    entry = c != GAP_ESCAPE
+    steps = torch.where(entry, c + 1, GAP_ESCAPE)
+    pos = torch.cumsum(steps, 0) - 1
+    return pos[entry], bool(c.numel() == 0 or entry[-1])
 
 
 def write_delta(
@@ -196,16 +251,23 @@ def write_delta(
     lora: LoraDelta | None = None,
     new: dict[str, torch.Tensor] | None = None,
     config_updates: dict | None = None,
+    index: str = "gaps",
 ) -> Path:
     """Write a delta directory atomically; `fingerprint_tensors` maps NAME -> {shape, dtype, sha256} for
-    every base tensor the delta touches (params and LoRA-folded weights)."""
+    every base tensor the delta touches (params and LoRA-folded weights).
+
+    `index`: "gaps" (default, format version 3: uint16 gap codes, ~6 bytes an fp32 entry) or "flat"
+    (int32/int64 positions, ~8 bytes an entry, readable by every id3-ds since version 1).
+    """
     if dtype not in VALUE_DTYPES:
         raise ID3Error(f"--dtype {dtype!r} is not a delta value type; use one of {sorted(VALUE_DTYPES)}")
+    if index not in INDEX_FORMS:
+        raise ID3Error(f"--index {index!r} is not an index form; use one of {', '.join(INDEX_FORMS)}")
     out = Path(out)
     check_out(out, overwrite, protect=list(protect))
     tensors: dict[str, torch.Tensor] = {}
     vdt = st.DTYPES[VALUE_DTYPES[dtype]]
-    entries = {name: _put(tensors, name, params[name], vdt, dtype) for name in sorted(params)}
+    entries = {name: _put(tensors, name, params[name], vdt, dtype, index) for name in sorted(params)}
     total = sum(e["entries"] for e in entries.values())
     extra = {}
     if lora is not None:
@@ -213,8 +275,8 @@ def write_delta(
         for weight in sorted(lora.modules):
             m = lora.modules[weight]
             tensors[f"{m.a_name}.init"] = m.a_init.reshape(m.a.shape).to(torch.float32).contiguous()
-            lora_entries[m.a_name] = _put(tensors, m.a_name, m.a, vdt, dtype)
-            lora_entries[m.b_name] = _put(tensors, m.b_name, m.b, vdt, dtype)
+            lora_entries[m.a_name] = _put(tensors, m.a_name, m.a, vdt, dtype, index)
+            lora_entries[m.b_name] = _put(tensors, m.b_name, m.b, vdt, dtype, index)
             modules[weight] = {"A": m.a_name, "B": m.b_name}
         total += sum(e["entries"] for e in lora_entries.values())
         extra["lora"] = {
@@ -230,7 +292,10 @@ def write_delta(
             tensors[f"{name}.new"] = new[name].detach().to(torch.float32).contiguous()
             extra["new"][name] = {"shape": list(new[name].shape), "dtype": "F32"}
         extra["config_updates"] = config_updates
-    version = written_version(extra)
+    storages = {e["storage"] for e in entries.values()} | {
+        e["storage"] for e in (extra.get("lora") or {}).get("params", {}).values()
+    }
+    version = written_version(extra, storages)
     config = {
         "format": FORMAT_NAME,
         "version": version,
@@ -248,20 +313,29 @@ def write_delta(
         **extra,
         "total_entries": total,
     }
+    from id3_ds.delta.card import write_card
+
     with staged_dir(out, "replace" if overwrite else "error") as tmp:
         save_file(tensors, str(tmp / DELTA_FILE), metadata={"format": FORMAT_NAME, "version": str(version)})
         write_json_atomic(tmp / CONFIG_FILE, config)
+        write_card(tmp, config)  # README.md with the Hub's YAML header: the folder uploads as is
     return out
 
 
-def _put(tensors: dict[str, torch.Tensor], name: str, p: ParamDelta, vdt: torch.dtype, dtype: str) -> dict:
+def _put(
+    tensors: dict[str, torch.Tensor], name: str, p: ParamDelta, vdt: torch.dtype, dtype: str, index: str = "flat"
+) -> dict:
     """Add one parameter's update tensors to `tensors`; returns its config entry."""
+    storage = "dense" if p.dense else ("gaps" if index == "gaps" else "sparse")
     if p.dense:
         tensors[f"{name}.dense"] = p.values.reshape(p.shape).to(vdt).contiguous()
+    elif storage == "gaps":
+        tensors[f"{name}.gaps"] = encode_gaps(p.indices).contiguous()
+        tensors[f"{name}.values"] = p.values.reshape(-1).to(vdt).contiguous()
     else:
         tensors[f"{name}.indices"] = p.indices.to(index_dtype(p.numel)).contiguous()
         tensors[f"{name}.values"] = p.values.reshape(-1).to(vdt).contiguous()
-    entry = {"shape": list(p.shape), "storage": "dense" if p.dense else "sparse", "entries": p.entries}
+    entry = {"shape": list(p.shape), "storage": storage, "entries": p.entries}
     if p.fixes and dtype == "fp32":
         tensors[f"{name}.fix_at"] = p.fix_at.to(index_dtype(p.entries)).contiguous()
         tensors[f"{name}.fix"] = p.fix.to(torch.float32).contiguous()
@@ -442,8 +516,14 @@ def _check_new_config(root: Path, cfg: dict, folded: set[str]) -> None:
 def _check_entry(root: Path, cfg: dict, name: str, e: object) -> None:
     ok = isinstance(e, dict) and _shape(e.get("shape")) and _int(e.get("entries"))
     ok = ok and _int(e.get("fixes", 0)) and (e.get("fixes", 0) == 0 or cfg["dtype"] == "fp32")
-    if not ok or not _isin(e.get("storage"), ("sparse", "dense")):
+    if not ok or not _isin(e.get("storage"), STORAGE_VERSIONS):
         raise _bad(root, f"{CONFIG_FILE} entry for {name!r} is malformed; the delta is corrupt, re-export it")
+    if STORAGE_VERSIONS[e["storage"]] > cfg["version"]:
+        raise _bad(
+            root,
+            f"{name!r} is stored as {e['storage']!r}, which format version {STORAGE_VERSIONS[e['storage']]} "
+            f"introduced, but the delta declares version {cfg['version']}; the delta is corrupt, re-export it",
+        )
 
 
 def _check_lora_config(root: Path, cfg: dict, lora: object) -> dict[str, list[int]]:
@@ -556,6 +636,15 @@ def _load_param(
         if e["entries"] != n:
             raise _bad(root, f"{name} is dense with {n} entries but the config counts {e['entries']}")
         p = ParamDelta(shape, bdt, vals)
+    elif e["storage"] == "gaps":
+        expected |= {f"{name}.gaps", f"{name}.values"}
+        codes = _tensor(root, f, header, f"{name}.gaps", "U16", None)
+        idx, closed = decode_gaps(codes)
+        if not closed:
+            raise _bad(root, f"{name}.gaps ends in an escape code (no entry after it); the delta is corrupt")
+        vals = _tensor(root, f, header, f"{name}.values", vdt, (idx.numel(),))
+        _check_indices(root, name, idx, n, e["entries"])
+        p = ParamDelta(shape, bdt, vals, idx)
     else:
         expected |= {f"{name}.indices", f"{name}.values"}
         want_idx = st.ST_NAMES[index_dtype(n)]

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,28 +41,41 @@ class MergeReport:
     tensors_patched: int
     bytes_written: int
     seconds: float
+    overlap: dict | None = None  # several deltas: entries chosen by more than one (id3_ds.delta.compose)
 
 
 def merge(
     base_dir: str | os.PathLike,
-    delta_dir: str | os.PathLike,
+    delta_dir: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
     dtype: str | None = None,
     force: bool = False,
     overwrite: bool = False,
+    combine: str = "sum",
 ) -> MergeReport:
-    """Write base + delta to `out` (see module docstring); `dtype` casts every floating tensor."""
+    """Write base + delta to `out` (see module docstring); `dtype` casts every floating tensor.
+
+    Several delta directories are combined first by `combine` (sum, mean or ties; `id3_ds.delta.compose`);
+    the report's `overlap` then says how many entries more than one of them touches.
+    """
     t0 = time.perf_counter()
     if dtype is not None and dtype not in MERGE_DTYPES:
         raise ID3Error(f"--dtype {dtype!r} is not supported; use one of {sorted(MERGE_DTYPES)}")
     target = MERGE_DTYPES.get(dtype) if dtype else None
     base = BaseModel.open(base_dir)
-    delta = load_delta(delta_dir)
+    dirs = [delta_dir] if isinstance(delta_dir, (str, os.PathLike)) else list(delta_dir)
+    loaded = [load_delta(d) for d in dirs]
+    if len(loaded) == 1:
+        delta = loaded[0]
+    else:
+        from id3_ds.delta.compose import combine_deltas
+
+        delta = combine_deltas(loaded, combine)
     # names, shapes, dtypes now; the fingerprint is checked as each touched tensor streams past (one read)
     check_against_base(delta, base, force=force, fingerprint=False)
     out = Path(out)
-    check_out(out, overwrite, protect=[base.root, delta.root])
+    check_out(out, overwrite, protect=[base.root, *(d.root for d in loaded)])
     if delta.new and _config_object(base.root / "config.json") is None:  # checked before anything is written
         raise _no_config_for_head(base.root / "config.json")
     new_dtype = target or _main_dtype(base)
@@ -72,7 +86,7 @@ def merge(
             patched += _merge_shard(base, fn, delta, tmp / fn, target, force, extra, new_dtype)
         _copy_side_files(base, tmp, target, delta)
     written = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    return MergeReport(out, len(base.files), patched, written, time.perf_counter() - t0)
+    return MergeReport(out, len(base.files), patched, written, time.perf_counter() - t0, delta.config.get("overlap"))
 
 
 def _out_dtype(info: st.TensorInfo, target: str | None) -> str:

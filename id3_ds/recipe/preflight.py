@@ -11,10 +11,12 @@ ones with importlib's finder (which does not import the package).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 from id3_ds.config import RunConfig
+from id3_ds.data.hub_data import check_hub_dataset, is_hub_dataset
 from id3_ds.data.sources import check_source, is_source
 from id3_ds.errors import ID3Error
 from id3_ds.integration.ds_config import build_ds_config
@@ -32,10 +34,35 @@ def preflight(cfg: RunConfig, world: int | None = None) -> list[str]:
     check_model(cfg)
     check_data(cfg)
     check_resume(cfg)
+    check_tensorboard(cfg)
     check_writable("train.output_dir", cfg.train.output_dir)
     if cfg.data.cache_dir:
         check_writable("data.cache_dir", cfg.data.cache_dir)
-    return [note.text() for note in cfg.path_notes.values()]
+    return [note.text() for note in cfg.path_notes.values()] + sparse_stage_notes(cfg)
+
+
+def check_tensorboard(cfg: RunConfig) -> None:
+    """train.tensorboard=true needs the tensorboard package: refused now, not found missing mid-run (when the
+    run would train on without the logs asked for)."""
+    if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ID3Error(
+            "train.tensorboard=true needs the tensorboard package: pip install tensorboard, or set "
+            "train.tensorboard=false (log.jsonl holds every record either way)"
+        )
+
+
+def sparse_stage_notes(cfg: RunConfig) -> list[str]:
+    """id3.state=sparse at ZeRO stage 1 or 2 runs as stage 0 (integration/ds_config.py says why): said once
+    at start-up, so a user who asked for stage 2's partitioning is not left to find it in the log."""
+    ds = cfg.deepspeed if isinstance(cfg.deepspeed, dict) else {}
+    stage = zero_stage(ds.get("zero_optimization", {}))
+    if not cfg.plan.sparse_state or stage not in (1, 2):
+        return []
+    return [
+        f"id3.state=sparse runs ZeRO stage {stage} as stage 0: sparse state keeps no optimizer state or gradient "
+        "partitions in DeepSpeed for stages 1-2 to split, so each rank holds the whole model plus the O(B) Adam "
+        "state of the chosen entries; set deepspeed.zero_optimization.stage=3 to partition the weights too"
+    ]
 
 
 def check_deepspeed(cfg: RunConfig, world: int) -> None:
@@ -70,7 +97,7 @@ def check_model(cfg: RunConfig) -> None:
     note = cfg.path_notes.get("model.name_or_path")
     if note is not None and not note.used.exists():  # names both readings and how to get the other
         raise ID3Error(note.text())
-    resolve_model(spec)  # a package's model directory, or a directory with a config.json
+    resolve_model(spec, download=False)  # a package's model, a Hub name cached or downloadable, or a directory
 
 
 def check_data(cfg: RunConfig) -> None:
@@ -80,6 +107,9 @@ def check_data(cfg: RunConfig) -> None:
             continue
         if is_source(path):  # a named source (package:...): known name, package installed
             check_source(path)
+            continue
+        if is_hub_dataset(path):  # a Hub data set: in the HF cache, or downloads are allowed
+            check_hub_dataset(path, key)
             continue
         p = Path(path)
         if p.is_dir():

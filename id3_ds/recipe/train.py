@@ -232,14 +232,15 @@ def setup(cfg: RunConfig) -> Run:
     plan = cfg.plan
     rank, world, device = start_processes(cfg)
     is_main = rank == 0
-    checkpoints.check_output_dir(cfg.train.output_dir, is_main)
-    save_resolved_config(cfg, is_main)  # output_dir/config.json: what ran, overrides included
     if is_main:
         model_dir = resolve_model(cfg.model.name_or_path)
     dist.barrier()
     model_dir = resolve_model(cfg.model.name_or_path)
     tokenizer = load_tokenizer(model_dir)
     dataset, label_names, eval_set, ranked = load_data(cfg, plan, tokenizer, model_dir, is_main)
+    # the output folder once the data is known to be good: a bad record leaves no folder behind
+    checkpoints.check_output_dir(cfg.train.output_dir, is_main)
+    save_resolved_config(cfg, is_main)  # output_dir/config.json: what ran, overrides included
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t = cfg.train
     steps = total_steps(len(dataset), t.global_batch(world), t.steps, t.epochs, t.micro_batch_size)

@@ -105,25 +105,41 @@ def final_line(
     delta: str | None = None,
     sparse: bool = True,
     final_model: str | None = None,
+    metrics: dict[str, Any] | None = None,
 ) -> str:
-    """The run's last line: where its results are and the next command to run.
+    """The run's last line: the final eval metrics, where its results are and the next command to run.
 
     `delta`: the exported delta, if the run exported one; `sparse`: whether `id3-ds export-delta` applies
     (masked methods; `full` and `lora` keep dense weights, classification + LoRA refuses a delta);
-    `final_model`: the from_pretrained directory `train.save_final_model` wrote.
+    `final_model`: the from_pretrained directory `train.save_final_model` wrote; `metrics`: the last eval
+    record's `eval_*` values (the figure a user ran the job for, without scrolling back through the log).
     """
     q = shlex.quote
-    where = f"done: results in {output_dir}"
+    where = "done: "
+    if metrics:
+        where += " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()) + "; "
+    where += f"results in {output_dir}"
     if checkpoint:
         where += f", last checkpoint {checkpoint}"
     if final_model:
         where += f", final model {final_model}"
     if delta:
-        return f"{where}; sparse delta in {delta}; next: id3-ds merge {q(base)} {q(delta)} --out merged/"
+        merged = fresh_dir(Path(output_dir) / "merged")
+        return f"{where}; sparse delta in {delta}; next: id3-ds merge {q(base)} {q(delta)} --out {q(merged)}"
     if sparse and checkpoint:
         out = str(Path(output_dir) / "delta")
         return f"{where}; next: id3-ds export-delta {q(output_dir)} --base {q(base)} --out {q(out)}"
     return where
+
+
+def fresh_dir(path: Path) -> str:
+    """`path`, or `path-2`, `path-3`, ... : the first that does not exist, so a suggested `--out` never names a
+    folder an earlier command already wrote (merge refuses to overwrite one)."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return str(candidate)
 
 
 def print_final_line(cfg, is_main: bool) -> None:
@@ -145,6 +161,24 @@ def print_final_line(cfg, is_main: bool) -> None:
             str(delta) if delta else None,
             sparse,
             str(final_model) if final_model else None,
+            last_eval(out),
         ),
         flush=True,
     )
+
+
+def last_eval(output_dir: Path) -> dict[str, Any] | None:
+    """The `eval_*` values of the last eval record in output_dir/log.jsonl (None: the run had no eval)."""
+    path = Path(output_dir) / "log.jsonl"
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill: the records before it still count
+            continue
+        metrics = {k: v for k, v in record.items() if k.startswith("eval_")} if isinstance(record, dict) else {}
+        if metrics:
+            found = metrics
+    return found
