@@ -63,8 +63,8 @@ def tiny_run(tmp: Path, steps: int = VALIDATE_STEPS, world: int = 2) -> dict:
     """Train the builtin tiny LLaMA with ZeRO-3 on `world` ranks and measure what the calculator predicts."""
     import torch
 
-    from id3_ds.algorithm.mask import MaskState
     from id3_ds.checkpoint import checkpoint_dir
+    from id3_ds.checkpoint.mask_file import load_mask
     from id3_ds.files.safetensors_io import load_tensors
 
     run = tmp / "run"
@@ -86,7 +86,7 @@ def tiny_run(tmp: Path, steps: int = VALIDATE_STEPS, world: int = 2) -> dict:
     ckpt = checkpoint_dir(run, steps)
     mask_bytes, meta = [], {}
     for r in range(world):
-        state, meta = MaskState.load(ckpt / "id3" / f"shard-{r:05d}-of-{world:05d}.safetensors")
+        state, meta = load_mask(ckpt / "id3" / f"shard-{r:05d}-of-{world:05d}.safetensors")
         mask_bytes.append(
             sum(
                 t.numel() * t.element_size()

@@ -7,6 +7,7 @@ import torch
 
 from id3_ds.algorithm.mask import MaskState, ParamMask, SliceMask
 from id3_ds.algorithm.slices import ParamSlice
+from id3_ds.checkpoint.mask_file import load_mask, save_mask
 from id3_ds.errors import ID3Error
 
 
@@ -33,8 +34,8 @@ def _same(a: MaskState, b: MaskState) -> None:
 
 def test_roundtrip_through_safetensors(tmp_path) -> None:
     st = _state()
-    st.save(tmp_path / "m.safetensors", meta={"step": 4})
-    back, meta = MaskState.load(tmp_path / "m.safetensors")
+    save_mask(st, tmp_path / "m.safetensors", meta={"step": 4})
+    back, meta = load_mask(tmp_path / "m.safetensors")
     _same(st, back)
     assert meta == {"step": 4}
 
@@ -51,19 +52,19 @@ def test_reslice_into_pieces_and_back(pieces: int, tmp_path) -> None:
             sl = ParamSlice(name, pm.shape, 0, start, numel)
             items.append((sl, st.slice_mask(sl)))
         shard = MaskState.from_slices(items)
-        shard.save(tmp_path / f"r{r}.safetensors")
-        shards.append(MaskState.load(tmp_path / f"r{r}.safetensors")[0])
+        save_mask(shard, tmp_path / f"r{r}.safetensors")
+        shards.append(load_mask(tmp_path / f"r{r}.safetensors")[0])
     _same(st, MaskState.union(shards))
 
 
 def test_corrupt_and_foreign_files_are_clear_errors(tmp_path) -> None:
     p = tmp_path / "m.safetensors"
-    _state().save(p)
+    save_mask(_state(), p)
     p.write_bytes(p.read_bytes()[:100])
     with pytest.raises(ID3Error, match="corrupt"):
-        MaskState.load(p)
+        load_mask(p)
     with pytest.raises(ID3Error, match="does not exist"):
-        MaskState.load(tmp_path / "missing.safetensors")
+        load_mask(tmp_path / "missing.safetensors")
 
 
 def test_overlapping_shards_are_rejected() -> None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from id3_ds.algorithm import ID3Config, SparseID3
+from id3_ds.checkpoint.mask_file import load_mask, save_mask
 from id3_ds.config import load_config
 from id3_ds.errors import ID3Error
 from id3_ds.models.quantized import (
@@ -137,10 +138,10 @@ def test_save_and_load_on_a_requantized_base_continue_the_uninterrupted_run(tmp_
     first = quantized_llama(kind)
     drv = driver(first)
     train(drv, first, data[:2])
-    drv.save(tmp_path / "sparse.safetensors")
+    save_mask(drv.state(), tmp_path / "sparse.safetensors", drv.state_meta())
     resumed = quantized_llama(kind)  # quantized again from the same weights: the same packed base
     again = driver(resumed)
-    again.load(tmp_path / "sparse.safetensors")
+    again.load_state(*load_mask(tmp_path / "sparse.safetensors"))
     train(again, resumed, data[2:])
     for (name, a), b in zip(quantized(whole).items(), quantized(resumed).values()):
         assert torch.equal(a.positions, b.positions) and torch.equal(a.values, b.values), name

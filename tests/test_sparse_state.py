@@ -15,6 +15,7 @@ from id3_ds.algorithm.id3 import layout
 from id3_ds.algorithm.mask import SliceMask
 from id3_ds.algorithm.slices import write_entries
 from id3_ds.algorithm.sparse_state import BYTES_PER_ENTRY
+from id3_ds.checkpoint.mask_file import load_mask, save_mask
 from id3_ds.errors import ID3Error
 from tests.assertions import assert_only_chosen_moved, chosen_indices
 
@@ -186,11 +187,11 @@ def test_save_load_continue_reproduces_the_uninterrupted_run(tmp_path, bias_corr
     first = tiny_llama()
     drv = sparse_driver(first, cfg)
     run_sparse(drv, first, batches[:3])
-    drv.save(tmp_path / "sparse.safetensors")
+    save_mask(drv.state(), tmp_path / "sparse.safetensors", drv.state_meta())
 
     resumed = tiny_llama()  # the base model: the file alone restores the trained weights
     again = sparse_driver(resumed, cfg)
-    again.load(tmp_path / "sparse.safetensors")
+    again.load_state(*load_mask(tmp_path / "sparse.safetensors"))
     assert max_diff(first, resumed) == 0.0
     rest, _ = run_sparse(again, resumed, batches[3:])
     assert_same_trace(trace[3:], rest)
@@ -198,7 +199,7 @@ def test_save_load_continue_reproduces_the_uninterrupted_run(tmp_path, bias_corr
 
     resliced = tiny_llama()
     split = sparse_driver(resliced, cfg, halves(resliced, cfg))
-    split.load(tmp_path / "sparse.safetensors")
+    split.load_state(*load_mask(tmp_path / "sparse.safetensors"))
     assert max_diff(first, resliced) == 0.0
     rest, _ = run_sparse(split, resliced, batches[3:])
     assert_same_trace(trace[3:], rest)
@@ -272,9 +273,9 @@ def test_align_keeps_state_of_old_entries_and_refuses_a_shrunk_mask() -> None:
 def test_dense_mode_mask_file_is_refused(tmp_path) -> None:
     model = tiny_llama()
     id3 = from_module(model, config(), STEPS)
-    id3.mask_state(with_values=True).save(tmp_path / "dense.safetensors", id3.state_meta())
+    save_mask(id3.mask_state(with_values=True), tmp_path / "dense.safetensors", id3.state_meta())
     with pytest.raises(ID3Error, match="dense-mode"):
-        sparse_driver(tiny_llama(), config()).load(tmp_path / "dense.safetensors")
+        sparse_driver(tiny_llama(), config()).load_state(*load_mask(tmp_path / "dense.safetensors"))
 
 
 # -- streamed gradients (issue 14): the dense gradient lives only inside its hook -------------------------

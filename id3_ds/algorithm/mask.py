@@ -7,25 +7,18 @@ is 0.01-1 %). The base value is the entry's weight when chosen; since unchosen e
 the pretrained weight, which makes a sparse delta computable from this state alone.
 
 The global form (`MaskState`) keys every chosen entry by parameter name and flat row-major index, so a
-checkpoint written by N ranks re-slices onto M ranks.
+checkpoint written by N ranks re-slices onto M ranks (its file: id3_ds/checkpoint/mask_file.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from id3_ds.algorithm.slices import ParamSlice
 from id3_ds.errors import ID3Error
-from id3_ds.files.safetensors_io import load_tensors, save_tensors
-
-MASK_FORMAT = "id3-mask"
-MASK_VERSION = 1
-
 
 OPTIONAL_FIELDS = ("value", "exp_avg", "exp_avg_sq")  # per-chosen-entry fp32 tensors a state may carry
 
@@ -201,49 +194,6 @@ class MaskState:
                 raise ID3Error(f"mask state for {name} has no current values: it is not a checkpoint shard")
             out[name] = (pm.indices, pm.value - pm.base)
         return out
-
-    # -- safetensors (no pickle) ---------------------------------------------------------------------
-
-    def save(self, path: str | os.PathLike, meta: dict | None = None) -> None:
-        """Write atomically (temp file + rename): a crash never leaves a half-written mask."""
-        tensors: dict[str, torch.Tensor] = {}
-        shapes = {}
-        for name, pm in self.params.items():
-            tensors[f"{name}.indices"] = pm.indices.contiguous()
-            tensors[f"{name}.chosen_at"] = pm.chosen_at.contiguous()
-            tensors[f"{name}.base"] = pm.base.contiguous()
-            for f in OPTIONAL_FIELDS:
-                if getattr(pm, f) is not None:
-                    tensors[f"{name}.{f}"] = getattr(pm, f).contiguous()
-            shapes[name] = list(pm.shape)
-        header = {"format": MASK_FORMAT, "version": str(MASK_VERSION), "shapes": json.dumps(shapes)}
-        header["meta"] = json.dumps(meta or {})
-        save_tensors(path, tensors, header)
-
-    @staticmethod
-    def load(path: str | os.PathLike) -> tuple[MaskState, dict]:
-        """Read and validate a mask file; returns the state and the caller's `meta`."""
-        tensors, header = load_tensors(path, "mask file")
-        if header.get("format") != MASK_FORMAT:
-            raise ID3Error(f"{path} is not an id3-ds mask file (format={header.get('format')!r})")
-        try:
-            shapes = json.loads(header["shapes"])
-            meta = json.loads(header.get("meta", "{}"))
-            params = {
-                name: ParamMask(
-                    shape=tuple(int(d) for d in shape),
-                    indices=tensors[f"{name}.indices"],
-                    chosen_at=tensors[f"{name}.chosen_at"],
-                    base=tensors[f"{name}.base"],
-                    **{f: tensors.get(f"{name}.{f}") for f in OPTIONAL_FIELDS},
-                )
-                for name, shape in shapes.items()
-            }
-        except (KeyError, TypeError, ValueError, AttributeError) as e:  # missing tensor, garbled JSON metadata
-            raise ID3Error(f"mask file {path} is inconsistent ({type(e).__name__}: {e}); it is corrupt") from None
-        state = MaskState(params)
-        state.validate(str(path))
-        return state, meta
 
     def validate(self, where: str) -> None:
         for name, pm in self.params.items():

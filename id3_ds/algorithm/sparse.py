@@ -16,14 +16,14 @@ join the mask at step 0), gets a `SparseSlice`: an fp32 master and both moments,
 Selectable parameters keep requires_grad=True only so autograd produces their gradient; no torch optimizer
 holds them, and their gradient is dropped after each step, so nothing per unchosen entry persists.
 
-State (`save`/`load`): one MaskState file in global per-parameter flat coordinates whose chosen entries
-carry value (the fp32 master), exp_avg and exp_avg_sq: O(B), re-sliceable onto any slicing. Loading onto
-the base model writes the masters back into the weights, so the file alone restores the trained model.
+State (`state`/`load_state`): one MaskState in global per-parameter flat coordinates whose chosen entries
+carry value (the fp32 master), exp_avg and exp_avg_sq: O(B), re-sliceable onto any slicing (as a file:
+id3_ds/checkpoint/mask_file.py). Loading onto the base model writes the masters back into the weights, so
+the state alone restores the trained model.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -148,15 +148,6 @@ class SparseID3:
 
     def state_meta(self) -> dict:
         return {**self.id3.state_meta(), "state": STATE_KIND}
-
-    def save(self, path: str | os.PathLike) -> None:
-        """One safetensors file (atomic): this holder's share of the sparse state, O(chosen entries)."""
-        self.state().save(path, self.state_meta())
-
-    def load(self, path: str | os.PathLike) -> None:
-        """Restore from `save`'s file onto this driver's slices (any slicing) and base model weights."""
-        state, meta = MaskState.load(path)
-        self.load_state(state, meta)
 
     def load_state(self, state: MaskState, meta: dict) -> None:
         """Restore from the union of every holder's shard (see MaskState.union), re-sliced onto this holder,

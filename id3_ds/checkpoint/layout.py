@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from id3_ds.algorithm.mask import MaskState
+from id3_ds.checkpoint.mask_file import load_mask, save_mask
 from id3_ds.errors import ID3Error
 from id3_ds.files.atomic import write_json_atomic
 from id3_ds.files.safetensors_io import load_tensors, save_tensors
@@ -56,7 +57,7 @@ def shard_path(ckpt: str | Path, rank: int, world_size: int) -> Path:
 def write_id3_shard(ckpt: str | Path, rank: int, world_size: int, state: MaskState, meta: dict) -> None:
     path = shard_path(ckpt, rank, world_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state.save(path, meta={**meta, "rank": rank, "world_size": world_size})
+    save_mask(state, path, meta={**meta, "rank": rank, "world_size": world_size})
 
 
 def write_trainer_state(ckpt: str | Path, state: dict) -> None:
@@ -153,7 +154,7 @@ def read_id3_state(ckpt: str | Path) -> tuple[MaskState, dict]:
         raise ID3Error(f"{ckpt}/id3 has shards {ranks} of a world of {world}: some are missing")
     states, metas = [], []
     for _, p in parsed:
-        st, meta = MaskState.load(p)
+        st, meta = load_mask(p)
         states.append(st)
         metas.append(meta)
     common = {k: v for k, v in metas[0].items() if k != "rank"}
