@@ -388,6 +388,28 @@ def layout(
     return slices, key, full
 
 
+def module_layout(
+    model: torch.nn.Module,
+    config: ID3Config,
+    keep: Keep | None = None,
+    shape_of: Callable[[torch.Tensor], tuple[int, ...]] = lambda w: tuple(w.shape),
+):
+    """`layout` of a module's weights in model order: its trainable parameters (their shape by `shape_of`,
+    e.g. the whole shape of a ZeRO-3 partitioned one) and the weights it holds outside parameters (a
+    quantized base), each tied parameter once, matched by any of its names."""
+    named = [(n, shape_of(w) if isinstance(w, torch.nn.Parameter) else tuple(w.shape)) for n, w in named_weights(model)]
+    return layout(named, config, keep, tied_aliases(model))
+
+
+def freeze_outside(model: torch.nn.Module, slices: list[ParamSlice]) -> None:
+    """requires_grad=False for the parameters outside `slices` (ID3 may never touch them), before an optimizer
+    builds state for them: they cost no gradient memory and can never move."""
+    kept = {s.name for s in slices}
+    for n, p in model.named_parameters():
+        if n not in kept:
+            p.requires_grad_(False)
+
+
 def from_module(
     model: torch.nn.Module,
     config: ID3Config,
@@ -404,12 +426,8 @@ def from_module(
     method (see id3_ds.methods); the defaults are ID3 itself.
     """
     weights = dict(named_weights(model))  # parameters, and weights held outside them (a quantized base)
-    named = [(n, tuple(w.shape)) for n, w in weights.items()]
-    slices, selectable, full = layout(named, config, keep, tied_aliases(model))
-    kept = {s.name for s in slices}
-    for n, w in weights.items():
-        if n not in kept and isinstance(w, torch.nn.Parameter):
-            w.requires_grad_(False)
+    slices, selectable, full = module_layout(model, config, keep)
+    freeze_outside(model, slices)
     accesses = {n: TensorSliceAccess(w) if isinstance(w, torch.nn.Parameter) else w for n, w in weights.items()}
     return ID3(
         [(s, accesses[s.name]) for s in slices],
