@@ -1,4 +1,4 @@
-"""Sparse optimizer state (issue 14, `id3.state: sparse`): Adam for the chosen entries only.
+"""Sparse optimizer state (`id3.state: sparse`): Adam for the chosen entries only.
 
 Why: in dense mode every selectable weight carries an fp32 master and both Adam moments (16 B per entry
 with the gradient) although at most B of them ever move, so ID3 costs what full fine-tuning costs. In

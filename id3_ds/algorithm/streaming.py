@@ -1,4 +1,4 @@
-"""The sparse step's gradient, streamed (issue 14): score each slice while its gradient exists, keep O(k + B).
+"""The sparse step's gradient, streamed: score each slice while its gradient exists, keep O(k + B).
 
 Why: sparse state (`id3.state: sparse`) exists so that no per-entry state of the size of the model outlives
 backward. Buffering every slice's reduced gradient until the step would hold 4 B per held entry at the

@@ -1,4 +1,4 @@
-"""A quantized frozen base for sparse-state ID3 (`model.quantization: nf4 | int8`, issue 16): the QLoRA floor.
+"""A quantized frozen base for sparse-state ID3 (`model.quantization: nf4 | int8`): the QLoRA floor.
 
 Why: sparse state (`id3.state: sparse`) already keeps optimizer state for the B chosen entries only, so
 the base weights are what is left of a run's memory. Storing them as bitsandbytes does for QLoRA (4-bit
