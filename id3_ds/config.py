@@ -32,6 +32,7 @@ from id3_ds.algorithm.config import ID3Config
 from id3_ds.algorithm.id3 import unmask_horizon
 from id3_ds.data.cache import DataSpec
 from id3_ds.data.formats import FORMATS
+from id3_ds.data.hub_data import looks_like_hub_dataset
 from id3_ds.errors import ID3Error
 from id3_ds.hub import looks_like_hub_id
 from id3_ds.methods.registry import METHODS
@@ -434,7 +435,7 @@ def _hub_name(key: str, value: str, base_dir: Path) -> bool:
     exists under neither reading of a relative path: a Hub name, left as written (id3_ds/hub.py)."""
     if key not in ("model.name_or_path", "data.path", "data.eval_path"):
         return False
-    if not looks_like_hub_id(value.partition(":")[0] if key != "model.name_or_path" else value):
+    if not (looks_like_hub_id(value) if key == "model.name_or_path" else looks_like_hub_dataset(value)):
         return False
     return not any((root / value).exists() for root in (Path.cwd(), Path(base_dir)))
 

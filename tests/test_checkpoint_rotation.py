@@ -74,3 +74,19 @@ def test_a_run_with_save_total_limit_keeps_two_and_resumes_from_them(tmp_path, e
     assert f"resumed from {checkpoint_dir(out, 4)} at step 4 of 6" in log, log[-3000:]
     assert _steps(out) == [5, 6] and not list(out.glob(f"{REMOVING}*"))
     assert json.loads((checkpoint_dir(out, 6) / "COMPLETE").read_text())["step"] == 6
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_at_zero_3_rotate_and_print_no_third_party_noise(tmp_path, env) -> None:
+    """save_total_limit=1 under 2 ranks (rank 0 removes, after every rank wrote its part), and the run's
+    output holds none of the lines every run used to print: DeepSpeed's op-loaded line per rank, torch's
+    reduce_scatter_tensor FutureWarning (DeepSpeed's ZeRO-3 calls it)."""
+    out = tmp_path / "run"
+    args = ["train.steps=3", "train.save_steps=1", "train.save_total_limit=1", "id3.budget=600", "train.log_steps=1"]
+    args += ["deepspeed.zero_optimization.stage=3", "train.export_delta=false", f"train.output_dir={out}"]
+    proc = ok(train(args, nproc=2, env=env))
+    assert _steps(out) == [3] and not list(out.glob(f"{REMOVING}*"))
+    for noise in ("built successfully", "FutureWarning", "reduce_scatter_tensor", "gemm_4bit_forward"):
+        assert noise not in proc.stdout, proc.stdout[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("done: results in")

@@ -89,6 +89,12 @@ def test_offline_and_not_in_the_cache_says_so_in_one_line(offline) -> None:
         preflight(cfg)
 
 
+def test_a_missing_data_file_is_still_a_missing_file(offline) -> None:
+    cfg = load_config(TINY_CONFIG, ["data.path=data/train.jsonl"])  # owner/name-shaped, but a file name
+    with pytest.raises(ID3Error, match=r"^data.path .*data/train.jsonl does not exist; set data.path to a JSON"):
+        preflight(cfg)
+
+
 def test_no_network_and_not_in_the_cache_says_so_in_one_line(offline, monkeypatch) -> None:
     """Online mode on a machine without network (simulated: the test never opens a connection)."""
     import huggingface_hub

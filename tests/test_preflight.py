@@ -266,4 +266,5 @@ def test_two_ranks_report_a_malformed_data_line_once_and_leave_no_output_folder(
         f"error: {data}:3: invalid JSON (Expecting property name enclosed in double quotes)"
     ], proc.stdout[-4000:]
     assert "stopping because another rank failed" not in proc.stdout
+    assert "built successfully" not in proc.stdout  # DeepSpeed's op-loaded line, once per rank per start
     assert not out.exists()  # no folder, no config.json of a run that never started

@@ -196,6 +196,46 @@ def test_torchs_all_gather_deprecation_is_filtered_only_where_torch_raises_it() 
     assert caught == ["`torch.distributed.all_gather_into_tensor` is deprecated"]  # ours (this module) still shows
 
 
+def test_torchs_reduce_scatter_deprecation_is_filtered_only_where_torch_raises_it() -> None:
+    """DeepSpeed's ZeRO calls reduce_scatter_tensor: a FutureWarning per rank per run, nobody's to act on."""
+    import torch
+    import torch.distributed as dist
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        startup.quiet_third_party_noise(rank=0)
+        with pytest.raises((RuntimeError, ValueError)):
+            dist.reduce_scatter_tensor(torch.zeros(1), torch.zeros(2))
+        warnings.warn("`torch.distributed.reduce_scatter_tensor` is deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["`torch.distributed.reduce_scatter_tensor` is deprecated"]
+
+
+def test_bitsandbytes_optional_kernel_line_is_dropped_and_nothing_else(caplog) -> None:
+    import logging
+
+    startup.quiet_third_party_noise(rank=0)
+    log = logging.getLogger(startup.BNB_CPU_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=startup.BNB_CPU_LOGGER):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module")
+        log.warning("something bitsandbytes really wants said")
+    assert [r.getMessage() for r in caplog.records] == ["something bitsandbytes really wants said"]
+
+
+def test_deepspeeds_op_loaded_line_is_dropped_and_its_other_output_kept(capsys) -> None:
+    import importlib
+
+    from id3_ds.integration.op_builds import quiet_op_loaded_line
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    assert "def build_shm_op" in Path(ds_torch.__file__).read_text()  # the module whose line this is
+
+    quiet_op_loaded_line()
+    quiet_op_loaded_line()  # twice: still one wrapper
+    ds_torch.print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+    ds_torch.print("anything else", 3)
+    assert capsys.readouterr().out == "anything else 3\n"
+
+
 def test_ranks_above_0_keep_transformers_to_errors(monkeypatch) -> None:
     from transformers.utils import logging as hf_logging
 

@@ -18,6 +18,7 @@ from id3_ds.hub import is_hub_id, looks_like_hub_id, snapshot
 from id3_ds.resources import cache_dir
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".gz", ".bz2")
 NOT_DATA = ("dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json")
 
 
@@ -28,7 +29,9 @@ def parse(spec: str) -> tuple[str, str]:
 
 
 def looks_like_hub_dataset(spec: str) -> bool:
-    return looks_like_hub_id(parse(spec)[0])
+    """`owner/name[:split]`, but not `dir/file.jsonl`: a missing data file stays a missing file."""
+    repo = parse(spec)[0]
+    return looks_like_hub_id(repo) and not repo.lower().endswith(FILE_SUFFIXES)
 
 
 def is_hub_dataset(spec: str) -> bool:

@@ -57,7 +57,31 @@ def use_per_environment_extensions(is_main: bool) -> Path:
         if is_main:
             print(f"TORCH_CUDA_ARCH_LIST={arch_list!r} becomes {parsable!r} for DeepSpeed's op builds", flush=True)
     announce_op_builds(is_main)
+    quiet_op_loaded_line()
     return path
+
+
+def quiet_op_loaded_line() -> None:
+    """Drop DeepSpeed's "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully", which every
+    CPU rank prints at every start, also when it only loaded the op built before (a real build is announced
+    by `announce_op_builds`; a failed one still raises). It is the one `print` in deepspeed/comm/torch.py, so
+    that module gets a `print` that drops this line and passes anything else on."""
+    import importlib
+
+    try:  # by module name: `import deepspeed.comm.torch as m` would bind deepspeed.comm's attribute `torch`
+        ds_torch = importlib.import_module("deepspeed.comm.torch")  # (the torch package itself)
+    except ImportError:  # another DeepSpeed layout: the line stays
+        return
+    if getattr(getattr(ds_torch, "print", None), "_id3_quiet", False):
+        return
+
+    def quiet_print(*args, **kwargs):
+        text = " ".join(str(a) for a in args)
+        if not (text.startswith("DeepSpeed ") and text.endswith(" built successfully")):
+            print(*args, **kwargs)
+
+    quiet_print._id3_quiet = True
+    ds_torch.print = quiet_print
 
 
 def deepspeed_arch_list(value: str) -> str:

@@ -11,6 +11,7 @@ DeepSpeed's op builds (their folder, the line while one runs, stale locks) are i
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import warnings
@@ -68,25 +69,36 @@ def check_rendezvous_port(env: dict[str, str] | None = None) -> None:
 
 # -- third-party noise --------------------------------------------------------------------------------
 
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+def _drop_optional_kernel_line(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
 
 def quiet_third_party_noise(rank: int | None = None) -> None:
     """Filter warnings a user cannot act on; ranks > 0 keep transformers to errors (rank 0 shows them once).
 
-    - torch 2.13 deprecates `all_gather_into_tensor`, which DeepSpeed's ZeRO calls (id3-ds does not): a
-      FutureWarning per rank that only a DeepSpeed release can fix. torch's `_exception_logger` wrapper makes
-      every such warning point at torch/distributed/c10d_logger.py, so it is matched by that module and the
-      message, and nothing else is hidden.
+    - torch 2.13 deprecates `all_gather_into_tensor` and `reduce_scatter_tensor`, which DeepSpeed's ZeRO calls
+      (id3-ds does not): a FutureWarning per rank that only a DeepSpeed release can fix. torch's
+      `_exception_logger` wrapper makes every such warning point at torch/distributed/c10d_logger.py, so each
+      is matched by that module and its message, and nothing else is hidden.
+    - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" at import: an optional
+      faster kernel (the `kernels` package) is absent and it falls back to its own; only that record is
+      dropped, every other bitsandbytes warning stays.
     - transformers' load report ("classifier.weight | MISSING ... newly initialized" for a fresh head) and
       its "Loading weights" bar are worth reading once, not once per rank.
     `rank` defaults to the launcher's RANK (main() calls this before the process group exists).
     """
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-    warnings.filterwarnings(
-        "ignore",
-        message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-        category=FutureWarning,
-        module=r"torch\.distributed\.c10d_logger",
-    )
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):  # DeepSpeed's ZeRO calls both (id3-ds: neither)
+        warnings.filterwarnings(
+            "ignore",
+            message=rf"`torch\.distributed\.{name}` is deprecated",
+            category=FutureWarning,
+            module=r"torch\.distributed\.c10d_logger",
+        )
+    logging.getLogger(BNB_CPU_LOGGER).addFilter(_drop_optional_kernel_line)
     if rank > 0:
         from transformers.utils import logging as hf_logging
 
