@@ -21,5 +21,5 @@ from id3_ds.recipe.train import exit_code, parse_args
 
 __all__ = ["parse_args"]  # `--help` lists the config sections
 
-if __name__ == "__main__":
-    sys.exit(exit_code(sys.argv[1:]))
+if __name__ == "__main__" and (code := exit_code(sys.argv[1:])):  # a success returns: runpy callers go on
+    sys.exit(code)

@@ -19,6 +19,14 @@ StateMode = Literal["dense", "sparse"]
 STATE_MODES = typing.get_args(StateMode)
 
 
+def budget_count_refused(budget: int) -> ID3Error:
+    """A count budget below one entry (the config refuses it at load; resolve_budget for direct callers)."""
+    return ID3Error(
+        f"id3.budget={budget}: give a count of entries >= 1 (e.g. id3.budget=100000) or a fraction in (0, 1) "
+        "(e.g. id3.budget=0.001)"
+    )
+
+
 @dataclass(frozen=True)
 class ID3Config:
     """What to select and how.
@@ -65,10 +73,7 @@ class ID3Config:
                 "or an integer count of entries"
             )
         if isinstance(self.budget, int) and self.budget < 1:
-            raise ID3Error(
-                f"id3.budget={self.budget}: give a count of entries >= 1 (e.g. id3.budget=100000) or a fraction "
-                "in (0, 1) (e.g. id3.budget=0.001)"
-            )
+            raise budget_count_refused(self.budget)
         if not self.eps > 0:
             raise ID3Error(f"id3.eps must be > 0 (got {self.eps}); it keeps |g|/(|theta|+eps)^exp finite")
         if self.bias_correction not in BIAS_CORRECTIONS:

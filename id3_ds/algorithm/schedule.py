@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from id3_ds.algorithm.config import budget_count_refused
 from id3_ds.errors import ID3Error
 
 
@@ -22,6 +23,8 @@ def resolve_budget(budget: int | float, selectable: int) -> int:
         if count < 1:
             raise ID3Error(f"id3.budget={budget} of {selectable} selectable entries rounds to 0; raise the fraction")
         return count
+    if budget < 1:
+        raise budget_count_refused(budget)
     if budget > selectable:
         raise ID3Error(
             f"id3.budget={budget} exceeds the {selectable} selectable entries; lower it or widen id3.targets"
