@@ -112,20 +112,25 @@ class SparseID3:
             h = id3.held[i]
             st.align(h.mask, h.access.value())
             grads[i] = st.gather(h.access.grad()) if streamed is None else streamed.chosen_grads(i)
-        squares = sq_norm(grads.values())
-        if self.all_reduce is not None:  # holders own disjoint entries: the squares add up
+        squares = sq_norm(grads.values()).to(self._device())
+        if self.all_reduce is not None:  # holders own disjoint entries: the squares add up (on the device)
             self.all_reduce(squares)
         norm = squares.sqrt()
         coef = clip_coef(norm, self.max_grad_norm)
         hyper = AdamWHyper(self.lr, self.betas, self.eps, id3.config.bias_correction)
         for i, st in self.states.items():
             h = id3.held[i]
-            g = grads[i].mul_(coef) if coef != 1.0 else grads[i]
+            g = grads[i] if isinstance(coef, float) else grads[i].mul_(coef.to(grads[i].device))
             adamw_update(st, g, h.mask.chosen_at, id3.step, hyper, h.weight_decay)
             st.write_back(h.access)
         self.release()
-        self.last_norm = float(norm)
+        self.last_norm = float(norm)  # the step's one host read besides select's: the norm callers log
         return self.last_norm
+
+    def _device(self) -> torch.device:
+        """Where this holder's weights live (the norm is reduced there: NCCL takes device tensors only)."""
+        held = self.id3.held
+        return held[0].access.value().device if held else torch.device("cpu")
 
     # -- memory -----------------------------------------------------------------------------------
 
@@ -168,6 +173,7 @@ class SparseID3:
             adam = state.slice_adam(h.info)
             if adam is None:
                 raise ID3Error(f"sparse-state checkpoint lacks the master/moments of {h.info.name}: it is corrupt")
-            value, m, v = adam
+            device = h.mask.positions.device
+            value, m, v = (t.to(device) for t in adam)
             self.states[i] = SparseSlice(h.mask.positions, value, m, v)
             self.states[i].write_back(h.access)
