@@ -37,7 +37,7 @@ from id3_ds.algorithm.config import ID3Config
 from id3_ds.algorithm.decay import decays
 from id3_ds.algorithm.mask import MaskState, SliceMask
 from id3_ds.algorithm.schedule import UnmaskSchedule, resolve_budget
-from id3_ds.algorithm.selection import NEG_INF, CandidatePool, Candidates, best_k, slice_candidates
+from id3_ds.algorithm.selection import CHUNK, NEG_INF, CandidatePool, Candidates, best_k, slice_candidates
 from id3_ds.algorithm.slices import ParamSlice, SliceAccess, TensorSliceAccess, named_weights, tied_aliases
 from id3_ds.algorithm.static import StaticSchedule
 from id3_ds.errors import ID3Error
@@ -137,6 +137,7 @@ class ID3:
         self.chosen = 0  # selected entries so far, globally (the same on every holder)
         self.digest = ""  # hash chain over every step's winners: equal on all holders, checked on save
         self._before: list[torch.Tensor] = []
+        self.chunk = CHUNK  # entries scored at once (smaller in tests, to exercise several chunks per slice)
         self._edges: torch.Tensor | None = None  # [first_key, end) of every selectable slice, on the device
         self.timer = PhaseTimer()
 
@@ -170,7 +171,7 @@ class ID3:
                 edges = self._slice_edges(keys.device)
                 real = (winners.scores > NEG_INF).sum().view(1)
                 # the step's one host read: how many winners are real, where each slice's winners start, the keys
-                host = torch.cat([real, torch.searchsorted(keys, edges), keys]).tolist()
+                host = torch.cat([real, torch.searchsorted(keys, edges), keys]).cpu().tolist()
                 if len(winners) != k or host[0] != k:
                     raise RuntimeError(f"selection produced {min(host[0], len(winners))} winners, expected {k}")
                 self._grow(keys, host[1 : 1 + edges.numel()], self.step)
@@ -215,7 +216,7 @@ class ID3:
         score_chunk = None if self.scorer is None else functools.partial(self.scorer, h.info, h.access)
         cfg = self.config
         return slice_candidates(
-            grad, value, h.mask.positions, h.info.first_key, k, cfg.eps, cfg.exp, score_chunk=score_chunk
+            grad, value, h.mask.positions, h.info.first_key, k, cfg.eps, cfg.exp, self.chunk, score_chunk
         )
 
     def _local_candidates(self, k: int) -> Candidates:
