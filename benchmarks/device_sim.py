@@ -25,7 +25,6 @@ import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 
 SIM = torch.device("meta")
 _PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "id3_ds") + os.sep
@@ -64,6 +63,30 @@ class SimTensor(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs or {}))
         return tree_map(lambda x: SimTensor(x) if isinstance(x, torch.Tensor) else x, out)
+
+
+def tree_map(fn, x):
+    """fn over the leaves of nested tuples, lists and dicts (aten arguments): torch's pytree, minus its cost."""
+    if isinstance(x, (tuple, list)):
+        return (
+            type(x)(tree_map(fn, y) for y in x) if not hasattr(x, "_fields") else type(x)(*(tree_map(fn, y) for y in x))
+        )
+    if isinstance(x, dict):
+        return {k: tree_map(fn, v) for k, v in x.items()}
+    return fn(x)
+
+
+def tree_leaves(x, out: list | None = None) -> list:
+    out = [] if out is None else out
+    if isinstance(x, (tuple, list)):
+        for y in x:
+            tree_leaves(y, out)
+    elif isinstance(x, dict):
+        for y in x.values():
+            tree_leaves(y, out)
+    else:
+        out.append(x)
+    return out
 
 
 def on_device(t: torch.Tensor) -> SimTensor:
@@ -119,7 +142,7 @@ class SyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        flat, _ = tree_flatten((args, kwargs))
+        flat = tree_leaves((args, kwargs))
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         on_dev = any(isinstance(t, SimTensor) for t in tensors)
         target = kwargs.get("device")

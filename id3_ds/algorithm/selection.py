@@ -182,10 +182,14 @@ def slice_candidates(
         if score.data_ptr() != out.data_ptr():
             out.copy_(score)
         full = buf[: -(-length // BLOCK) * BLOCK]
-        full[length:] = NEG_INF
+        if full.numel() > length:
+            full[length:] = NEG_INF
         if chosen.numel():
             _exclude(buf, chosen, c0, length, whole=n <= chunk)
         pos, scores = chunk_top(full, min(k, length))
+        if n <= chunk:  # one chunk: its top-k is the slice's (it holds >= k unchosen entries); key order it
+            pos, order = torch.sort(pos)
+            return Candidates(scores[order], pos + first_key)
         pool.add(Candidates(scores, pos + (first_key + c0)))
     return pool.result(device)
 
