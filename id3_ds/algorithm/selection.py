@@ -81,12 +81,17 @@ def order_bits(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(b >= 0, b, b ^ 0x7FFFFFFF).to(torch.int64)
 
 
-def pack(scores: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+def pack(scores: torch.Tensor, ranks: torch.Tensor | None = None) -> torch.Tensor:
     """One int64 per entry ordered as (score desc, rank asc): the largest packed value is the best entry.
 
-    ranks: distinct int64 in [0, 2^32) (a position, or a place in key order), the tie-break.
+    ranks: distinct int64 in [0, 2^32) (a position, or a place in key order), the tie-break; None: the
+    entries' own positions 0, 1, 2, ...
     """
-    return order_bits(scores) * (1 << 32) + (LOW32 - ranks)
+    if ranks is None:
+        low = torch.arange(LOW32, LOW32 - scores.numel(), -1, dtype=torch.int64, device=scores.device)
+    else:
+        low = LOW32 - ranks
+    return order_bits(scores).mul_(1 << 32).add_(low)
 
 
 def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -96,8 +101,7 @@ def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.int64, device=scores.device)
     if k >= n:
         return torch.arange(n, dtype=torch.int64, device=scores.device)
-    packed = pack(scores, torch.arange(n, dtype=torch.int64, device=scores.device))
-    return torch.sort(torch.topk(packed, k, sorted=False).indices).values
+    return torch.sort(torch.topk(pack(scores), k, sorted=False).indices).values
 
 
 def best_k(c: Candidates, k: int) -> Candidates:
@@ -111,7 +115,7 @@ def best_k(c: Candidates, k: int) -> Candidates:
     by_key = torch.argsort(c.keys)
     if k >= n:
         return c.take(by_key)
-    packed = pack(c.scores[by_key], torch.arange(n, dtype=torch.int64, device=c.keys.device))
+    packed = pack(c.scores[by_key])
     return c.take(by_key[torch.sort(torch.topk(packed, k, sorted=False).indices).values])
 
 
@@ -183,7 +187,7 @@ def slice_candidates(
             out.copy_(score)
         full = buf[: -(-length // BLOCK) * BLOCK]
         if full.numel() > length:
-            full[length:] = NEG_INF
+            full[length:].fill_(NEG_INF)
         if chosen.numel():
             _exclude(buf, chosen, c0, length, whole=n <= chunk)
         pos, scores = chunk_top(full, min(k, length))

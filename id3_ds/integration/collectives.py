@@ -35,10 +35,8 @@ MaxAll = Callable[[torch.Tensor], int]  # the maximum over ranks of a 0-d int64 
 
 def best_first(c: Candidates) -> Candidates:
     """Candidates sorted by (score desc, key asc); padding (-inf) rows sort last."""
-    n = len(c)
     by_key = torch.argsort(c.keys)
-    ranked = pack(c.scores[by_key], torch.arange(n, dtype=torch.int64, device=c.keys.device))
-    return c.take(by_key[torch.argsort(ranked, descending=True)])
+    return c.take(by_key[torch.argsort(pack(c.scores[by_key]), descending=True)])
 
 
 def _pack(scores: torch.Tensor, keys: torch.Tensor, rows: int) -> torch.Tensor:
