@@ -69,6 +69,7 @@ class SparseID3:
         self.states: dict[int, SparseSlice] = {i: SparseSlice() for i in range(len(id3.held))}
         self.last_norm = 0.0
         self.last_chosen = 0
+        self._weights_device: torch.device | None = None
 
     @classmethod
     def from_module(
@@ -110,7 +111,7 @@ class SparseID3:
         grads: dict[int, torch.Tensor] = {}
         for i, st in self.states.items():
             h = id3.held[i]
-            st.align(h.mask, h.access.value())
+            st.align(h.mask, h.access.value)
             grads[i] = st.gather(h.access.grad()) if streamed is None else streamed.chosen_grads(i)
         squares = sq_norm(grads.values()).to(self._device())
         if self.all_reduce is not None:  # holders own disjoint entries: the squares add up (on the device)
@@ -128,9 +129,12 @@ class SparseID3:
         return self.last_norm
 
     def _device(self) -> torch.device:
-        """Where this holder's weights live (the norm is reduced there: NCCL takes device tensors only)."""
-        held = self.id3.held
-        return held[0].access.value().device if held else torch.device("cpu")
+        """Where this holder's weights live (the norm is reduced there: NCCL takes device tensors only); read
+        once, since `value()` may be costly (a quantized base dequantizes)."""
+        if self._weights_device is None:
+            held = self.id3.held
+            self._weights_device = held[0].access.value().device if held else torch.device("cpu")
+        return self._weights_device
 
     # -- memory -----------------------------------------------------------------------------------
 
@@ -146,7 +150,7 @@ class SparseID3:
         items, adam = [], []
         for i, h in enumerate(self.id3.held):
             st = self.states[i]
-            st.align(h.mask, h.access.value())
+            st.align(h.mask, h.access.value)
             items.append((h.info, h.mask))
             adam.append((st.master, st.exp_avg, st.exp_avg_sq))
         return MaskState.from_slices(items, adam=adam)

@@ -28,6 +28,9 @@ Clipping sees the masked gradient: the norm over chosen entries plus fully train
 (`sq_norm` per holder, summed over holders, then `clip_coef`), exactly as dense mode's mask_grads +
 clip_grad_norm_.
 
+All of it lives on the weight's device, and every shape is known on the host, so a GPU step never waits
+on the host for it (docs/gpu-step.md).
+
 Where it runs: `algorithm/sparse.py` (`SparseID3`) is the step over any holder's slices; under DeepSpeed
 (`integration/sparse_update.py`) a post-accumulate-grad hook on each trainable parameter averages its
 transient gradient over ranks into the rank's ZeRO-3 partition (reduce-scatter; all-reduce at stage 0);
@@ -42,7 +45,7 @@ coordinates, O(B)); `MaskState.union` + `slice_mask`/`slice_adam` re-slice onto 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -86,16 +89,20 @@ class SparseSlice:
         """Bytes this state holds (the positions are the mask's own tensor, not a copy)."""
         return sum(t.numel() * t.element_size() for t in (self.master, self.exp_avg, self.exp_avg_sq))
 
-    def align(self, mask: SliceMask, weight: torch.Tensor) -> None:
+    def align(self, mask: SliceMask, weight: torch.Tensor | Callable[[], torch.Tensor]) -> None:
         """Follow the mask's growth: keep old entries' state, start new ones at master = weight, m = v = 0.
 
         Masks only grow (SliceMask.add merges sorted positions), so the old positions are a subset of the
         new ones and `searchsorted` finds where each old entry moved: O(chosen), no re-sort, on the weight's
-        device with host-known shapes (a shrunk mask, the one misuse visible from sizes, is refused).
+        device with host-known shapes (a shrunk mask, the one misuse visible from sizes, is refused). weight
+        may be a callable (a slice access's `value`), called only when the mask grew: a quantized base
+        dequantizes to answer it.
         """
         new = mask.positions
         if new is self.positions:
             return
+        if callable(weight):
+            weight = weight()
         old = self.positions
         if old.numel() > new.numel():
             raise ID3Error("the mask lost chosen entries the sparse state holds: restore both from one checkpoint")
