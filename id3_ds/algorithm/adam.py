@@ -18,11 +18,23 @@ def decay_factor(lr: float, weight_decay: float) -> float:
     return 1.0 - lr * weight_decay
 
 
-def per_entry_ratio(step: int, joined: torch.Tensor, betas: tuple[float, float]) -> torch.Tensor:
+def ratio_table(step: int, betas: tuple[float, float], device: torch.device | str) -> torch.Tensor:
+    """The per-entry rescaling for every age n = 0..step (entry n), fp64: computed once per step, so each
+    slice only gathers from it (a few kernels per slice instead of a dozen). Entry 0 is never used: an entry
+    chosen at step s is first updated at step s + 1."""
+    b1, b2 = betas
+    n = torch.arange(step + 1, dtype=torch.float64, device=device)
+    return (1 - b1**step) / (1 - torch.pow(b1, n)) * torch.sqrt((1 - torch.pow(b2, n)) / (1 - b2**step))
+
+
+def per_entry_ratio(
+    step: int, joined: torch.Tensor, betas: tuple[float, float], table: torch.Tensor | None = None
+) -> torch.Tensor:
     """The per-entry bias-correction rescaling of the shared-count Adam step, fp64, on `joined`'s device.
 
-    step: optimizer steps counted including this one (t >= 1); joined: each entry's join step (0-based).
+    step: optimizer steps counted including this one (t >= 1); joined: each entry's join step (0-based);
+    table: this step's `ratio_table` (computed here if not given).
     """
-    b1, b2 = betas
-    n = (step - joined).to(torch.float64)
-    return (1 - b1**step) / (1 - torch.pow(b1, n)) * torch.sqrt((1 - torch.pow(b2, n)) / (1 - b2**step))
+    if table is None:
+        table = ratio_table(step, betas, joined.device)
+    return table.to(joined.device)[(step - joined).long()]

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from id3_ds.algorithm.adam import decay_factor, per_entry_ratio
+from id3_ds.algorithm.adam import decay_factor, per_entry_ratio, ratio_table
 from id3_ds.algorithm.config import ID3Config
 from id3_ds.algorithm.decay import decays
 from id3_ds.algorithm.mask import MaskState, SliceMask
@@ -313,8 +313,9 @@ class ID3:
             return
         betas = optimizer.param_groups[0].get("betas", (0.9, 0.999))
         held = [h for h in self.held if len(h.mask)]
+        table = ratio_table(self.step, betas, held[0].mask.chosen_at.device) if held else None
         for h, before in zip(held, self._before):
-            ratio = per_entry_ratio(self.step, h.mask.chosen_at, betas)
+            ratio = per_entry_ratio(self.step, h.mask.chosen_at, betas, table)
             v = h.access.value()
             after = v[h.mask.positions]
             v.index_copy_(0, h.mask.positions, before + (after - before) * ratio.to(after.dtype))

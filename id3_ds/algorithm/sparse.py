@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from id3_ds.algorithm.adam import ratio_table
 from id3_ds.algorithm.config import ID3Config
 from id3_ds.algorithm.id3 import ID3, Keep, from_module
 from id3_ds.algorithm.mask import MaskState
@@ -119,10 +120,12 @@ class SparseID3:
         norm = squares.sqrt()
         coef = clip_coef(norm, self.max_grad_norm)
         hyper = AdamWHyper(self.lr, self.betas, self.eps, id3.config.bias_correction)
+        per_entry = hyper.bias_correction == "per_entry"
+        table = ratio_table(id3.step, self.betas, self._device()) if per_entry else None
         for i, st in self.states.items():
             h = id3.held[i]
             g = grads[i] if isinstance(coef, float) else grads[i].mul_(coef.to(grads[i].device))
-            adamw_update(st, g, h.mask.chosen_at, id3.step, hyper, h.weight_decay)
+            adamw_update(st, g, h.mask.chosen_at, id3.step, hyper, h.weight_decay, table)
             st.write_back(h.access)
         self.release()
         self.last_norm = float(norm)  # the step's one host read besides select's: the norm callers log

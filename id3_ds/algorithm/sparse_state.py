@@ -155,11 +155,13 @@ def adamw_update(
     step: int,
     hyper: AdamWHyper,
     weight_decay: float = 0.0,
+    ratios: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step on the chosen entries' fp32 master, in place, on their device.
 
     grad: the chosen entries' (clipped) gradient, fp32, aligned with the state; joined: each entry's join
-    step (SliceMask.chosen_at, 0-based); step: optimizer steps counted including this one (t >= 1).
+    step (SliceMask.chosen_at, 0-based); step: optimizer steps counted including this one (t >= 1);
+    ratios: this step's adam.ratio_table for per_entry bias correction (computed here if not given).
     """
     if len(state) == 0:
         return
@@ -174,4 +176,4 @@ def adamw_update(
         state.master.addcdiv_(state.exp_avg, denom, value=-step_size)
         return
     update = (state.exp_avg / denom).mul_(-step_size)
-    state.master.add_(update * per_entry_ratio(step, joined, hyper.betas).to(torch.float32))
+    state.master.add_(update * per_entry_ratio(step, joined, hyper.betas, ratios).to(torch.float32))
