@@ -107,6 +107,24 @@ def test_backward_reaches_a_quantized_layer_when_nothing_upstream_requires_grad(
     assert q.weight_grad is not None and q.weight_grad.shape == (32,)
 
 
+def test_a_grad_hook_reads_the_weight_backward_built_instead_of_dequantizing_again(monkeypatch) -> None:
+    q = QuantizedLinear(torch.nn.Linear(64, 32), "nf4")
+    q.write(torch.tensor([3, 40]), torch.tensor([0.5, -1.0]))
+    want = q.effective_weight()
+    calls, seen = [], []
+    dequantize = QuantizedWeight.dequantize
+    monkeypatch.setattr(QuantizedWeight, "dequantize", lambda self: calls.append(1) or dequantize(self))
+    access = q.held_weights()["weight"]
+    q.grad_hook = lambda m: seen.append(access.value().clone())
+    x = torch.randn(2, 64, requires_grad=True)
+    q(x).sum().backward()
+    assert len(calls) == 2  # forward's and backward's: the hook's read cost none
+    assert len(seen) == 1 and torch.equal(seen[0], want.view(-1))
+    assert torch.equal(access.value(), want.view(-1)) and len(calls) == 3  # outside the hook: a fresh one
+    q(torch.randn(2, 64)).sum().backward()  # no grad_x needed: backward builds no weight, the hook dequantizes
+    assert len(calls) == 5 and torch.equal(seen[1], want.view(-1))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_moves_only_the_overlay_at_exactly_the_chosen_entries(kind) -> None:
     model = quantized_llama(kind)

@@ -233,9 +233,10 @@ class _QuantizedLinearFn(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
         module = ctx.module
-        grad_x = torch.matmul(grad_out, module.effective_weight()) if ctx.needs_input_grad[0] else None
+        w = module.effective_weight() if ctx.needs_input_grad[0] else None
+        grad_x = None if w is None else torch.matmul(grad_out, w)
         dw = torch.matmul(grad_out.reshape(-1, grad_out.shape[-1]).t(), x.reshape(-1, x.shape[-1]).to(grad_out.dtype))
-        module.receive_grad(dw)
+        module.receive_grad(dw, w)
         return grad_x, None, None
 
 
@@ -251,6 +252,7 @@ class QuantizedLinear(torch.nn.Module):
         self.values = torch.empty(0, dtype=self.qweight.dtype, device=self.qweight.device)
         self.weight_grad: torch.Tensor | None = None  # the accumulated dW (flat), like a parameter's .grad
         self.grad_hook: Callable[[QuantizedLinear], None] | None = None
+        self._lent: torch.Tensor | None = None  # backward's effective weight, while the grad hook runs
         # unregistered, so no optimizer, state dict or DeepSpeed ever sees it; only makes backward reach us
         self.anchor = torch.zeros(0, requires_grad=True, device=self.qweight.device)
 
@@ -263,18 +265,30 @@ class QuantizedLinear(torch.nn.Module):
         return (self.out_features, self.in_features)
 
     def effective_weight(self) -> torch.Tensor:
-        """dequantize(base) with the overlay's trained values at their positions (a fresh dense tensor)."""
+        """dequantize(base) with the overlay's trained values at their positions: a fresh dense tensor, except
+        inside the grad hook, which reads (never writes) the one backward has just built for grad_x."""
+        if self._lent is not None:
+            return self._lent
         w = self.qweight.dequantize()
         if self.positions.numel():
             w.view(-1)[self.positions] = self.values
         return w
 
-    def receive_grad(self, dw: torch.Tensor) -> None:
-        """Accumulate one backward's dW, then let the hook (if any) take it, as autograd does for a leaf."""
+    def receive_grad(self, dw: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Accumulate one backward's dW, then let the hook (if any) take it, as autograd does for a leaf.
+
+        weight: the effective weight backward built (None if it needed none). The hook scores with the
+        weight's values (the sparse update streams candidates there), so it is lent to the hook instead of
+        dequantized a second time, and dropped when the hook returns: still one layer's dense weight at a time.
+        """
         flat = dw.reshape(-1)
         self.weight_grad = flat if self.weight_grad is None else self.weight_grad.add_(flat)
         if self.grad_hook is not None:
-            self.grad_hook(self)
+            self._lent = weight
+            try:
+                self.grad_hook(self)
+            finally:
+                self._lent = None
 
     def write(self, positions: torch.Tensor, values: torch.Tensor) -> None:
         """Set the overlay to exactly these sorted flat positions and values (rounded to the model dtype)."""
