@@ -238,7 +238,7 @@ def main_speed(args: argparse.Namespace) -> None:
         flags = f" --speed --baseline {args.baseline} --pairs {args.pairs} --speed-steps {args.speed_steps}"
         flags += f" --threads {args.threads}" if args.threads else ""
         record_results(
-            "Quantized base: training speed, nf4 vs fp32 base",
+            f"Quantized base: training speed, nf4 vs fp32 base ({threads})",
             "sparse-state ID3, tiny LLaMA, 2 CPU ranks",
             f"python benchmarks/bench_quantized.py{flags}",
             text,
