@@ -1,27 +1,43 @@
-"""A quantized frozen base for sparse-state ID3 (`model.quantization: nf4 | int8`, issue 16): the QLoRA floor.
+"""A quantized frozen base (`model.quantization: nf4 | int8`): sparse-state ID3 on it, and QLoRA's base.
 
 Why: sparse state (`id3.state: sparse`) already keeps optimizer state for the B chosen entries only, so
 the base weights are what is left of a run's memory. Storing them as bitsandbytes does for QLoRA (4-bit
 NF4, or 8-bit) brings sparse ID3 down to what QLoRA costs, while still training individual weights.
 
+One mechanism serves both, in PEFT's style of one class per quantization backend:
+
+- a `QuantBackend` per kind (`BACKENDS`) knows how bitsandbytes packs and dequantizes a weight, which
+  tensors hold its constants, and which bitsandbytes layer PEFT's LoRA wraps for it. nf4 =
+  `quantize_4bit` (blocks of 64: 0.5 B + 4/64 B per entry with an fp32 absmax, what sparse ID3 stores;
+  QLoRA's base packs the absmax again, double quantization, as `bnb.nn.Linear4bit` does by default);
+  int8 = `int8_vectorwise_quant` (one absmax per output row: what `bnb.nn.Linear8bitLt` stores);
+- `QuantizedWeight` is one packed weight (the only quantizer: sparse ID3's layer and QLoRA's
+  `bnb.nn.Linear4bit` are both built from it, so both train on the same 4-bit codes);
+- `replace_linears` is the one module swap: `quantize_selectable` puts a `QuantizedLinear` in place of
+  each selectable nn.Linear (sparse ID3), `quantize_for_lora` the backend's bitsandbytes layer (QLoRA).
+
 What a `QuantizedLinear` holds in place of an `nn.Linear`'s weight:
 
 - the packed base, `QuantizedWeight` (not a Parameter, not a buffer: nothing casts, saves or broadcasts
-  it; the model is re-quantized deterministically from the unquantized base at every load):
-  nf4 = `bitsandbytes.functional.quantize_4bit` (blocks of 64, absmax fp32: what `bnb.nn.Linear4bit` and
-  QLoRA store, 0.5 B + 4/64 B per entry); int8 = `int8_vectorwise_quant` (one absmax per output row: what
-  `bnb.nn.Linear8bitLt`, the 8-bit LoRA base, stores, 1 B + 4 B per row), so each mode is the counterpart
-  of LoRA on the same bitsandbytes base;
+  it; the model is re-quantized deterministically from the unquantized base at every load);
 - an overlay: the chosen entries' sorted flat positions and values in the model dtype, written by the
   sparse update (`QuantizedAccess.write`); the base itself can never be written in place;
 - the bias, an ordinary Parameter.
+Every tensor it holds or makes lives on the packed weight's device (a GPU base dequantizes there with
+bitsandbytes' CUDA kernels); moving the module moves them all.
 
 Forward computes with W = dequantize(packed), W.view(-1)[positions] = values (the *effective* weight).
-`_QuantizedLinearFn` recomputes W in backward instead of saving it, returns grad_x and hands the dense dW
-(the gradient with respect to the effective weight) to the module: it is accumulated into `weight_grad`
-(plain torch, like `.grad`) and then passed to `grad_hook` when one is set (the DeepSpeed sparse update
-reduces it there, like a post-accumulate-grad hook). A zero-size `anchor` requiring grad is an input of
-the Function, so backward reaches it even when nothing upstream requires grad (frozen embeddings).
+`_QuantizedLinearFn` recomputes W in backward instead of saving it (one layer's dense weight at a time,
+as bitsandbytes' own 4-bit matmul does), returns grad_x and hands the dense dW (the gradient with respect
+to the effective weight) to the module: it is accumulated into `weight_grad` (plain torch, like `.grad`)
+and then passed to `grad_hook` when one is set (the DeepSpeed sparse update reduces and scores it there,
+like a post-accumulate-grad hook; the W backward built is lent to that hook, not dequantized again). A
+zero-size `anchor` requiring grad is an input of the Function, so backward reaches it even when nothing
+upstream requires grad (frozen embeddings).
+
+Speed on CPU: bitsandbytes' CPU kernels open an OpenMP region for every call; `cpu_threads_for` gives a
+small weight one thread, as torch does for its own small ops, so several ranks sharing the cores do not
+wait on each other's descheduled threads at every layer.
 
 Scoring therefore uses the gradient w.r.t. the effective weight and |theta| of the effective weight, and a
 newly chosen entry's fp32 master starts at its dequantized value. Export: the masters are effective-weight
