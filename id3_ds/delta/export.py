@@ -172,7 +172,10 @@ def export_delta(
     id3.update(budget=meta.get("budget"), steps=meta.get("steps"), step=meta.get("step", info.get("step")))
     id3.setdefault("eps", None)
     id3.setdefault("exp", None)
+    run_cfg = info.get("config") if isinstance(info.get("config"), dict) else {}
+    spec = run_cfg.get("model", {}).get("name_or_path") if isinstance(run_cfg.get("model"), dict) else None
     base_info = {
+        **({"spec": spec} if isinstance(spec, str) else {}),
         "name_or_path": model.get("name_or_path") or str(base_dir),
         "path": str(base.root.resolve()),
         "numel": base.numel,
@@ -246,8 +249,9 @@ def _provenance(ckpt: Path, info: dict) -> dict:
     out: dict = {}
     cfg = info.get("config") if isinstance(info.get("config"), dict) else {}
     data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
-    if isinstance(data.get("path"), str):
-        out["data"] = Path(data["path"]).name if "/" in data["path"] else data["path"]
+    path = data.get("path")
+    if isinstance(path, str):  # a package spec as written; a file by its name (no local directories)
+        out["data"] = path if ":" in path or "/" not in path else Path(path).name
     log = ckpt.parent / "log.jsonl"
     step = info.get("step")
     try:
