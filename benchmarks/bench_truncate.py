@@ -46,7 +46,7 @@ def train(config: Path, out: Path, steps: int, budget: int, extra: list[str]) ->
 
 
 def scorer(config: Path, extra: list[str]):
-    """(score(merged model dir) -> eval accuracy, base dir), on the config's eval set (tokenised once)."""
+    """(score(merged model dir) -> eval metrics, base dir), on the config's eval set (tokenised once)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from id3_ds.config import load_config
@@ -65,9 +65,9 @@ def scorer(config: Path, extra: list[str]):
     _, names = cached_dataset(d.spec(), tok, model_dir, root)
     eval_set, _ = cached_dataset(d.spec(path=d.eval_path, packing=False, labels=tuple(names)), tok, model_dir, root)
 
-    def score(merged: Path) -> float:
+    def score(merged: Path) -> dict:
         model = AutoModelForSequenceClassification.from_pretrained(merged, dtype=torch.float32).eval()
-        return evaluate(model, eval_set, pad, 64, num_labels=len(names))["eval_accuracy"]
+        return evaluate(model, eval_set, pad, 64, num_labels=len(names))
 
     return score, model_dir
 
@@ -83,14 +83,18 @@ def run(config: Path, steps: int, budget: int, cuts: list[float], baselines: boo
         cut = json.loads((d / "delta_config.json").read_text())
         merge(base, d, work / f"merged_cut_{f}")
         kept = cut["id3"]["export"].get("truncated", {}).get("kept", cut["total_entries"])
-        rows.append({"what": f"cut {f:.0%} of the B run", "entries": kept, "accuracy": score(work / f"merged_cut_{f}")})
+        m = score(work / f"merged_cut_{f}")
+        rows.append(
+            {"what": f"cut {f:.0%} of the B run", "entries": kept, "accuracy": m["eval_accuracy"], "f1": m["eval_f1"]}
+        )
         if baselines and f != 1.0:
             b = round(f * budget)
             s = train(config, work / f"run_{f}", steps, b, extra)
             export_delta(work / f"run_{f}", base, work / f"delta_{f}")
             merge(base, work / f"delta_{f}", work / f"merged_run_{f}")
-            acc = score(work / f"merged_run_{f}")
-            rows.append({"what": f"run trained at {f:.0%} of B", "entries": b, "accuracy": acc, "seconds": s})
+            m = score(work / f"merged_run_{f}")
+            row = {"what": f"run trained at {f:.0%} of B", "entries": b, "accuracy": m["eval_accuracy"]}
+            rows.append({**row, "f1": m["eval_f1"], "seconds": s})
     return {
         "config": str(config),
         "steps": steps,
@@ -105,14 +109,14 @@ def run(config: Path, steps: int, budget: int, cuts: list[float], baselines: boo
 def table(r: dict) -> str:
     extra = f" ({' '.join(r['extra'])})" if r["extra"] else ""
     lines = [
-        f"{Path(r['config']).name}{extra}: {r['steps']} steps, B = {r['budget']:,}, one process, one torch thread; "
-        f"full run {r['full_run_seconds']:.0f} s",
+        f"{Path(r['config']).name}{extra}, {r['steps']} steps, B = {r['budget']:,} (+ the fully trained head), "
+        f"one process, one torch thread; full run {r['full_run_seconds']:.0f} s",
         "",
-        "| delta | chosen entries | eval accuracy |",
-        "|---|---:|---:|",
+        "| delta | chosen entries | eval accuracy | eval F1 |",
+        "|---|---:|---:|---:|",
     ]
     for row in r["rows"]:
-        lines.append(f"| {row['what']} | {row['entries']:,} | {row['accuracy']:.4f} |")
+        lines.append(f"| {row['what']} | {row['entries']:,} | {row['accuracy']:.4f} | {row['f1']:.4f} |")
     return "\n".join(lines)
 
 
