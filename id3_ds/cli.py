@@ -116,7 +116,10 @@ def export_delta_cmd(
             raise ID3Error(f"--format {fmt!r}: use id3 (an id3-ds delta) or peft (a PEFT SHiRA adapter)")
         keep = _entries(entries)
         if fmt == "peft":
-            from id3_ds.delta.peft import export_peft
+            from id3_ds.delta.peft import EMBEDDINGS, export_peft
+
+            if peft_embeddings not in EMBEDDINGS:
+                raise ID3Error(f"--peft-embeddings {peft_embeddings!r}: use one of {', '.join(EMBEDDINGS)}")
 
             with tempfile.TemporaryDirectory() as tmp:
                 d = export_delta(

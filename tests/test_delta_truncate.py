@@ -88,3 +88,20 @@ def test_cutting_a_delta_file_equals_cutting_at_export(case, tmp_path) -> None:
             assert f.read_bytes() == (tmp_path / f"m_{arg}" / f.name).read_bytes()
     r = CliRunner().invoke(app, ["cut", str(tmp / "full"), "--entries", "10%", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "--keep-steps" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--index", "packed"], "not an index form"),
+        (["--format", "onnx"], "--format 'onnx'"),
+        (["--format", "peft", "--peft-embeddings", "drop"], "--peft-embeddings 'drop'"),
+    ],
+)
+def test_bad_export_options_are_one_line_before_any_work(case, tmp_path, args, msg) -> None:
+    c, _ = case
+    r = CliRunner().invoke(
+        app, ["export-delta", str(c.run), "--base", str(c.base), "--out", str(tmp_path / "x"), *args]
+    )
+    assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

@@ -29,7 +29,7 @@ import torch
 from id3_ds.algorithm.mask import ParamMask
 from id3_ds.checkpoint import LORA_FILE, is_complete, latest_checkpoint, read_complete, read_id3_state, read_lora_state
 from id3_ds.delta.base import BaseModel
-from id3_ds.delta.format import LoraDelta, LoraModule, ParamDelta, write_delta
+from id3_ds.delta.format import INDEX_FORMS, LoraDelta, LoraModule, ParamDelta, write_delta
 from id3_ds.delta.lora import split_lora_name
 from id3_ds.errors import ID3Error
 from id3_ds.files import safetensors_io as st
@@ -89,6 +89,8 @@ def export_delta(
     `keep_steps` stores the step each entry was chosen (2 bytes an entry), so the delta file itself can be
     cut later (`id3_ds.delta.cut`).
     """
+    if index not in INDEX_FORMS:  # before any reading: a typo costs nothing
+        raise ID3Error(f"--index {index!r} is not an index form; use one of {', '.join(INDEX_FORMS)}")
     ckpt = resolve_checkpoint(checkpoint)
     info = read_complete(ckpt)
     state, meta = read_id3_state(ckpt)
