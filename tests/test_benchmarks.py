@@ -3,7 +3,7 @@
 Behaviour only, never a timing: timings on a shared CI machine prove nothing. What is checked is that each
 benchmark ran every case it is configured for, that its derived figures (ratios, per-entry costs, fitted
 exponent) are computed from the figures it printed, and that the byte counts are exact (mask state 16 B per
-chosen entry, all-gather world x k x 16 B per step, delta B x 8 B): the projection calculator is checked
+chosen entry, all-gather world x k x 16 B per step, delta B x 6 B): the projection calculator is checked
 for equality against what real 2-rank runs measured.
 """
 
@@ -231,8 +231,9 @@ def test_projection_formulas_on_known_numbers() -> None:
     assert pj.allgather_bytes_worst(b, 1218, 8) == pj.allgather_bytes(b, 1218, 8) + 8 * 16 * 5534
     assert pj.allgather_bytes(b, 1218, 1) == 0
     assert pj.mask_bytes_per_rank(b, 64) == 16 * b / 64
-    assert pj.delta_payload_bytes(b) == 8 * b
-    assert pj.delta_payload_bytes(b, largest_tensor=2**31) == 12 * b
+    assert pj.delta_payload_bytes(b) == 6 * b  # uint16 gap codes + fp32 values
+    assert pj.delta_payload_bytes(b, index="flat") == 8 * b
+    assert pj.delta_payload_bytes(b, largest_tensor=2**31, index="flat") == 12 * b
     assert pj.scoring_buffer_bytes() == 2 * 16 * 2**20 + 32 * 2**10
 
 
