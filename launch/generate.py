@@ -46,15 +46,20 @@ def question(review: str) -> str:
     return CHAT_PROMPT.format(text=review)
 
 
+def encode_prompts(tok, questions: list[str]) -> dict:
+    """The batch of prompts for these user turns, left-padded: each row's ids are exactly the ids training
+    puts before the assistant's answer (the one function `chat_prompt_ids` makes both)."""
+    from id3_ds.data.prompt import chat_prompt_ids
+
+    rows = [chat_prompt_ids(tok, [{"role": "user", "content": q}]) for q in questions]
+    return tok.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+
+
 def answers(tok, model, questions: list[str], max_new_tokens: int) -> list[str]:
     """Greedy answers to each user turn, in one batch."""
     import torch
 
-    prompts = [
-        tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-        for q in questions
-    ]
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = encode_prompts(tok, questions)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     return [tok.decode(o[enc["input_ids"].shape[1] :], skip_special_tokens=True) for o in out]

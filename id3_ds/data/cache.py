@@ -28,7 +28,7 @@ from id3_ds.data.sources import is_source, resolve_data
 from id3_ds.errors import ID3Error
 from id3_ds.files.atomic import staged_dir
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: no second start token where the chat template writes it
 
 
 @dataclass(frozen=True)

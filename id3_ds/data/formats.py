@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from id3_ds.data.prompt import chat_prompt
 from id3_ds.errors import ID3Error
 
 ALPACA_WITH_INPUT = (
@@ -77,7 +78,7 @@ def _message_segments(record: dict, tokenizer: Any, where: str) -> list[tuple[st
     done = ""
     for i, m in enumerate(msgs):
         if m["role"] == "assistant":
-            prompt = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+            prompt = chat_prompt(tokenizer, msgs[:i])
             out.append((prompt[len(done) :], False))
             full = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
             out.append((full[len(prompt) :], True))

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from id3_ds.data.formats import classification_fields, segments
+from id3_ds.data.prompt import start_ids, text_ids
 from id3_ds.data.sources import is_source, resolve_data
 from id3_ds.errors import ID3Error
 
@@ -115,7 +116,8 @@ def tokenize_records(
     labels: list[str] | None = None,
     policy: RecordPolicy | None = None,
 ) -> list[Example]:
-    """Token ids and labels (-100 outside responses), BOS first and EOS after the last response.
+    """Token ids and labels (-100 outside responses), one start token first (see data/prompt.py) and EOS after
+    the last response (alpaca, text; a chat template writes its own end of turn).
 
     classification: the tokenizer's own special tokens ([CLS] ... [SEP] for BERT), and the record's label
     as an id into `labels` (required; see `label_names`).
@@ -133,10 +135,10 @@ def tokenize_records(
         if not any(text.strip() for text, loss in pieces if loss):
             policy.reject("empty", f"{where}: the response is empty, nothing to learn")
             continue
-        ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids: list[int] = start_ids(tokenizer, pieces[0][0])  # BOS, unless the chat template wrote it
         labels: list[int] = [IGNORE] * len(ids)
         for text, loss in pieces:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            piece = text_ids(tokenizer, text)
             ids += piece
             labels += piece if loss else [IGNORE] * len(piece)
         if fmt != "messages" and tokenizer.eos_token_id is not None:
