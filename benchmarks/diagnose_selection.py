@@ -467,12 +467,13 @@ def plot(a: argparse.Namespace) -> None:
     bars = {}
     if mk:
         for label, r in mk["runs"].items():
-            bars[f"{label} (trained)"] = r["where"]["group_share"]
+            bars[f"{label}, trained (100 steps)"] = r["where"]["group_share"]
     if st:
         for s in st["settings"]:
-            if s["exp"] == 1.0:
-                bars[f"step-0 top-B ε={s['eps']:g}"] = s["where_top_B"]["group_share"]
-        bars["step-0 top-B |g|"] = st["grad_only"]["where_top_B"]["group_share"]
+            if s["exp"] == 1.0 and s["eps"] in (1e-3, 1.0):
+                bars[f"step-0 top-B, ε={s['eps']:g}"] = s["where_top_B"]["group_share"]
+            if s["exp"] == -1.0 and s["eps"] == 1e-3:
+                bars["step-0 top-B, ε=1e-3 exp=-1"] = s["where_top_B"]["group_share"]
     ax = axes[0]
     width = 0.8 / max(1, len(bars))
     for i, (label, share) in enumerate(bars.items()):
@@ -482,21 +483,24 @@ def plot(a: argparse.Namespace) -> None:
     ax.set_title("Where the budget goes, by module type")
     ax.legend(fontsize=7)
     ax = axes[1]
-    if st:
-        n = st["batches_per_average"]
-        for key, style in (("overlap_single_batch", "-o"), (f"overlap_mean_of_{n}", "--s")):
-            xs, ys = [], []
-            for s in st["settings"]:
-                if s["exp"] == 1.0 and key in s:
-                    xs.append(s["eps"])
-                    ys.append(s[key][next(iter(s[key]))])
-            ax.plot(xs, ys, style, label=f"{'one batch' if key.endswith('batch') else f'mean of {n} batches'}")
-        ax.set_xscale("log")
-        ax.set_xlabel("ε (exp = 1)")
-        ax.set_ylabel("overlap of two independent picks (one step's k)")
-        ax.set_ylim(0, 1)
-        ax.set_title("How repeatable one step's choice is")
-        ax.legend()
+    if mk:
+        bands = ["0", "1-9", "10-99", "100-999", ">=1000"]
+        runs = [(k, r) for k, r in mk["runs"].items() if "word_entries_by_token_freq" in r]
+        width = 0.8 / max(1, len(runs))
+        for i, (label, r) in enumerate(runs):
+            share = r["word_entries_by_token_freq"]
+            n = r["word_embedding_entries"]
+            ax.bar(
+                [j + i * width for j in range(len(bands))],
+                [share[b] for b in bands],
+                width,
+                label=f"{label}: {n:,} word-embedding entries in {r['word_embedding_rows']:,} rows",
+            )
+        ax.set_xticks([j + 0.4 for j in range(len(bands))], bands)
+        ax.set_xlabel("the row's token count over the training set")
+        ax.set_ylabel("share of the method's word-embedding entries")
+        ax.set_title("Word-embedding rows against token frequency")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(a.out, dpi=110)
