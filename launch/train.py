@@ -156,7 +156,7 @@ def main(argv: list[str]) -> None:
     if cfg.lora.rank:
         lo = cfg.lora
         model = wrap_lora(model, lo.rank, lo.alpha, lo.dropout, lo.target_modules, classification)
-    method = method_spec(cfg.method, t.seed) if masked else None  # None: a dense method (full, lora)
+    method = method_spec(cfg.method, t.seed, cfg.id3) if masked else None  # None: a dense method (full, lora)
     if masked:
         freeze_outside(model, cfg.id3, method.keep)
     if masked and cfg.model.quantization != "none":  # selectable linear weights -> bitsandbytes-packed base + overlay

@@ -410,3 +410,17 @@ def test_model_state_formulas_on_known_numbers() -> None:
         ("LLaMA-70B", 8, 0.001),
         ("LLaMA-70B", 8, 0.01),
     ]
+
+
+def test_quality_headline_has_one_row_per_method_at_the_longest_plan_seeds() -> None:
+    """The headline table leads with each method at the model's longest seeds rows: ablations (--set), shorter
+    seeds rows and grid rows stay out of it; the forgetting column says when it was not measured."""
+    from benchmarks import bench_quality as bq
+
+    rows = [_quality_row("seeds", "id3", 1e-3, s, a) for s, a in ((42, 0.7), (43, 0.8), (44, 0.9))]
+    rows += [{**_quality_row("seeds", "random", 1e-2, 42, 0.6), "steps": 100}]  # shorter: not in the headline
+    rows += [{**_quality_row("seeds", "id3", 1e-3, 42, 0.1), "set": ["id3.exp=0"]}]  # an ablation: not in it
+    rows += [_quality_row("grid", "id3", 1e-3, 42, 0.5)]
+    out = table(bq.headline(rows), "| budget | method | trained entries | LR | eval accuracy")
+    assert out == [["0.1%", "id3", "31,874 (0.14 %)", "0.001", "0.800 ± 0.100", "3", "not measured"]]
+    assert bq.report(rows, "- a note").index("| budget | method") < bq.report(rows, "- a note").index("- a note")
