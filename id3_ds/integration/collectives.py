@@ -61,7 +61,8 @@ def two_round_reduce(local: Candidates, k: int, world: int, gather: Gather, max_
     m = max(1, -(-2 * k // world))
     got = gather(_pack(mine.scores, mine.keys, m))
     first = best_k(_unpack(got), k)
-    rest = mine.take(torch.arange(min(m, len(mine)), len(mine), device=mine.keys.device))
+    # on the collectives' device (a rank holding no selectable entry proposes empty CPU candidates)
+    rest = mine.take(torch.arange(min(m, len(mine)), len(mine), device=mine.keys.device)).to(got[0].device)
     # tau: the worst of `first` in (score desc, key asc); rest is best-first, so those above tau are a prefix
     tau_score = first.scores.min()
     tau_key = torch.where(first.scores == tau_score, first.keys, -1).max()
