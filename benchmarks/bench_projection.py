@@ -103,7 +103,9 @@ def tiny_run(tmp: Path, steps: int = VALIDATE_STEPS, world: int = 2) -> dict:
         largest = max(largest, int(torch.Size(e["shape"]).numel()))
     stored, _ = load_tensors(delta / "delta.safetensors", "delta file")
     for key, t in stored.items():
-        if key.endswith((".indices", ".values")):
+        if key.endswith(".gaps"):  # one 2-byte code per entry; escape codes (gaps >= 65535) are overhead
+            payload += 2 * int((t.to(torch.int64) != 65535).sum())
+        elif key.endswith((".indices", ".values")):
             payload += t.numel() * t.element_size()
         else:
             fixup_bytes += t.numel() * t.element_size()
@@ -119,7 +121,7 @@ def tiny_run(tmp: Path, steps: int = VALIDATE_STEPS, world: int = 2) -> dict:
         "delta_fixups": fixups,
         "delta_tensors": tensors,
         "delta_largest": largest,
-        "delta_dir_bytes": sum(p.stat().st_size for p in delta.iterdir()),
+        "delta_dir_bytes": sum((delta / f).stat().st_size for f in ("delta.safetensors", "delta_config.json")),
     }
 
 
@@ -143,7 +145,7 @@ def compare(m: dict) -> list[tuple[str, str, str, bool]]:
     rows.append(("delta entries", f"{b:,}", f"{m['delta_entries']:,}", m["delta_entries"] == b))
     payload = pj.delta_payload_bytes(b, m["delta_largest"])
     rows.append(
-        ("delta index + value bytes (B x 8)", f"{payload:,}", f"{m['delta_payload']:,}", m["delta_payload"] == payload)
+        ("delta index + value bytes (B x 6)", f"{payload:,}", f"{m['delta_payload']:,}", m["delta_payload"] == payload)
     )
     fix = 8 * m["delta_fixups"]
     rows.append(
@@ -209,8 +211,8 @@ def main() -> None:
         + ", ".join(f"{m.name} {m.params / 1e9:.2f}e9 in {m.tensors} tensors" for m in pj.MODELS)
         + ". mask/rank is at the end of training (16 B x B / world); all-gather is what each rank receives "
         "at the first steps, when winners are spread over the ranks; and if one rank held them all (round B, "
-        "+ world x k x 16 B); delta is the upper bound B x 8 + headers (int32 indices: "
-        "no LLaMA tensor reaches 2^31 entries), without fix-ups.\n\n"
+        "+ world x k x 16 B); delta is the upper bound B x 6 + headers "
+        "(uint16 gap codes + fp32 values, format v3), without fix-ups.\n\n"
         + pj.table(pj.default_grid(steps))
         + "\n\n"
         + state_text()

@@ -474,8 +474,40 @@ def curves(rows: list[dict]) -> str:
     )
 
 
-def report(rows: list[dict]) -> str:
-    parts = []
+def headline(rows: list[dict]) -> str:
+    """One table per model first: each method and budget at the model's longest plan seeds (no --set, the config's
+    optimizer), eval mean ± std, its LR, steps and trained entries, and the held-out loss change where measured."""
+    out = []
+    for name in MODELS:
+        rs = [r for r in rows if r["model"] == name and r["phase"] == "seeds" and not _extra(r) and not _opt(r)]
+        if not rs:
+            continue
+        steps = max(r["steps"] for r in rs)
+        groups: dict[tuple, list[dict]] = {}
+        for r in rs:
+            if r["steps"] == steps:
+                groups.setdefault(_order(r), []).append(r)
+        lines = [
+            f"{name}, {steps} steps, scored on the held-out eval split:",
+            "",
+            "| budget | method | trained entries | LR | eval accuracy (mean ± std) | seeds "
+            "| forgetting (held-out loss change) |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for _, g in sorted(groups.items()):
+            r0 = g[0]
+            forget = [r["forgetting"] for r in g if r.get("forgetting") is not None]
+            lines.append(
+                f"| {r0['group']} | {_name(r0)} | {_share(r0)} | {r0['lr']:g} | {spread([r['accuracy'] for r in g])} "
+                f"| {len(g)} | {spread(forget) if forget else 'not measured'} |"
+            )
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def report(rows: list[dict], note: str = "") -> str:
+    """Headline tables, then the note (the story, as bullets), then the grid, the seeds and every curve."""
+    parts = [x for x in (headline(rows), note) if x]
     if any(r["phase"] == "grid" for r in rows):
         parts.append("Learning-rate grid (one seed, scored on validation):\n\n" + grid_table(rows))
     if any(r["phase"] == "seeds" for r in rows):
@@ -566,7 +598,7 @@ def main() -> None:
     a = p.parse_args()
     if a.combine:
         rows = read_rows(a.combine)
-        text = report(rows)
+        text = report(rows, a.note)
         todo = missing(rows, a.seeds)
         if todo:
             text = (
@@ -580,7 +612,7 @@ def main() -> None:
             commands = sorted({r["command"] for r in rows})
             details = f"combined from {len(rows)} runs{'; partial' if todo else ''}"
             runs = "Runs:\n\n" + "\n".join(f"- `{c}`" for c in commands)
-            body = "\n\n".join(x for x in (a.note, runs, text) if x)
+            body = "\n\n".join(x for x in (text, runs) if x)  # tables (and the note) first, the commands below
             argv = sys.argv[1:]
             if "--note" in argv:  # the note is printed above the tables, not repeated in the command
                 i = argv.index("--note")

@@ -45,8 +45,8 @@ def train(config: Path, out: Path, steps: int, budget: int, extra: list[str]) ->
     return time.perf_counter() - t
 
 
-def scorer(config: Path):
-    """evaluate(merged model dir) -> eval metrics, on the config's eval set (tokenised once)."""
+def scorer(config: Path, extra: list[str]):
+    """(score(merged model dir) -> eval metrics, base dir), on the config's eval set (tokenised once)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from id3_ds.config import load_config
@@ -54,14 +54,16 @@ def scorer(config: Path):
     from id3_ds.data.evaluate import evaluate
     from id3_ds.resources import cache_dir
 
-    cfg = load_config(config)
+    cfg = load_config(config, extra)
     d = cfg.data
     model_dir = resolve_model(cfg.model.name_or_path)
     tok = AutoTokenizer.from_pretrained(model_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if d.format != "classification":
+        raise SystemExit(f"{config}: bench_truncate scores classification configs (data.format classification)")
     root = d.cache_dir or cache_dir()
     _, names = cached_dataset(d.spec(), tok, model_dir, root)
     eval_set, _ = cached_dataset(d.spec(path=d.eval_path, packing=False, labels=tuple(names)), tok, model_dir, root)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def score(merged: Path) -> dict:
         model = AutoModelForSequenceClassification.from_pretrained(merged, dtype=torch.float32).eval()
@@ -72,7 +74,7 @@ def scorer(config: Path):
 
 def run(config: Path, steps: int, budget: int, cuts: list[float], baselines: bool, extra: list[str]) -> dict:
     torch.set_num_threads(1)
-    score, base = scorer(config)
+    score, base = scorer(config, extra)
     work = Path(tempfile.mkdtemp(prefix="bench_truncate_"))
     rows = []
     secs = train(config, work / "full", steps, budget, extra)
@@ -80,18 +82,10 @@ def run(config: Path, steps: int, budget: int, cuts: list[float], baselines: boo
         d = export_delta(work / "full", base, work / f"cut_{f}", entries=None if f == 1.0 else f)
         cut = json.loads((d / "delta_config.json").read_text())
         merge(base, d, work / f"merged_cut_{f}")
-        m = score(work / f"merged_cut_{f}")
         kept = cut["id3"]["export"].get("truncated", {}).get("kept", cut["total_entries"])
+        m = score(work / f"merged_cut_{f}")
         rows.append(
-            {
-                "what": f"cut {f:.0%} of the B run",
-                "fraction": f,
-                "entries": cut["total_entries"],
-                "chosen_kept": kept,
-                "accuracy": m["eval_accuracy"],
-                "f1": m["eval_f1"],
-                "seconds": None,
-            }
+            {"what": f"cut {f:.0%} of the B run", "entries": kept, "accuracy": m["eval_accuracy"], "f1": m["eval_f1"]}
         )
         if baselines and f != 1.0:
             b = round(f * budget)
@@ -99,17 +93,8 @@ def run(config: Path, steps: int, budget: int, cuts: list[float], baselines: boo
             export_delta(work / f"run_{f}", base, work / f"delta_{f}")
             merge(base, work / f"delta_{f}", work / f"merged_run_{f}")
             m = score(work / f"merged_run_{f}")
-            rows.append(
-                {
-                    "what": f"run trained at {f:.0%} of B",
-                    "fraction": f,
-                    "entries": None,
-                    "chosen_kept": b,
-                    "accuracy": m["eval_accuracy"],
-                    "f1": m["eval_f1"],
-                    "seconds": s,
-                }
-            )
+            row = {"what": f"run trained at {f:.0%} of B", "entries": b, "accuracy": m["eval_accuracy"]}
+            rows.append({**row, "f1": m["eval_f1"], "seconds": s})
     return {
         "config": str(config),
         "steps": steps,
@@ -122,15 +107,16 @@ def run(config: Path, steps: int, budget: int, cuts: list[float], baselines: boo
 
 
 def table(r: dict) -> str:
+    extra = f" ({' '.join(r['extra'])})" if r["extra"] else ""
     lines = [
-        f"{Path(r['config']).name}, {r['steps']} steps, B = {r['budget']:,} (+ the fully trained head), "
+        f"{Path(r['config']).name}{extra}, {r['steps']} steps, B = {r['budget']:,} (+ the fully trained head), "
         f"one process, one torch thread; full run {r['full_run_seconds']:.0f} s",
         "",
         "| delta | chosen entries | eval accuracy | eval F1 |",
         "|---|---:|---:|---:|",
     ]
     for row in r["rows"]:
-        lines.append(f"| {row['what']} | {row['chosen_kept']:,} | {row['accuracy']:.4f} | {row['f1']:.4f} |")
+        lines.append(f"| {row['what']} | {row['entries']:,} | {row['accuracy']:.4f} | {row['f1']:.4f} |")
     return "\n".join(lines)
 
 
@@ -138,7 +124,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "minilm_rotten_tomatoes.json")
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--budget", type=int, default=31874)
+    ap.add_argument("--budget", type=int, default=31_874)
     ap.add_argument("--cuts", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides, e.g. train.lr=1e-3")

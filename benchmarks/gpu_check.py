@@ -2,6 +2,7 @@
 
     python3 benchmarks/gpu_check.py --out gpu_check/                 # one CUDA GPU: ~1.1B LLaMA, bf16, NCCL
     python3 benchmarks/gpu_check.py --cpu-dry-run --out /tmp/dry/    # the same code path, tiny model, gloo, CPU
+    python3 benchmarks/gpu_check.py --only steps,nf4 --out gpu_steps/  # phases 7-8 alone (one short lease)
 
 Phases, each with its own time budget (a phase past it stops the script with one line, never a hang):
 
@@ -16,6 +17,12 @@ Phases, each with its own time budget (a phase past it stops the script with one
 6. overhead: per ZeRO stage (2, 3) one engine whose steps alternate with and without ID3 (the order flipping
    every pair, as benchmarks/bench_step_overhead.py does): median step time of each and the peak GPU memory
    (torch.cuda.max_memory_allocated) of an ID3 step vs a plain dense step, i.e. what method `full` runs.
+   On a machine with N GPUs the engines run on all N (torchrun, NCCL).
+7. steps: plain torch on one device (benchmarks/gpu_steps.py): dense- and sparse-state ID3 against full
+   fine-tuning at SmolLM2-135M's shape and the ~1B shape, host syncs per ID3 step from
+   torch.cuda.set_sync_debug_mode("warn"), ID3's part of the step against the read-g-and-theta floor, peaks.
+8. nf4: a LLaMA-3-8B-shaped nf4 model, sparse-state ID3 against QLoRA r=16 at the same trainable count:
+   peak memory and step time; plus the 70B projection from bytes per entry.
 
 Writes OUT/gpu_check.json and OUT/gpu_check.md and prints the table. Exit 0 only when every check passes;
 a failure prints one `gpu_check: error: ...` line and exits 2 (the JSON keeps the phases done so far).
@@ -78,9 +85,10 @@ class Plan:
 
 
 GPU = Plan(2048, 16, 5632, 32000, 32, steps=20, micro=4, seq=256, pairs=6, budgets=dict(
-    requirements=60, fused_adam=300, base=180, train=480, verify=300, overhead=240))  # fmt: skip
+    requirements=60, fused_adam=300, base=180, train=480, verify=300, overhead=240, steps=240, nf4=300))  # fmt: skip
 CPU = Plan(64, 2, 172, 512, 4, steps=4, micro=2, seq=32, pairs=2, budgets=dict(
-    requirements=60, fused_adam=300, base=60, train=300, verify=60, overhead=150))  # fmt: skip
+    requirements=60, fused_adam=300, base=60, train=300, verify=60, overhead=150, steps=150, nf4=150))  # fmt: skip
+PHASES = ("requirements", "fused_adam", "base", "train", "verify", "overhead", "steps", "nf4")
 
 
 class CheckError(Exception):
@@ -323,6 +331,8 @@ def overhead_worker(plan: Plan, stage: int, out: Path) -> None:
     accel = get_accelerator()
     cpu = accel.device_name() == "cpu"
     deepspeed.init_distributed(dist_backend="gloo" if cpu else accel.communication_backend_name())
+    if not cpu:
+        accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     ds = {
         "train_micro_batch_size_per_gpu": plan.micro,
         "gradient_accumulation_steps": 1,
@@ -371,21 +381,36 @@ def overhead_worker(plan: Plan, stage: int, out: Path) -> None:
         id3_ms_all=[round(t * 1e3, 2) for t in times["id3"]],
         ratio_of_medians=statistics.median(times["id3"]) / statistics.median(times["full"]),
     )
-    out.write_text(json.dumps(result))
+    result["world"] = dist.get_world_size()
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(result))
     end_worker()
+
+
+def run_device_phase(what: str, cpu: bool, pairs: int, work: Path, seconds: Callable[[str], int]) -> dict:
+    """Phase `steps` or `nf4` (benchmarks/gpu_steps.py) in a child of its own: its peak memory is its own."""
+    out = work / f"{what}.json"
+    cmd = [sys.executable, __file__, "--device-worker", what, "--out", str(out), "--pairs", str(pairs)]
+    cmd += ["--cpu-dry-run"] if cpu else []
+    run_child(what, cmd, seconds(what), child_env(cpu), work / f"{what}.log")
+    return json.loads(out.read_text())
 
 
 def run_overhead(plan: Plan, cpu: bool, work: Path, seconds: Callable[[str], int]) -> list[dict]:
     """One child per ZeRO stage, each within `seconds("overhead")` (its budget, clipped to the time left)."""
+    import torch
+
     from id3_ds.processes import free_port
     from id3_ds.runtime.launching import launch_command
 
+    world = 1 if cpu else max(1, torch.cuda.device_count())
     rows = []
     for stage in (2, 3):
         out = work / f"overhead_zero{stage}.json"
-        env = {**child_env(cpu), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-        env["MASTER_PORT"] = str(free_port())
-        cmd = launch_command(1, __file__, "--overhead-worker", str(stage), "--out", str(out))
+        env = child_env(cpu)
+        if world == 1:
+            env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        cmd = launch_command(world, __file__, "--overhead-worker", str(stage), "--out", str(out))
         cmd += ["--cpu-dry-run"] if cpu else []
         run_child(f"overhead (ZeRO-{stage})", cmd, seconds("overhead"), env, work / f"overhead_zero{stage}.log")
         rows.append(json.loads(out.read_text()))
@@ -399,6 +424,48 @@ def gib(b: int | None) -> str:
     return "n/a (CPU)" if b is None else f"{b / GIB:.2f}"
 
 
+def _num(x: float | None, fmt: str = ".1f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def device_tables(report: dict) -> list[str]:
+    """Phases 7 (steps) and 8 (nf4) as markdown tables."""
+    lines: list[str] = []
+    steps = report.get("steps", {}).get("rows", [])
+    if steps:
+        lines += [
+            "",
+            "| plain torch, one device | params | full FT (ms) | with ID3 (ms) | ratio | ID3 part (ms) | floor (ms) "
+            "| host syncs / ID3 step | peak full (GiB) | peak ID3 (GiB) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in steps:
+            lines.append(
+                f"| {r['mode']} ID3, {r['shape']} | {r['params'] / 1e6:.1f}M | {r['full_ms']:.1f} | {r['id3_ms']:.1f} "
+                f"| {r['ratio']:.3f} | {_num(r['id3_part_ms'])} | {_num(r['floor_ms'], '.2f')} "
+                f"| {_num(r['syncs_per_step'], '.0f')} | {gib(r['peak_full_bytes'])} | {gib(r['peak_id3_bytes'])} |"
+            )
+    nf4 = report.get("nf4", {})
+    if nf4.get("rows"):
+        lines += [
+            "",
+            "| nf4 base | trainable | step (ms) | peak, steps (GiB) | peak, build + steps (GiB) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in nf4["rows"]:
+            lines.append(
+                f"| {r['variant']}, {r['shape']} | {r['trainable']} | {r['step_ms']:.1f} "
+                f"| {gib(r['peak_steps_bytes'])} | {gib(r['peak_build_bytes'])} |"
+            )
+        p = nf4["projection_70b"]
+        lines.append(
+            f"\n70B projection (nf4 sparse-state ID3 at LoRA r=16's {p['lora_r16_count']} entries, before "
+            f"activations): one GPU {p['one_80gb_gpu_gib_before_activations']:.1f} GiB; per rank of an 8-GPU "
+            f"ZeRO-3 node {p['per_rank_of_8_zero3_gib_before_activations']:.1f} GiB"
+        )
+    return lines
+
+
 def markdown(report: dict) -> str:
     env, v = report["environment"], report.get("verify", {})
     ok = "PASS" if v.get("passed") else "FAIL"
@@ -408,15 +475,18 @@ def markdown(report: dict) -> str:
         "",
         "| check | result |",
         "| --- | --- |",
-        f"| model | LLaMA-style, {v.get('params', 0) / 1e6:.1f}M parameters, bf16, ZeRO-3, "
-        f"{v.get('steps')} ID3 steps, grad_accum 2, weight decay 0.1, clipping 1.0 |",
-        f"| budget B = 0.1 % | expected {v.get('budget_expected')}, logged {v.get('budget_logged')}, "
-        f"chosen {v.get('chosen_logged')}, delta entries {v.get('delta_entries')} |",
-        f"| moved entries outside the delta | {v.get('moved_outside_delta')} (of {v.get('moved_entries')} moved) |",
-        f"| merged (base + delta) vs trained, bf16 | {v.get('merged_mismatch')} entries differ |",
-        f"| verdict | {ok} |",
-        "| phase times (s) | " + ", ".join(f"{k} {s}" for k, s in report["timings"].items()) + " |",
     ]
+    if v:
+        lines += [
+            f"| model | LLaMA-style, {v.get('params', 0) / 1e6:.1f}M parameters, bf16, ZeRO-3, "
+            f"{v.get('steps')} ID3 steps, grad_accum 2, weight decay 0.1, clipping 1.0 |",
+            f"| budget B = 0.1 % | expected {v.get('budget_expected')}, logged {v.get('budget_logged')}, "
+            f"chosen {v.get('chosen_logged')}, delta entries {v.get('delta_entries')} |",
+            f"| moved entries outside the delta | {v.get('moved_outside_delta')} (of {v.get('moved_entries')} moved) |",
+            f"| merged (base + delta) vs trained, bf16 | {v.get('merged_mismatch')} entries differ |",
+            f"| verdict | {ok} |",
+        ]
+    lines.append("| phase times (s) | " + ", ".join(f"{k} {s}" for k, s in report["timings"].items()) + " |")
     rows = report.get("overhead", [])
     if rows:
         lines += [
@@ -430,11 +500,12 @@ def markdown(report: dict) -> str:
                 f"| ZeRO-{r['stage']} | {r['optimizer']} | {r['full_ms']:.1f} | {r['id3_ms']:.1f} | {r['ratio']:.3f} "
                 f"| {gib(r['peak_full_bytes'])} | {gib(r['peak_id3_bytes'])} |"
             )
-    return "\n".join(lines)
+    return "\n".join(lines + device_tables(report))
 
 
-def run_check(plan: Plan, cpu: bool, out: Path, keep: bool, limit: int) -> dict:
-    """All phases in order within `limit` seconds; the report (written even on failure, with what was done)."""
+def run_check(plan: Plan, cpu: bool, out: Path, keep: bool, limit: int, only: tuple[str, ...] = PHASES) -> dict:
+    """The phases in `only`, in order, within `limit` seconds; the report (written even on failure, with what
+    was done). base, train and verify go together (verify reads train's run, train base's model)."""
     from id3_ds.runtime.launching import launch_command  # plain python here; the tests' fork server under pytest
 
     deadline = time.monotonic() + limit
@@ -453,27 +524,35 @@ def run_check(plan: Plan, cpu: bool, out: Path, keep: bool, limit: int) -> dict:
     try:
         with phase("requirements", left("requirements"), t):
             report["environment"] = check_requirements(cpu)
-        t0 = time.perf_counter()
-        cmd = [sys.executable, "-c", BUILD_FUSED_ADAM]
-        run_child("fused_adam", cmd, left("fused_adam"), child_env(cpu), out / "fused_adam.log")
-        t["fused_adam"] = round(time.perf_counter() - t0, 1)
-        base_dir, data, run_dir = work / "base", work / "data.jsonl", work / "run"
-        with phase("base", left("base"), t):
-            entries = write_base(plan, base_dir)
-            write_data(data, plan)
-        cfg_path = work / "run_config.json"
-        cfg_path.write_text(json.dumps(run_config(plan, base_dir, data, run_dir, work / "cache"), indent=1))
-        t0 = time.perf_counter()
-        cmd = launch_command(1, ROOT / "launch" / "train.py", "--config", str(cfg_path))
-        run_child("train", cmd, left("train"), child_env(cpu), out / "train.log")
-        t["train"] = round(time.perf_counter() - t0, 1)
-        with phase("verify", left("verify"), t):
-            report["verify"] = verify(run_dir, base_dir, work, entries)
-        if not report["verify"]["passed"]:
-            raise CheckError(f"verification failed: {json.dumps(report['verify'])}")
-        t0 = time.perf_counter()
-        report["overhead"] = run_overhead(plan, cpu, work, left)
-        t["overhead"] = round(time.perf_counter() - t0, 1)
+        if "fused_adam" in only:
+            t0 = time.perf_counter()
+            cmd = [sys.executable, "-c", BUILD_FUSED_ADAM]
+            run_child("fused_adam", cmd, left("fused_adam"), child_env(cpu), out / "fused_adam.log")
+            t["fused_adam"] = round(time.perf_counter() - t0, 1)
+        if {"base", "train", "verify"} & set(only):
+            base_dir, data, run_dir = work / "base", work / "data.jsonl", work / "run"
+            with phase("base", left("base"), t):
+                entries = write_base(plan, base_dir)
+                write_data(data, plan)
+            cfg_path = work / "run_config.json"
+            cfg_path.write_text(json.dumps(run_config(plan, base_dir, data, run_dir, work / "cache"), indent=1))
+            t0 = time.perf_counter()
+            cmd = launch_command(1, ROOT / "launch" / "train.py", "--config", str(cfg_path))
+            run_child("train", cmd, left("train"), child_env(cpu), out / "train.log")
+            t["train"] = round(time.perf_counter() - t0, 1)
+            with phase("verify", left("verify"), t):
+                report["verify"] = verify(run_dir, base_dir, work, entries)
+            if not report["verify"]["passed"]:
+                raise CheckError(f"verification failed: {json.dumps(report['verify'])}")
+        if "overhead" in only:
+            t0 = time.perf_counter()
+            report["overhead"] = run_overhead(plan, cpu, work, left)
+            t["overhead"] = round(time.perf_counter() - t0, 1)
+        for what in ("steps", "nf4"):
+            if what in only:
+                t0 = time.perf_counter()
+                report[what] = run_device_phase(what, cpu, plan.pairs, work, left)
+                t[what] = round(time.perf_counter() - t0, 1)
     except CheckError as e:
         report["error"] = str(e)
         raise
@@ -492,14 +571,26 @@ def main() -> None:
         "--time-limit", type=int, default=570, help="seconds for the whole check (570: inside a 600 s command limit)"
     )
     ap.add_argument("--keep", action="store_true", help="keep the base, run, delta and merged model under --out")
+    ap.add_argument("--only", default=",".join(PHASES), help=f"comma-separated phases to run (of {','.join(PHASES)})")
     ap.add_argument("--overhead-worker", type=int, default=None, help=argparse.SUPPRESS)  # ZeRO stage
+    ap.add_argument("--device-worker", default=None, help=argparse.SUPPRESS)  # steps | nf4
+    ap.add_argument("--pairs", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     plan = CPU if args.cpu_dry_run else GPU
     if args.overhead_worker is not None:
         overhead_worker(plan, args.overhead_worker, args.out)
         return
+    if args.device_worker is not None:
+        from benchmarks.gpu_steps import worker
+
+        worker(args.device_worker, args.cpu_dry_run, args.out, args.pairs or plan.pairs)
+        return
+    only = tuple(p.strip() for p in args.only.split(",") if p.strip())
+    if set(only) - set(PHASES):
+        print(f"gpu_check: error: --only {args.only!r}: choose phases from {', '.join(PHASES)}", file=sys.stderr)
+        sys.exit(2)
     try:
-        report = run_check(plan, args.cpu_dry_run, args.out, args.keep, args.time_limit)
+        report = run_check(plan, args.cpu_dry_run, args.out, args.keep, args.time_limit, ("requirements", *only))
     except CheckError as e:
         print(f"gpu_check: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -45,6 +45,7 @@ from id3_ds.training.batches import total_steps
 MASK_BYTES_PER_ENTRY = 16  # int64 position + int32 chosen_at + fp32 base
 PAIR_BYTES = 16  # one (score, key) float64 pair in the all-gather
 VALUE_BYTES = 4  # fp32 delta value
+GAP_BYTES = 2  # uint16 gap code of a sparse position (docs/delta-format.md, "gaps")
 HEADER_BYTES_PER_TENSOR = 1024  # generous: up to 4 safetensors header entries + 2 delta_config.json entries
 HEADER_BYTES_FIXED = 4096  # delta_config.json's fixed fields and the safetensors preamble
 TRAINED_BYTES = 16  # per densely trained weight beyond its d-byte partition: fp32 master + 2 moments + fp32 grad
@@ -211,13 +212,17 @@ def state_lora(params: int, adapter: int, world: int, dtype_bytes: int) -> Model
     return ModelState((dtype_bytes * params + (dtype_bytes + TRAINED_BYTES) * adapter) / world)
 
 
-def delta_payload_bytes(budget: int, largest_tensor: int = 0) -> int:
-    """Index + value bytes of a sparse delta of B entries (int64 indices if any tensor has >= 2^31 entries).
+def delta_payload_bytes(budget: int, largest_tensor: int = 0, index: str = "gaps") -> int:
+    """Index + value bytes of a sparse delta of B entries.
 
-    A worst case for int64: it charges every entry 8 index bytes as soon as one tensor needs them.
+    index "gaps" (export's default, format version 3): a 2-byte gap code per entry (the rare escape codes of
+    gaps above 65535 are left to the header allowance). "flat": int32 positions, int64 if any tensor has
+    >= 2^31 entries (a worst case: every entry is charged 8 index bytes as soon as one tensor needs them).
     """
-    index = 8 if largest_tensor >= INT32_LIMIT else 4
-    return budget * (index + VALUE_BYTES)
+    if index == "gaps":
+        return budget * (GAP_BYTES + VALUE_BYTES)
+    width = 8 if largest_tensor >= INT32_LIMIT else 4
+    return budget * (width + VALUE_BYTES)
 
 
 def delta_bytes_bound(budget: int, tensors: int, largest_tensor: int = 0, fixups: int = 0) -> int:

@@ -121,6 +121,9 @@ def export_delta_cmd(
     index: Annotated[
         str, typer.Option("--index", help="gaps (compact, format v3) or flat (int32, readable by any id3-ds).")
     ] = "gaps",
+    keep_steps: Annotated[
+        bool, typer.Option("--keep-steps", help="Record each entry's step, so `id3-ds cut` can cut the delta.")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Export even if the base differs from training's.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
 ) -> None:
@@ -135,7 +138,10 @@ def export_delta_cmd(
             raise ID3Error(f"--format {fmt!r}: use id3 (an id3-ds delta) or peft (a PEFT SHiRA adapter)")
         keep = _entries(entries)
         if fmt == "peft":
-            from id3_ds.delta.peft import export_peft
+            from id3_ds.delta.peft import EMBEDDINGS, export_peft
+
+            if peft_embeddings not in EMBEDDINGS:
+                raise ID3Error(f"--peft-embeddings {peft_embeddings!r}: use one of {', '.join(EMBEDDINGS)}")
 
             with tempfile.TemporaryDirectory() as tmp:
                 d = export_delta(
@@ -152,8 +158,36 @@ def export_delta_cmd(
             )
             return
         path = export_delta(
-            checkpoint, _base_dir(base), out, dtype=dtype, force=force, overwrite=overwrite, entries=keep, index=index
+            checkpoint,
+            _base_dir(base),
+            out,
+            dtype=dtype,
+            force=force,
+            overwrite=overwrite,
+            entries=keep,
+            index=index,
+            keep_steps=keep_steps,
         )
+        s = summarize(path)
+    except ID3Error as e:
+        raise _fail(e) from None
+    typer.echo(f"wrote {path}: {s['total_entries']:,} entries, {s['file_bytes']:,} bytes")
+
+
+@app.command("cut", epilog="Example: id3-ds cut delta/ --entries 25% --out delta_25/")
+def cut_cmd(
+    delta: Annotated[Path, typer.Argument(help="A delta exported with --keep-steps.")],
+    entries: Annotated[str, typer.Option("--entries", help="Keep the K earliest-chosen: a count, a fraction or N%.")],
+    out: Annotated[Path, typer.Option("--out", help="The cut delta directory to write.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+) -> None:
+    """Cut a delta to its K earliest-chosen entries (the run's mask at budget K, with its trained values)."""
+    from id3_ds.delta.cut import cut_delta
+    from id3_ds.delta.summary import summarize
+
+    try:
+        keep = _entries(entries)
+        path = cut_delta(delta, out, keep, overwrite=overwrite)
         s = summarize(path)
     except ID3Error as e:
         raise _fail(e) from None

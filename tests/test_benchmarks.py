@@ -3,7 +3,7 @@
 Behaviour only, never a timing: timings on a shared CI machine prove nothing. What is checked is that each
 benchmark ran every case it is configured for, that its derived figures (ratios, per-entry costs, fitted
 exponent) are computed from the figures it printed, and that the byte counts are exact (mask state 16 B per
-chosen entry, all-gather world x k x 16 B per step, delta B x 8 B): the projection calculator is checked
+chosen entry, all-gather world x k x 16 B per step, delta B x 6 B): the projection calculator is checked
 for equality against what real 2-rank runs measured.
 """
 
@@ -231,8 +231,9 @@ def test_projection_formulas_on_known_numbers() -> None:
     assert pj.allgather_bytes_worst(b, 1218, 8) == pj.allgather_bytes(b, 1218, 8) + 8 * 16 * 5534
     assert pj.allgather_bytes(b, 1218, 1) == 0
     assert pj.mask_bytes_per_rank(b, 64) == 16 * b / 64
-    assert pj.delta_payload_bytes(b) == 8 * b
-    assert pj.delta_payload_bytes(b, largest_tensor=2**31) == 12 * b
+    assert pj.delta_payload_bytes(b) == 6 * b  # uint16 gap codes + fp32 values
+    assert pj.delta_payload_bytes(b, index="flat") == 8 * b
+    assert pj.delta_payload_bytes(b, largest_tensor=2**31, index="flat") == 12 * b
     assert pj.scoring_buffer_bytes() == 2 * 16 * 2**20 + 32 * 2**10
 
 
@@ -409,3 +410,17 @@ def test_model_state_formulas_on_known_numbers() -> None:
         ("LLaMA-70B", 8, 0.001),
         ("LLaMA-70B", 8, 0.01),
     ]
+
+
+def test_quality_headline_has_one_row_per_method_at_the_longest_plan_seeds() -> None:
+    """The headline table leads with each method at the model's longest seeds rows: ablations (--set), shorter
+    seeds rows and grid rows stay out of it; the forgetting column says when it was not measured."""
+    from benchmarks import bench_quality as bq
+
+    rows = [_quality_row("seeds", "id3", 1e-3, s, a) for s, a in ((42, 0.7), (43, 0.8), (44, 0.9))]
+    rows += [{**_quality_row("seeds", "random", 1e-2, 42, 0.6), "steps": 100}]  # shorter: not in the headline
+    rows += [{**_quality_row("seeds", "id3", 1e-3, 42, 0.1), "set": ["id3.exp=0"]}]  # an ablation: not in it
+    rows += [_quality_row("grid", "id3", 1e-3, 42, 0.5)]
+    out = table(bq.headline(rows), "| budget | method | trained entries | LR | eval accuracy")
+    assert out == [["0.1%", "id3", "31,874 (0.14 %)", "0.001", "0.800 ± 0.100", "3", "not measured"]]
+    assert bq.report(rows, "- a note").index("| budget | method") < bq.report(rows, "- a note").index("- a note")

@@ -175,6 +175,23 @@ def test_minilm_classification_delta_maps_the_bert_prefix(tmp_path, env) -> None
     want = _logits(tmp_path / "run" / "final_model", base)
     assert torch.equal(_logits(tmp_path / "merged", base), want)
 
+    # as a PEFT SHiRA adapter: the head (and the embeddings, copied) in modules_to_save, `bert.` prefixed
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from id3_ds.delta.peft import export_peft
+
+    export_peft(tmp_path / "run" / "delta", base, tmp_path / "shira", embeddings="copy")
+    cfg = json.loads((tmp_path / "shira" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and "classifier" in cfg["modules_to_save"]
+    assert all(m.startswith("bert.") for m in cfg["target_modules"])
+    fresh = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, dtype=torch.float32)
+    model = PeftModel.from_pretrained(fresh, tmp_path / "shira").eval()
+    tok = AutoTokenizer.from_pretrained(base)
+    with torch.no_grad():
+        got = model(**tok(TEXTS, return_tensors="pt", padding=True)).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(

@@ -66,7 +66,7 @@ def test_mask_shards_and_staged_files_get_the_umask_default_mode(tmp_path, umask
     old = os.umask(umask)
     try:
         run = tmp_path / "run"
-        ckpt = _checkpoint(run)  # mask shards through MaskState.save -> save_tensors -> atomic_file
+        ckpt = _checkpoint(run)  # mask shards through checkpoint.mask_file.save_mask -> save_tensors -> atomic_file
         with staged_dir(tmp_path / "d") as tmp:  # a delta's tensors: safetensors' own writer inside staged_dir
             save_file({"x": torch.zeros(2)}, str(tmp / "delta.safetensors"))
     finally:

@@ -164,3 +164,24 @@ def test_round_trip_through_peft_is_within_one_ulp(case) -> None:
     off = sum(int((got[k] != want[k]).sum()) for k in want)
     assert 0 < fixes and off <= fixes
     assert max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-6
+
+
+def test_export_peft_refuses_a_tied_embedding_even_with_copy(tmp_path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from id3_ds.delta.base import BaseModel
+    from id3_ds.delta.format import ParamDelta, write_delta
+    from id3_ds.delta.peft import export_peft
+    from id3_ds.errors import ID3Error
+    from tests.test_delta_common import LLAMA
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**LLAMA, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
+    base = BaseModel.open(tmp_path / "base")
+    name = "model.embed_tokens.weight"
+    p = ParamDelta(tuple(base.get(name).info.shape), "F32", torch.tensor([0.5, -0.5]), torch.tensor([3, 70]))
+    fp = {name: {"shape": list(p.shape), "dtype": "F32", "sha256": base.read(name)[1]}}
+    write_delta(tmp_path / "d", {name: p}, base={"name_or_path": "tied"}, id3={}, fingerprint_tensors=fp)
+    with pytest.raises(ID3Error, match="ties to its output head") as e:
+        export_peft(tmp_path / "d", tmp_path / "base", tmp_path / "out", embeddings="copy")
+    assert "id3.targets" in str(e.value) and not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from id3_ds.checkpoint import read_id3_state
 from id3_ds.cli import app
-from id3_ds.delta import export_delta, load_delta
+from id3_ds.delta import export_delta, load_delta, merge
 from tests.test_delta_common import make_case
 
 
@@ -63,3 +63,45 @@ def test_bad_cut_is_one_line(case, arg, msg) -> None:
     )
     assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp / "x").exists()
+
+
+def test_cutting_a_delta_file_equals_cutting_at_export(case, tmp_path) -> None:
+    c, tmp = case
+    r = CliRunner().invoke(
+        app, ["export-delta", str(c.run), "--base", str(c.base), "--out", str(tmp_path / "steps"), "--keep-steps"]
+    )
+    assert r.exit_code == 0, r.output
+    d = load_delta(tmp_path / "steps")
+    assert d.config["version"] == 3 and all(p.steps is not None for p in d.params.values())
+    state, _ = read_id3_state(c.ckpt)
+    for name, p in d.params.items():  # the recorded steps are the checkpoint's chosen_at
+        assert torch.equal(p.steps, state.params[name].chosen_at.to(torch.int32))
+    for arg in ("25%", "333"):
+        r = CliRunner().invoke(app, ["cut", str(tmp_path / "steps"), "--entries", arg, "--out", str(tmp_path / arg)])
+        assert r.exit_code == 0, r.output
+        want = tmp_path / f"export_{arg}"
+        export_delta(c.run, c.base, want, entries=0.25 if arg == "25%" else 333)
+        assert _entries(tmp_path / arg) == _entries(want)
+        merge(c.base, tmp_path / arg, tmp_path / f"m_{arg}")
+        merge(c.base, want, tmp_path / f"mw_{arg}")
+        for f in (tmp_path / f"mw_{arg}").glob("*.safetensors"):
+            assert f.read_bytes() == (tmp_path / f"m_{arg}" / f.name).read_bytes()
+    r = CliRunner().invoke(app, ["cut", str(tmp / "full"), "--entries", "10%", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--keep-steps" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--index", "packed"], "not an index form"),
+        (["--format", "onnx"], "--format 'onnx'"),
+        (["--format", "peft", "--peft-embeddings", "drop"], "--peft-embeddings 'drop'"),
+    ],
+)
+def test_bad_export_options_are_one_line_before_any_work(case, tmp_path, args, msg) -> None:
+    c, _ = case
+    r = CliRunner().invoke(
+        app, ["export-delta", str(c.run), "--base", str(c.base), "--out", str(tmp_path / "x"), *args]
+    )
+    assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

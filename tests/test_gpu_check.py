@@ -43,8 +43,15 @@ def test_cpu_dry_run_passes_every_check(tmp_path: Path) -> None:
     for r in report["overhead"]:
         assert len(r["full_ms_all"]) == len(r["id3_ms_all"]) == report["plan"]["pairs"]
         assert r["mask_bytes_per_rank"] > 0
+    assert [(r["mode"], r["shape"]) for r in report["steps"]["rows"]] == [("dense", "tiny"), ("sparse", "tiny")]
+    for r in report["steps"]["rows"]:
+        assert r["full_ms"] > 0 and r["id3_ms"] > 0 and r["syncs_per_step"] is None  # no CUDA: no sync count
+    qlora, sparse = report["nf4"]["rows"]
+    assert (qlora["variant"], sparse["variant"]) == ("qlora", "id3_sparse")
+    assert qlora["trainable"] == sparse["trainable"] == qlora["lora_count"] > 0  # equal trainable counts
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| verdict | PASS |" in table and table.strip() in proc.stdout
+    assert "| sparse ID3, tiny |" in table and "| id3_sparse, tiny |" in table and "70B projection" in table
 
 
 @pytest.mark.slow
@@ -56,6 +63,27 @@ def test_without_cuda_one_clear_line(tmp_path: Path) -> None:
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("gpu_check: error:")]
     assert errors == ["gpu_check: error: no CUDA device visible to torch: run on a GPU machine, or pass --cpu-dry-run"]
     assert "no CUDA" in json.loads((tmp_path / "gpu_check.json").read_text())["error"]
+
+
+def test_lora_count_is_what_peft_trains() -> None:
+    """The nf4 phase gives sparse ID3 LoRA r=16's trainable count, computed from the shape: PEFT's own count."""
+    from benchmarks import gpu_steps
+    from id3_ds.models.load import wrap_lora
+
+    model = wrap_lora(gpu_steps.llama("tiny", __import__("torch").float32, "cpu"), 16, 32, 0.0, gpu_steps.LINEAR, False)
+    assert gpu_steps.lora_count("tiny", 16) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_unknown_phase_is_one_clear_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--cpu-dry-run", "--only", "steps,gpu", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("gpu_check: error: --only 'steps,gpu': choose phases")
 
 
 def test_in_process_phase_past_its_budget_raises() -> None:

@@ -14,6 +14,8 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from id3_ds.algorithm import ID3Config, SparseID3
 from id3_ds.checkpoint.mask_file import load_mask, save_mask
@@ -106,6 +108,24 @@ def test_backward_reaches_a_quantized_layer_when_nothing_upstream_requires_grad(
     assert q.weight_grad is not None and q.weight_grad.shape == (32,)
 
 
+def test_a_grad_hook_reads_the_weight_backward_built_instead_of_dequantizing_again(monkeypatch) -> None:
+    q = QuantizedLinear(torch.nn.Linear(64, 32), "nf4")
+    q.write(torch.tensor([3, 40]), torch.tensor([0.5, -1.0]))
+    want = q.effective_weight()
+    calls, seen = [], []
+    dequantize = QuantizedWeight.dequantize
+    monkeypatch.setattr(QuantizedWeight, "dequantize", lambda self: calls.append(1) or dequantize(self))
+    access = q.held_weights()["weight"]
+    q.grad_hook = lambda m: seen.append(access.value().clone())
+    x = torch.randn(2, 64, requires_grad=True)
+    q(x).sum().backward()
+    assert len(calls) == 2  # forward's and backward's: the hook's read cost none
+    assert len(seen) == 1 and torch.equal(seen[0], want.view(-1))
+    assert torch.equal(access.value(), want.view(-1)) and len(calls) == 3  # outside the hook: a fresh one
+    q(torch.randn(2, 64)).sum().backward()  # no grad_x needed: backward builds no weight, the hook dequantizes
+    assert len(calls) == 5 and torch.equal(seen[1], want.view(-1))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_moves_only_the_overlay_at_exactly_the_chosen_entries(kind) -> None:
     model = quantized_llama(kind)
@@ -165,6 +185,98 @@ def test_only_untied_selectable_linears_are_quantized() -> None:
     assert model.lm_head.weight is model.model.embed_tokens.weight
     with pytest.raises(ID3Error, match="no selectable weight is an nn.Linear"):
         quantize_selectable(model, ["model.norm.weight"], "nf4")
+
+
+class DeviceMixes(TorchDispatchMode):
+    """Records every op whose tensors (inputs and outputs, 0-dim CPU scalars aside, as CUDA allows them) sit on
+    more than one device: on a GPU such an op raises, or copies through the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mixed: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        if len({t.device.type for t in tensors if t.dim() > 0 or t.device.type != "cpu"}) > 1:
+            self.mixed.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_quantized_layer_keeps_every_tensor_on_its_weights_device(kind) -> None:
+    # "meta" stands in for a GPU: bitsandbytes' ops have meta kernels, and a CPU tensor anywhere shows
+    device = torch.device("meta")
+    with DeviceMixes() as mode:
+        q = QuantizedLinear(torch.nn.Linear(64, 32, device=device), kind)
+        q.write(torch.tensor([0, 5, 2047], device=device), torch.tensor([0.5, -0.25, 1.0], device=device))
+        x = torch.randn(2, 3, 64, device=device, requires_grad=True)
+        q(x).sum().backward()
+        q(x).sum().backward()  # a second micro-batch accumulates into weight_grad
+        access = q.held_weights()["weight"]
+        value, grad = access.value(), access.take_grad()
+        reference = dequantized_reference(torch.randn(32, 64, device=device), kind)
+    assert mode.mixed == []
+    qw = q.qweight
+    held = [qw.packed, *qw.backend.constants(qw.state), q.positions, q.values, q.anchor, q.bias]
+    made = [value, grad, reference, x.grad, q.bias.grad]
+    assert {t.device for t in held + made} == {device}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_moving_a_quantized_layer_moves_its_base_overlay_and_constants(kind) -> None:
+    q = QuantizedLinear(torch.nn.Linear(64, 32), kind)
+    q.write(torch.tensor([1, 7]), torch.tensor([0.5, 1.0]))
+    q.to("meta")
+    qw = q.qweight
+    held = [qw.packed, *qw.backend.constants(qw.state), q.positions, q.values, q.anchor, q.bias]
+    assert {t.device.type for t in held} == {"meta"}
+
+
+def test_qloras_base_is_packed_by_the_same_quantizer_as_bitsandbytes_own_linear4bit() -> None:
+    # the one quantizer (QuantizedWeight) gives bnb.nn.Linear4bit exactly what quantizing on its first move gives
+    import bitsandbytes as bnb
+
+    from id3_ds.models.quantized import quantize_for_lora
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    own = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4", device="meta")
+    own.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4", blocksize=64)
+    own.bias = linear.bias
+    own = own.to("cpu")  # Params4bit quantizes on its first move
+    holder = torch.nn.Sequential(linear)
+    assert quantize_for_lora(holder) == 1
+    ours = holder[0]
+    assert type(ours) is bnb.nn.Linear4bit
+    assert torch.equal(ours.weight.data, own.weight.data)
+    for key, value in own.weight.quant_state.as_dict(packed=True).items():
+        mine = ours.weight.quant_state.as_dict(packed=True)[key]
+        assert torch.equal(mine, value) if isinstance(value, torch.Tensor) else mine == value, key
+    x = torch.randn(3, 64)
+    assert torch.equal(ours(x), own(x))
+
+
+def test_a_small_weight_dequantizes_on_one_thread_and_a_large_one_on_torchs_count() -> None:
+    # bitsandbytes' CPU kernels open an OpenMP region per call: bounded as torch bounds its own small ops
+    from id3_ds.models.quantized import GRAIN, cpu_threads_for
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = {}
+        with cpu_threads_for(torch.device("cpu"), 64 * 172):
+            seen["small"] = torch.get_num_threads()
+        with cpu_threads_for(torch.device("cpu"), 4 * GRAIN):
+            seen["large"] = torch.get_num_threads()
+        with cpu_threads_for(torch.device("meta"), 10):
+            seen["not cpu"] = torch.get_num_threads()
+        with pytest.raises(ValueError), cpu_threads_for(torch.device("cpu"), 10):
+            raise ValueError
+        assert seen == {"small": 1, "large": 2, "not cpu": 2}
+        assert torch.get_num_threads() == 2  # restored, after an error too
+    finally:
+        torch.set_num_threads(before)
 
 
 QUANT = ["id3.state=sparse", "model.quantization=nf4", "deepspeed.zero_optimization.stage=2"]

@@ -48,7 +48,7 @@ def _fast_winners(grads, values, chosen: set[int], k, eps, exp, pieces, rng, chu
 
 
 @pytest.mark.parametrize("pieces", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("case", ["random", "ties", "zero_grads", "nan_and_zero_theta"])
+@pytest.mark.parametrize("case", ["random", "ties", "zero_grads", "nan_and_zero_theta", "constant", "two_levels"])
 @pytest.mark.parametrize("exp", [1.0, 0.0, -0.5, 2.0])
 def test_matches_bruteforce_reference(pieces: int, case: str, exp: float) -> None:
     # crc32, not hash(): str hashes change per process (PYTHONHASHSEED), so a failure would not reproduce
@@ -62,6 +62,12 @@ def test_matches_bruteforce_reference(pieces: int, case: str, exp: float) -> Non
         values = [torch.ones(s) for s in SHAPES]
     elif case == "zero_grads":
         grads = [torch.zeros(s) for s in SHAPES]
+    elif case == "constant":  # every score equal: the winners are the k lowest unchosen keys
+        grads = [torch.full(s, 0.5) for s in SHAPES]
+        values = [torch.ones(s) for s in SHAPES]
+    elif case == "two_levels":  # a few high scores, then one huge tie (signed zeros included) decided by key
+        grads = [torch.where(torch.rand(s) < 0.1, 1.0, -0.0 if i % 2 else 0.0) for i, s in enumerate(SHAPES)]
+        values = [torch.ones(s) for s in SHAPES]
     elif case == "nan_and_zero_theta":
         grads[0].view(-1)[3] = float("nan")
         values[1].zero_()
@@ -71,6 +77,18 @@ def test_matches_bruteforce_reference(pieces: int, case: str, exp: float) -> Non
         want = reference_winners(grads, values, chosen, k, 1e-3, exp)
         got = _fast_winners(grads, values, chosen, k, 1e-3, exp, pieces, rng, chunk=rng.choice([4, 16, 1 << 22]))
         assert got == want, f"case={case} pieces={pieces} exp={exp} k={k}: rng seed {seed}"
+
+
+def test_scorer_signed_zeros_tie_by_key() -> None:
+    """-0.0 == 0.0 as scores: a method's scorer returning both must see them tie, broken by the smaller key."""
+    scores = torch.tensor([-0.0, 0.0, -0.0, 1.0, 0.0, -0.0])
+
+    def scorer(lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(scores[lo:hi])
+
+    for chunk in (2, 1 << 22):
+        got = slice_candidates(torch.zeros(6), torch.ones(6), torch.tensor([1]), 0, 3, 1e-3, 1.0, chunk, scorer)
+        assert got.keys.tolist() == [0, 2, 3]
 
 
 def test_top_positions_breaks_ties_by_lowest_position() -> None:
@@ -92,7 +110,7 @@ def test_merge_drops_padding() -> None:
     assert merge_candidates([pad, real], 3).keys.tolist() == [3, 9]
 
 
-@pytest.mark.parametrize("case", ["random", "ties", "nan", "zero_grads"])
+@pytest.mark.parametrize("case", ["random", "ties", "nan", "zero_grads", "constant", "nan_ties"])
 @pytest.mark.parametrize("k", [1, 13, 200, 1500, 5000])
 def test_block_prefilter_on_large_slices_matches_reference(case: str, k: int) -> None:
     """Slices large enough for the block-maximum prefilter (k much smaller than the block count)."""
@@ -105,7 +123,12 @@ def test_block_prefilter_on_large_slices_matches_reference(case: str, k: int) ->
         grad[torch.randint(0, n, (50,), generator=g)] = float("nan")
     elif case == "zero_grads":
         grad.zero_()
-    value = torch.randn(n, generator=g) if case != "ties" else torch.ones(n)
+    elif case == "constant":  # one tie over 300k entries, across every block and chunk boundary
+        grad.fill_(2.0)
+    elif case == "nan_ties":  # mostly NaN (all scoring NAN_SCORE, tied) with a few equal real scores
+        grad.fill_(float("nan"))
+        grad[torch.randint(0, n, (3000,), generator=g)] = 1.0
+    value = torch.randn(n, generator=g) if case not in ("ties", "constant", "nan_ties") else torch.ones(n)
     chosen = torch.sort(torch.randperm(n, generator=g)[:1000]).values
     want = reference_winners([grad], [value], set(chosen.tolist()), k, 1e-3, 1.0)
     for chunk in (1 << 22, 65_536):

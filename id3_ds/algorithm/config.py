@@ -17,6 +17,8 @@ BiasCorrection = Literal["shared", "per_entry"]
 BIAS_CORRECTIONS = typing.get_args(BiasCorrection)
 StateMode = Literal["dense", "sparse"]
 STATE_MODES = typing.get_args(StateMode)
+ScoreNorm = Literal["none", "tensor"]
+SCORE_NORMS = typing.get_args(ScoreNorm)
 
 
 def budget_count_refused(budget: int) -> ID3Error:
@@ -51,6 +53,12 @@ class ID3Config:
         that of full fine-tuning. "sparse": the selectable weights stay in the model's dtype and only the
         chosen entries carry an fp32 master, both moments and the join step (28 B per chosen entry with
         the mask, see sparse_state.py); ZeRO-3 or stage 0 only (preflight refuses the rest).
+    grad_ema: a variant's score (0, the default, is the paper's): the importance is computed from an
+        exponential moving average of the gradient over steps, beta in (0, 1), instead of this step's
+        gradient alone (id3_ds/algorithm/variants.py; one more fp32 value per selectable entry).
+    score_norm: a variant's score: "tensor" divides each tensor's scores by their mean over the tensor, so
+        no tensor wins the global top-k by scale alone; "none" (default) is the paper's. Whole tensors per
+        process only (one process or ZeRO stage 0).
     """
 
     budget: int | float = 0.001
@@ -63,6 +71,8 @@ class ID3Config:
     unmask_steps: int | None = None
     fish_batches: int = 8
     state: StateMode = "dense"
+    grad_ema: float = 0.0
+    score_norm: ScoreNorm = "none"
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
@@ -83,6 +93,17 @@ class ID3Config:
         if self.unmask_steps is not None and (isinstance(self.unmask_steps, bool) or self.unmask_steps < 1):
             raise ID3Error(
                 f"id3.unmask_steps must be a step count >= 1 (or null: the whole run), got {self.unmask_steps!r}"
+            )
+        if isinstance(self.grad_ema, bool) or not 0.0 <= self.grad_ema < 1.0:
+            raise ID3Error(
+                f"id3.grad_ema must be in [0, 1) (0: this step's gradient, the paper's), got {self.grad_ema!r}"
+            )
+        if self.score_norm not in SCORE_NORMS:
+            raise ID3Error(f"id3.score_norm must be one of {SCORE_NORMS}, got {self.score_norm!r}")
+        if self.state == "sparse" and (self.grad_ema or self.score_norm != "none"):
+            raise ID3Error(
+                "id3.grad_ema and id3.score_norm are not supported with id3.state=sparse (the score variants read "
+                "whole gradients); use id3.state=dense or remove them"
             )
         if self.fish_batches < 1:
             raise ID3Error("id3.fish_batches must be >= 1 (sample batches for the Fisher estimate)")

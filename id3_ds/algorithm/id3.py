@@ -11,6 +11,11 @@ Call order for one optimizer step (plain torch or DeepSpeed alike):
 The selector holds only its own slices (a whole model in one process, one partition per ZeRO rank);
 `reducer` turns this holder's candidates into the global winners (identity here, an all-gather under
 DeepSpeed), so every holder grows its mask with the same entries.
+
+Host syncs: the masks live on the weights' device and every shape in scoring, top-k, merge, growth and
+masking is known on the host, so a step reads the device once, whatever the number of tensors and chunks:
+one copy of the k winners' keys with their per-slice bounds (`select`), which also gives the winners digest
+and the exact-k check. A partitioned reducer adds one read (the cross-rank round-B size); see collectives.py.
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from id3_ds.algorithm.adam import decay_factor, per_entry_ratio, ratio_table
 from id3_ds.algorithm.config import ID3Config
 from id3_ds.algorithm.decay import decays
 from id3_ds.algorithm.mask import MaskState, SliceMask
 from id3_ds.algorithm.schedule import UnmaskSchedule, resolve_budget
-from id3_ds.algorithm.selection import Candidates, _reduce, merge_candidates, slice_candidates
+from id3_ds.algorithm.selection import CHUNK, NEG_INF, CandidatePool, Candidates, best_k, slice_candidates
 from id3_ds.algorithm.slices import ParamSlice, SliceAccess, TensorSliceAccess, named_weights, tied_aliases
 from id3_ds.algorithm.static import StaticSchedule
 from id3_ds.errors import ID3Error
@@ -44,7 +51,7 @@ Keep = Callable[[str, tuple[int, ...]], bool]
 
 def local_reducer(candidates: Candidates, k: int) -> Candidates:
     """One holder owns every slice: its candidates already are the global ones."""
-    return merge_candidates([candidates], k)
+    return best_k(candidates, k)
 
 
 class PhaseTimer:
@@ -128,6 +135,8 @@ class ID3:
         self.chosen = 0  # selected entries so far, globally (the same on every holder)
         self.digest = ""  # hash chain over every step's winners: equal on all holders, checked on save
         self._before: list[torch.Tensor] = []
+        self.chunk = CHUNK  # entries scored at once (smaller in tests, to exercise several chunks per slice)
+        self._edges: torch.Tensor | None = None  # [first_key, end) of every selectable slice, on the device
         self.timer = PhaseTimer()
 
     # -- the per-step API -------------------------------------------------------------------------
@@ -147,18 +156,25 @@ class ID3:
         if self.step == 0:
             for h in self.held:
                 if h.info.fully_trainable and len(h.mask) == 0:
-                    h.mask.add(torch.arange(h.info.numel), 0, h.access.value())
+                    value = h.access.value()
+                    h.mask.add(torch.arange(h.info.numel, device=value.device), 0, value)
         k = self.schedule.target_after(self.step) - self.chosen
         if k > 0:
             with self.timer("score_topk"):
                 local = self._local_candidates(k) if candidates is None else candidates
             with self.timer("merge"):
                 winners = self.reducer(local, k)
-            if len(winners) != k:
-                raise RuntimeError(f"selection produced {len(winners)} winners, expected {k}")
             with self.timer("grow"):
-                self._grow(winners.keys, self.step)
-            self.digest = hashlib.sha256(self.digest.encode() + winners.keys.numpy().tobytes()).hexdigest()
+                keys = winners.keys
+                edges = self._slice_edges(keys.device)
+                real = (winners.scores > NEG_INF).sum().view(1)
+                # the step's one host read: how many winners are real, where each slice's winners start, the keys
+                host = torch.cat([real, torch.searchsorted(keys, edges), keys]).cpu().tolist()
+                if len(winners) != k or host[0] != k:
+                    raise RuntimeError(f"selection produced {min(host[0], len(winners))} winners, expected {k}")
+                self._grow(keys, host[1 : 1 + edges.numel()], self.step)
+            winner_keys = np.asarray(host[1 + edges.numel() :], dtype=np.int64)
+            self.digest = hashlib.sha256(self.digest.encode() + winner_keys.tobytes()).hexdigest()
             self.chosen += k
         self.step += 1
         return max(k, 0)
@@ -182,11 +198,7 @@ class ID3:
         value = h.access.value()
         if grad is None:
             grad = torch.zeros_like(value)
-        score_chunk = None if self.scorer is None else functools.partial(self.scorer, h.info, h.access)
-        cfg = self.config
-        c = slice_candidates(
-            grad, value, h.mask.positions, h.info.first_key, k, cfg.eps, cfg.exp, score_chunk=score_chunk
-        )
+        c = self._slice_top(h, grad, value, k)
         c.payload = grad[c.keys - h.info.first_key].to(torch.float32)
         return c
 
@@ -197,34 +209,42 @@ class ID3:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _local_candidates(self, k: int) -> Candidates:
-        parts: list[Candidates] = []
+    def _slice_top(self, h: _Held, grad: torch.Tensor, value: torch.Tensor, k: int) -> Candidates:
+        """Held slice h's top-k unchosen entries, scored by ID3's importance or the method's scorer."""
+        score_chunk = None if self.scorer is None else functools.partial(self.scorer, h.info, h.access)
         cfg = self.config
+        return slice_candidates(
+            grad, value, h.mask.positions, h.info.first_key, k, cfg.eps, cfg.exp, self.chunk, score_chunk
+        )
+
+    def _local_candidates(self, k: int) -> Candidates:
+        pool = CandidatePool(k)
+        device = None
         for h in self.held:
             if h.info.fully_trainable:
                 continue
             value = h.access.value()
+            device = value.device
             grad = h.access.grad()
             if grad is None:  # a parameter the loss did not reach: every score is 0
                 grad = torch.zeros_like(value)
-            score_chunk = None
-            if self.scorer is not None:
-                score_chunk = functools.partial(self.scorer, h.info, h.access)
-            parts.append(
-                slice_candidates(
-                    grad, value, h.mask.positions, h.info.first_key, k, cfg.eps, cfg.exp, score_chunk=score_chunk
-                )
-            )
-            if sum(len(p) for p in parts) > 4 * k:
-                parts = [_reduce(parts, k)]
-        return _reduce(parts, k)
+            pool.add(self._slice_top(h, grad, value, k))
+        return pool.result(device or "cpu")
 
-    def _grow(self, keys: torch.Tensor, step: int) -> None:
-        """Add the winners that fall into this holder's slices (keys sorted ascending)."""
-        for h in self.held:
-            if h.info.fully_trainable:
-                continue
-            lo, hi = torch.searchsorted(keys, torch.tensor([h.info.first_key, h.info.first_key + h.info.numel]))
+    def _slice_edges(self, device: torch.device) -> torch.Tensor:
+        """[first_key, first_key + numel] of every selectable held slice, interleaved, cached on `device`."""
+        if self._edges is None or self._edges.device != device:
+            selectable = [h.info for h in self.held if not h.info.fully_trainable]
+            edges = [e for info in selectable for e in (info.first_key, info.first_key + info.numel)]
+            self._edges = torch.tensor(edges, dtype=torch.int64).to(device)
+        return self._edges
+
+    def _grow(self, keys: torch.Tensor, bounds: list[int], step: int) -> None:
+        """Add the winners (keys sorted ascending, on the device) that fall into this holder's slices;
+        bounds: per selectable slice, where its winners start and end in `keys` (read on the host)."""
+        selectable = [h for h in self.held if not h.info.fully_trainable]
+        for j, h in enumerate(selectable):
+            lo, hi = bounds[2 * j], bounds[2 * j + 1]
             if hi > lo:
                 h.mask.add(keys[lo:hi] - h.info.first_key, step, h.access.value())
 
@@ -274,10 +294,11 @@ class ID3:
             if len(h.mask) == 0:
                 continue
             v = h.access.value()
+            pos = h.mask.positions
             if h.weight_decay:
-                v[h.mask.positions] *= 1.0 - lr * h.weight_decay
+                v.index_copy_(0, pos, v[pos].mul_(decay_factor(lr, h.weight_decay)))
             if self.config.bias_correction == "per_entry":
-                self._before.append(v[h.mask.positions].clone())
+                self._before.append(v[pos])
 
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """per_entry: rescale each entry's Adam step from the shared count t to its own count n.
@@ -288,15 +309,14 @@ class ID3:
         """
         if self.config.bias_correction != "per_entry":
             return
-        b1, b2 = optimizer.param_groups[0].get("betas", (0.9, 0.999))
-        t = self.step
+        betas = optimizer.param_groups[0].get("betas", (0.9, 0.999))
         held = [h for h in self.held if len(h.mask)]
+        table = ratio_table(self.step, betas, held[0].mask.chosen_at.device) if held else None
         for h, before in zip(held, self._before):
-            n = (t - h.mask.chosen_at).to(torch.float64)
-            ratio = (1 - b1**t) / (1 - torch.pow(b1, n)) * torch.sqrt((1 - torch.pow(b2, n)) / (1 - b2**t))
+            ratio = per_entry_ratio(self.step, h.mask.chosen_at, betas, table)
             v = h.access.value()
             after = v[h.mask.positions]
-            v[h.mask.positions] = before + (after - before) * ratio.to(after.device, after.dtype)
+            v.index_copy_(0, h.mask.positions, before + (after - before) * ratio.to(after.dtype))
         self._before = []
 
     # -- state ------------------------------------------------------------------------------------
@@ -327,7 +347,7 @@ class ID3:
                 f"has budget={self.budget} over {self.steps}: resume with the same id3 and train settings"
             )
         for h in self.held:
-            h.mask = state.slice_mask(h.info)
+            h.mask = state.slice_mask(h.info).to(h.access.value().device)
         self.step = int(meta["step"])
         self.chosen = int(meta["chosen"])
         self.digest = str(meta.get("winners_sha256", ""))

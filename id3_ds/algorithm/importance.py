@@ -12,8 +12,8 @@ def importance(
 ) -> torch.Tensor:
     """Score every entry of a 1-D slice into `out` (or a fresh fp32 tensor), which the caller may overwrite.
 
-    NaN is left in place: `selection` finds it through block maxima (NaN propagates through amax) and
-    replaces it by NAN_SCORE only in the rare chunk that has one, instead of paying a full pass always.
+    NaN is left in place: `selection` replaces it by NAN_SCORE (on a CPU only in the rare chunk whose block
+    maxima show one, since reading that flag is free there; on an accelerator always, without a host read).
     """
     score = torch.abs(grad, out=out) if out is not None and grad.dtype == torch.float32 else None
     if score is None:

@@ -4,7 +4,8 @@ Memory: a slice keeps only its chosen entries, 16 bytes each (int64 position, in
 base value): nothing per unchosen entry, so state grows with B, never with the model (well under the one
 bit per selectable entry a bitmap would cost once B is below 1/128 of the entries; the typical ID3 budget
 is 0.01-1 %). The base value is the entry's weight when chosen; since unchosen entries never move, it is
-the pretrained weight, which makes a sparse delta computable from this state alone.
+the pretrained weight, which makes a sparse delta computable from this state alone. A `SliceMask` lives
+on its weight's device (a GPU masks and grows it without waiting on the host); `MaskState` is the host copy.
 
 The global form (`MaskState`) keys every chosen entry by parameter name and flat row-major index, so a
 checkpoint written by N ranks re-slices onto M ranks (its file: id3_ds/checkpoint/mask_file.py).
@@ -45,22 +46,27 @@ class SliceMask:
     def add(self, positions: torch.Tensor, step: int, value: torch.Tensor) -> None:
         """Insert new (not yet chosen) sorted positions, recording `step` and their current values.
 
-        A sorted merge by binary search: O(chosen) per call instead of a full re-sort.
+        A sorted merge by binary search on the weight's device: O(chosen) per call instead of a full re-sort,
+        and every size is known on the host, so nothing waits for the device.
         """
         if positions.numel() == 0:
             return
-        old, new = self.positions, positions
+        device = value.device
+        old, new = self.positions.to(device), positions.to(device)
         total = old.numel() + new.numel()
-        new_at = torch.searchsorted(old, new) + torch.arange(new.numel())
-        old_at = torch.arange(old.numel()) + torch.searchsorted(new, old)
-        merged_pos = torch.empty(total, dtype=torch.int64)
-        merged_step = torch.empty(total, dtype=torch.int32)
-        merged_base = torch.empty(total, dtype=torch.float32)
-        merged_pos[old_at], merged_pos[new_at] = old, new
-        merged_step[old_at], merged_step[new_at] = self.chosen_at, step
-        merged_base[old_at] = self.base
-        merged_base[new_at] = value[new].to("cpu", torch.float32)  # masks live on the CPU, weights anywhere
+        new_at = torch.searchsorted(old, new) + torch.arange(new.numel(), device=device)
+        old_at = torch.arange(old.numel(), device=device) + torch.searchsorted(new, old)
+        merged_pos = torch.empty(total, dtype=torch.int64, device=device)
+        merged_step = torch.empty(total, dtype=torch.int32, device=device)
+        merged_base = torch.empty(total, dtype=torch.float32, device=device)
+        merged_pos.index_copy_(0, old_at, old).index_copy_(0, new_at, new)
+        merged_step.index_copy_(0, old_at, self.chosen_at.to(device)).index_fill_(0, new_at, step)
+        merged_base.index_copy_(0, old_at, self.base.to(device)).index_copy_(0, new_at, value[new].to(torch.float32))
         self.positions, self.chosen_at, self.base = merged_pos, merged_step, merged_base
+
+    def to(self, device: torch.device | str) -> SliceMask:
+        """The same mask with its tensors on `device` (where the slice's weight lives)."""
+        return SliceMask(self.positions.to(device), self.chosen_at.to(device), self.base.to(device))
 
     def zero_unchosen(self, grad: torch.Tensor) -> None:
         """Zero every gradient entry outside the mask, in place (one pass plus a gather/scatter)."""
@@ -70,9 +76,10 @@ class SliceMask:
         if n == 0:
             grad.zero_()
             return
-        kept = grad[self.positions]
+        pos = self.positions.to(grad.device)
+        kept = grad[pos]
         grad.zero_()
-        grad[self.positions] = kept
+        grad.index_copy_(0, pos, kept)
 
 
 @dataclass
@@ -116,10 +123,12 @@ class MaskState:
         """
         by_name: dict[str, list[tuple[ParamSlice, SliceMask, tuple[torch.Tensor | None, ...]]]] = {}
         for i, (sl, m) in enumerate(items):
+            m = m.to("cpu")  # checkpoints live on the host: save time is the one place that reads the device
             if adam is not None:
                 extra: tuple[torch.Tensor | None, ...] = tuple(t.to("cpu", torch.float32) for t in adam[i])
             else:
-                extra = (None if values is None else values[i][m.positions].to("cpu", torch.float32), None, None)
+                pos = m.positions.to(values[i].device) if values is not None else None
+                extra = (None if values is None else values[i][pos].to("cpu", torch.float32), None, None)
             by_name.setdefault(sl.name, []).append((sl, m, extra))
         params = {}
         for name, parts in by_name.items():

@@ -79,7 +79,7 @@ class TensorSliceAccess:
 def write_entries(flat: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
     """flat[positions] = values in flat's dtype, outside autograd: how every plain slice kind writes."""
     with torch.no_grad():
-        flat[positions] = values.to(flat.device, flat.dtype)
+        flat[positions.to(flat.device)] = values.to(flat.device, flat.dtype)
 
 
 def named_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter | SliceAccess]]:

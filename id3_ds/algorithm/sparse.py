@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from id3_ds.algorithm.adam import ratio_table
 from id3_ds.algorithm.config import ID3Config
 from id3_ds.algorithm.id3 import ID3, Keep, from_module
 from id3_ds.algorithm.mask import MaskState
@@ -69,6 +70,7 @@ class SparseID3:
         self.states: dict[int, SparseSlice] = {i: SparseSlice() for i in range(len(id3.held))}
         self.last_norm = 0.0
         self.last_chosen = 0
+        self._weights_device: torch.device | None = None
 
     @classmethod
     def from_module(
@@ -110,22 +112,32 @@ class SparseID3:
         grads: dict[int, torch.Tensor] = {}
         for i, st in self.states.items():
             h = id3.held[i]
-            st.align(h.mask, h.access.value())
+            st.align(h.mask, h.access.value)
             grads[i] = st.gather(h.access.grad()) if streamed is None else streamed.chosen_grads(i)
-        squares = sq_norm(grads.values())
-        if self.all_reduce is not None:  # holders own disjoint entries: the squares add up
+        squares = sq_norm(grads.values()).to(self._device())
+        if self.all_reduce is not None:  # holders own disjoint entries: the squares add up (on the device)
             self.all_reduce(squares)
         norm = squares.sqrt()
         coef = clip_coef(norm, self.max_grad_norm)
         hyper = AdamWHyper(self.lr, self.betas, self.eps, id3.config.bias_correction)
+        per_entry = hyper.bias_correction == "per_entry"
+        table = ratio_table(id3.step, self.betas, self._device()) if per_entry else None
         for i, st in self.states.items():
             h = id3.held[i]
-            g = grads[i].mul_(coef) if coef != 1.0 else grads[i]
-            adamw_update(st, g, h.mask.chosen_at, id3.step, hyper, h.weight_decay)
+            g = grads[i] if isinstance(coef, float) else grads[i].mul_(coef.to(grads[i].device))
+            adamw_update(st, g, h.mask.chosen_at, id3.step, hyper, h.weight_decay, table)
             st.write_back(h.access)
         self.release()
-        self.last_norm = float(norm)
+        self.last_norm = float(norm)  # the step's one host read besides select's: the norm callers log
         return self.last_norm
+
+    def _device(self) -> torch.device:
+        """Where this holder's weights live (the norm is reduced there: NCCL takes device tensors only); read
+        once, since `value()` may be costly (a quantized base dequantizes)."""
+        if self._weights_device is None:
+            held = self.id3.held
+            self._weights_device = held[0].access.value().device if held else torch.device("cpu")
+        return self._weights_device
 
     # -- memory -----------------------------------------------------------------------------------
 
@@ -141,7 +153,7 @@ class SparseID3:
         items, adam = [], []
         for i, h in enumerate(self.id3.held):
             st = self.states[i]
-            st.align(h.mask, h.access.value())
+            st.align(h.mask, h.access.value)
             items.append((h.info, h.mask))
             adam.append((st.master, st.exp_avg, st.exp_avg_sq))
         return MaskState.from_slices(items, adam=adam)
@@ -159,6 +171,7 @@ class SparseID3:
             adam = state.slice_adam(h.info)
             if adam is None:
                 raise ID3Error(f"sparse-state checkpoint lacks the master/moments of {h.info.name}: it is corrupt")
-            value, m, v = adam
+            device = h.mask.positions.device
+            value, m, v = (t.to(device) for t in adam)
             self.states[i] = SparseSlice(h.mask.positions, value, m, v)
             self.states[i].write_back(h.access)

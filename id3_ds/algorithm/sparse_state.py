@@ -28,6 +28,9 @@ Clipping sees the masked gradient: the norm over chosen entries plus fully train
 (`sq_norm` per holder, summed over holders, then `clip_coef`), exactly as dense mode's mask_grads +
 clip_grad_norm_.
 
+All of it lives on the weight's device, and every shape is known on the host, so a GPU step never waits
+on the host for it (docs/gpu-step.md).
+
 Where it runs: `algorithm/sparse.py` (`SparseID3`) is the step over any holder's slices; under DeepSpeed
 (`update/sparse.py`) a post-accumulate-grad hook on each trainable parameter averages its
 transient gradient over ranks into the rank's ZeRO-3 partition (reduce-scatter; all-reduce at stage 0);
@@ -42,11 +45,12 @@ coordinates, O(B)); `MaskState.union` + `slice_mask`/`slice_adam` re-slice onto 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
+from id3_ds.algorithm.adam import decay_factor, per_entry_ratio
 from id3_ds.algorithm.mask import SliceMask
 from id3_ds.errors import ID3Error
 
@@ -85,40 +89,40 @@ class SparseSlice:
         """Bytes this state holds (the positions are the mask's own tensor, not a copy)."""
         return sum(t.numel() * t.element_size() for t in (self.master, self.exp_avg, self.exp_avg_sq))
 
-    def align(self, mask: SliceMask, weight: torch.Tensor) -> None:
+    def align(self, mask: SliceMask, weight: torch.Tensor | Callable[[], torch.Tensor]) -> None:
         """Follow the mask's growth: keep old entries' state, start new ones at master = weight, m = v = 0.
 
         Masks only grow (SliceMask.add merges sorted positions), so the old positions are a subset of the
-        new ones and `searchsorted` finds where each old entry moved: O(chosen), no re-sort.
+        new ones and `searchsorted` finds where each old entry moved: O(chosen), no re-sort, on the weight's
+        device with host-known shapes (a shrunk mask, the one misuse visible from sizes, is refused). weight
+        may be a callable (a slice access's `value`), called only when the mask grew: a quantized base
+        dequantizes to answer it.
         """
         new = mask.positions
         if new is self.positions:
             return
+        if callable(weight):
+            weight = weight()
         old = self.positions
-        old_at = torch.searchsorted(new, old)
-        if old.numel() and (int(old_at.max()) >= new.numel() or not torch.equal(new[old_at], old)):
+        if old.numel() > new.numel():
             raise ID3Error("the mask lost chosen entries the sparse state holds: restore both from one checkpoint")
-        fresh = torch.ones(new.numel(), dtype=torch.bool)
-        fresh[old_at] = False
-        master = torch.empty(new.numel(), dtype=torch.float32)
-        master[old_at] = self.master
-        master[fresh] = weight[new[fresh]].to(torch.float32)
-        self.master = master
+        device = new.device
+        old_at = torch.searchsorted(new, old.to(device))
+        master = weight[new.to(weight.device)].to(device, torch.float32)  # fresh entries start at the weight
+        self.master = master.index_copy_(0, old_at, self.master.to(device))
         self.exp_avg = self._moved(self.exp_avg, old_at, new.numel())
         self.exp_avg_sq = self._moved(self.exp_avg_sq, old_at, new.numel())
         self.positions = new
 
     @staticmethod
     def _moved(t: torch.Tensor, old_at: torch.Tensor, n: int) -> torch.Tensor:
-        out = torch.zeros(n, dtype=torch.float32)
-        out[old_at] = t
-        return out
+        return torch.zeros(n, dtype=torch.float32, device=old_at.device).index_copy_(0, old_at, t.to(old_at.device))
 
     def gather(self, grad: torch.Tensor | None) -> torch.Tensor:
         """The chosen entries of a slice's dense (transient) gradient, fp32; zeros if the loss missed it."""
         if grad is None:
-            return torch.zeros(len(self), dtype=torch.float32)
-        return grad[self.positions].to(torch.float32)
+            return torch.zeros(len(self), dtype=torch.float32, device=self.master.device)
+        return grad[self.positions.to(grad.device)].to(torch.float32)
 
     def write_back(self, access) -> None:
         """Round the master into the frozen weight through its slice access (`write`: in place for a plain
@@ -127,19 +131,21 @@ class SparseSlice:
 
 
 def sq_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Sum of squares (fp32) of this holder's masked gradient pieces; sum over holders, then sqrt."""
-    total = torch.zeros((), dtype=torch.float32)
-    for g in grads:
-        if g.numel():
-            total += torch.linalg.vector_norm(g.to(torch.float32)) ** 2
-    return total
+    """Sum of squares (fp32, on the gradients' device) of this holder's masked gradient pieces; sum over
+    holders (a device all-reduce), then sqrt."""
+    squares = [torch.linalg.vector_norm(g.to(torch.float32)) ** 2 for g in grads if g.numel()]
+    if not squares:
+        return torch.zeros((), dtype=torch.float32)
+    return torch.stack(squares).sum() if len(squares) > 1 else squares[0]
 
 
-def clip_coef(total_norm: torch.Tensor | float, max_norm: float | None) -> float:
-    """The factor clip_grad_norm_ multiplies every gradient by: min(1, max_norm / (norm + 1e-6))."""
+def clip_coef(total_norm: torch.Tensor | float, max_norm: float | None) -> torch.Tensor | float:
+    """The factor clip_grad_norm_ multiplies every gradient by: min(1, max_norm / (norm + 1e-6)), computed as
+    clip_grad_norm_ does (fp32, on the norm's device, no host read); 1.0 without clipping."""
     if max_norm is None or max_norm <= 0:
         return 1.0
-    return min(1.0, max_norm / (float(total_norm) + CLIP_EPS))
+    norm = torch.as_tensor(total_norm, dtype=torch.float32)
+    return (max_norm / (norm + CLIP_EPS)).clamp_(max=1.0)
 
 
 def adamw_update(
@@ -149,17 +155,19 @@ def adamw_update(
     step: int,
     hyper: AdamWHyper,
     weight_decay: float = 0.0,
+    ratios: torch.Tensor | None = None,
 ) -> None:
-    """One AdamW step on the chosen entries' fp32 master, in place.
+    """One AdamW step on the chosen entries' fp32 master, in place, on their device.
 
     grad: the chosen entries' (clipped) gradient, fp32, aligned with the state; joined: each entry's join
-    step (SliceMask.chosen_at, 0-based); step: optimizer steps counted including this one (t >= 1).
+    step (SliceMask.chosen_at, 0-based); step: optimizer steps counted including this one (t >= 1);
+    ratios: this step's adam.ratio_table for per_entry bias correction (computed here if not given).
     """
     if len(state) == 0:
         return
     lr, (b1, b2), eps = hyper.lr, hyper.betas, hyper.eps
     if weight_decay:
-        state.master.mul_(1.0 - lr * weight_decay)  # decoupled, before the Adam step (as ID3.attach does)
+        state.master.mul_(decay_factor(lr, weight_decay))  # decoupled, before the Adam step (as ID3.attach does)
     state.exp_avg.lerp_(grad, 1.0 - b1)
     state.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
     step_size = lr / (1.0 - b1**step)
@@ -167,7 +175,5 @@ def adamw_update(
     if hyper.bias_correction == "shared":
         state.master.addcdiv_(state.exp_avg, denom, value=-step_size)
         return
-    n = (step - joined).to(torch.float64)
-    ratio = (1 - b1**step) / (1 - torch.pow(b1, n)) * torch.sqrt((1 - torch.pow(b2, n)) / (1 - b2**step))
     update = (state.exp_avg / denom).mul_(-step_size)
-    state.master.add_(update * ratio.to(torch.float32))
+    state.master.add_(update * per_entry_ratio(step, joined, hyper.betas, ratios).to(torch.float32))

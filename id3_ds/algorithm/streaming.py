@@ -26,20 +26,24 @@ from __future__ import annotations
 import torch
 
 from id3_ds.algorithm.id3 import ID3
-from id3_ds.algorithm.selection import Candidates, merge_candidates
+from id3_ds.algorithm.selection import CandidatePool, Candidates
 
 
 class GradStream:
-    """What one optimizer step keeps of each held slice's gradient (open it before the last backward)."""
+    """What one optimizer step keeps of each held slice's gradient (open it before the last backward).
+
+    Everything it keeps lives on the gradient's device and every shape is host-known: absorbing a slice
+    and assembling the chosen gradients read nothing back from the device.
+    """
 
     def __init__(self, id3: ID3) -> None:
         self.id3 = id3
         self.k = id3.pending()  # entries this step's select() chooses, fixed before any slice is absorbed
         self.step = id3.step
-        self._parts: list[Candidates] = []
-        self._held = 0  # candidates across _parts
+        self._pool = CandidatePool(self.k)
         self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slice -> (sorted positions, fp32 grads)
         self._local: Candidates | None = None
+        self._device: torch.device | None = None
 
     def absorb(self, i: int, grad: torch.Tensor | None) -> None:
         """Take held slice i's reduced (averaged, accumulated) 1-D gradient; None: the loss did not reach it.
@@ -50,24 +54,25 @@ class GradStream:
         if i in self._kept:
             raise RuntimeError(f"the gradient of {self.id3.held[i].info.name} was streamed twice in one step")
         h = self.id3.held[i]
+        device = h.access.value().device if grad is None else grad.device
+        self._device = device
         if h.info.fully_trainable:
-            positions = torch.arange(h.info.numel)
-            values = torch.zeros(h.info.numel) if grad is None else grad.to(torch.float32)
+            positions = torch.arange(h.info.numel, device=device)
+            values = torch.zeros(h.info.numel, device=device) if grad is None else grad.to(torch.float32)
         else:
             positions = h.mask.positions
-            values = torch.zeros(positions.numel()) if grad is None else grad[positions].to(torch.float32)
+            if grad is None:
+                values = torch.zeros(positions.numel(), device=device)
+            else:
+                values = grad[positions.to(device)].to(torch.float32)
             if self.k > 0:
-                self._parts.append(self.id3.slice_candidates(i, grad, self.k))
-                self._held += len(self._parts[-1])
-                if self._held > 4 * self.k:  # bound what is held: only the best k can still win
-                    self._parts = [merge_candidates(self._parts, self.k)]
-                    self._held = len(self._parts[0])
+                self._pool.add(self.id3.slice_candidates(i, grad, self.k))
         self._kept[i] = (positions, values)
 
     @property
     def entries(self) -> int:
         """fp32 gradient values held now: kept chosen/fully trainable entries plus candidates (<= 5k)."""
-        cands = sum(len(p) for p in self._parts) + (len(self._local) if self._local is not None else 0)
+        cands = self._pool.held + (len(self._local) if self._local is not None else 0)
         return sum(v.numel() for _, v in self._kept.values()) + cands
 
     def missing(self) -> list[int]:
@@ -81,25 +86,26 @@ class GradStream:
         if self.missing():
             raise RuntimeError(f"slices {self.missing()} were never absorbed: absorb them (grad None) first")
         if self._local is None:
-            self._local = merge_candidates(self._parts, self.k)
-            self._parts = []
+            self._local = self._pool.result(self._device or "cpu")
+            self._pool = CandidatePool(self.k)
         return self._local
 
     def chosen_grads(self, i: int) -> torch.Tensor:
-        """Slice i's fp32 gradient over its mask's positions (call after select grew the mask)."""
+        """Slice i's fp32 gradient over its mask's positions (call after select grew the mask).
+
+        Entries chosen before this step come from what absorb kept; this step's winners from the local
+        candidates' payload (a winner this holder owns is always among them; earlier entries never are).
+        """
         positions, values = self._kept[i]
         new = self.id3.held[i].mask.positions
         if new.numel() == positions.numel():  # masks only grow: equal size means the same positions
             return values
-        out = torch.empty(new.numel(), dtype=torch.float32)
-        fresh = torch.ones(new.numel(), dtype=torch.bool)
-        old_at = torch.searchsorted(new, positions)
-        out[old_at] = values
-        fresh[old_at] = False
-        keys = new[fresh] + self.id3.held[i].info.first_key
-        local = self._local if self._local is not None else Candidates.empty()
-        at = torch.searchsorted(local.keys, keys).clamp_(max=max(len(local) - 1, 0))
-        if len(local) == 0 or local.payload is None or not torch.equal(local.keys[at], keys):
+        local = self._local if self._local is not None else Candidates.empty(new.device)
+        if len(local) == 0 or local.payload is None:
             raise RuntimeError("a winner of this holder is missing from its local candidates")
-        out[fresh] = local.payload[at]
-        return out
+        out = torch.zeros(new.numel(), dtype=torch.float32, device=new.device)
+        out.index_copy_(0, torch.searchsorted(new, positions.to(new.device)), values.to(new.device))
+        keys = new + self.id3.held[i].info.first_key
+        at = torch.searchsorted(local.keys, keys).clamp_(max=len(local) - 1)
+        won = local.keys[at] == keys
+        return torch.where(won, local.payload[at].to(new.device), out)

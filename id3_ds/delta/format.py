@@ -40,6 +40,8 @@ FORMAT_VERSION = 3  # the newest version this id3-ds reads (and the highest it w
 SECTION_VERSIONS = {"lora": 2, "new": 2, "config_updates": 2}
 # The version that introduced each storage form of a parameter (params[NAME].storage).
 STORAGE_VERSIONS = {"dense": 1, "sparse": 1, "gaps": 3}
+# The version that introduced each optional per-parameter field (params[NAME].steps: NAME.steps).
+FIELD_VERSIONS = {"steps": 3}
 INDEX_FORMS = ("gaps", "flat")  # how write_delta stores sparse positions: uint16 gap codes, or int32/int64
 GAP_ESCAPE = 65535  # a gap code meaning "advance 65535 positions, no entry here"
 UPGRADE = "pip install -U id3-ds"
@@ -70,6 +72,7 @@ class ParamDelta:
     indices: torch.Tensor | None = None  # None: dense
     fix_at: torch.Tensor | None = None
     fix: torch.Tensor | None = None
+    steps: torch.Tensor | None = None  # optional (version 3): the step each entry was chosen, for `id3-ds cut`
 
     @property
     def dense(self) -> bool:
@@ -296,6 +299,8 @@ def write_delta(
         e["storage"] for e in (extra.get("lora") or {}).get("params", {}).values()
     }
     version = written_version(extra, storages)
+    if any(e.get("steps") for e in entries.values()):
+        version = max(version, FIELD_VERSIONS["steps"])
     config = {
         "format": FORMAT_NAME,
         "version": version,
@@ -336,6 +341,10 @@ def _put(
         tensors[f"{name}.indices"] = p.indices.to(index_dtype(p.numel)).contiguous()
         tensors[f"{name}.values"] = p.values.reshape(-1).to(vdt).contiguous()
     entry = {"shape": list(p.shape), "storage": storage, "entries": p.entries}
+    if p.steps is not None:
+        narrow = p.steps.numel() == 0 or int(p.steps.max()) < 65535
+        tensors[f"{name}.steps"] = p.steps.to(torch.uint16 if narrow else torch.int32).reshape(-1).contiguous()
+        entry["steps"] = True
     if p.fixes and dtype == "fp32":
         tensors[f"{name}.fix_at"] = p.fix_at.to(index_dtype(p.entries)).contiguous()
         tensors[f"{name}.fix"] = p.fix.to(torch.float32).contiguous()
@@ -518,6 +527,8 @@ def _check_entry(root: Path, cfg: dict, name: str, e: object) -> None:
     ok = ok and _int(e.get("fixes", 0)) and (e.get("fixes", 0) == 0 or cfg["dtype"] == "fp32")
     if not ok or not _isin(e.get("storage"), STORAGE_VERSIONS):
         raise _bad(root, f"{CONFIG_FILE} entry for {name!r} is malformed; the delta is corrupt, re-export it")
+    if e.get("steps", False) not in (True, False) or (e.get("steps") and cfg["version"] < FIELD_VERSIONS["steps"]):
+        raise _bad(root, f"{CONFIG_FILE} entry for {name!r} has a malformed 'steps' flag; the delta is corrupt")
     if STORAGE_VERSIONS[e["storage"]] > cfg["version"]:
         raise _bad(
             root,
@@ -652,6 +663,13 @@ def _load_param(
         vals = _tensor(root, f, header, f"{name}.values", vdt, (idx.numel(),))
         _check_indices(root, name, idx, n, e["entries"])
         p = ParamDelta(shape, bdt, vals, idx)
+    if e.get("steps"):
+        expected.add(f"{name}.steps")
+        info = header.tensors.get(f"{name}.steps")
+        sdt = info.dtype if info is not None and info.dtype in ("U16", "I32") else "U16"
+        p.steps = _tensor(root, f, header, f"{name}.steps", sdt, (p.entries,)).to(torch.int32)
+        if p.entries and int(p.steps.min()) < 0:
+            raise _bad(root, f"{name}.steps has a negative step; the delta is corrupt, re-export it")
     if e.get("fixes", 0):
         expected |= {f"{name}.fix_at", f"{name}.fix"}
         p.fix_at = _tensor(root, f, header, f"{name}.fix_at", st.ST_NAMES[index_dtype(p.entries)], None)

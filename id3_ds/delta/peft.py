@@ -116,6 +116,12 @@ def export_peft(
         mod_name, leaf = full(name).rsplit(".", 1)
         mod = modules.get(mod_name)
         if isinstance(mod, torch.nn.Embedding):
+            out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            if out_emb is not None and getattr(out_emb, "weight", None) is mod.weight:
+                raise ID3Error(
+                    f"{named(delta.root)} updates the embedding {name}, which this model ties to its output head: "
+                    f"PEFT's modules_to_save would change one and not the other; {TARGETS_HINT}"
+                )
             if embeddings == "refuse":
                 raise ID3Error(
                     f"{named(delta.root)} updates the embedding {name}, which PEFT's SHiRA cannot hold sparsely "

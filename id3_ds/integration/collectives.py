@@ -13,6 +13,9 @@ same on every rank, after exactly two or three collectives.
 Bytes received per rank and step: world x m x 16 (about 32 k bytes, whatever the world size) in round A,
 plus world x max_count x 16 in round B: nothing when winners are spread over the ranks, at most
 world x k x 16 (the one-round cost) when one rank holds them all.
+
+Everything stays on the candidates' device (NCCL takes device tensors only) with fixed shapes; the one
+host read is round B's size, the maximum over ranks of each rank's count above tau.
 """
 
 from __future__ import annotations
@@ -23,56 +26,59 @@ import torch
 import torch.distributed as dist
 
 from id3_ds.algorithm.id3 import Reducer, local_reducer
-from id3_ds.algorithm.selection import Candidates, merge_candidates
+from id3_ds.algorithm.selection import NEG_INF, Candidates, best_k, pack
 
 MAX_KEY = 1 << 53
 Gather = Callable[[torch.Tensor], list[torch.Tensor]]  # every rank's equally-shaped tensor, in rank order
-MaxAll = Callable[[int], int]  # the maximum of an int over ranks
+MaxAll = Callable[[torch.Tensor], int]  # the maximum over ranks of a 0-d int64 device tensor, read on the host
 
 
 def best_first(c: Candidates) -> Candidates:
-    """Candidates sorted by (score desc, key asc), padding (-inf) dropped."""
-    real = c.scores > float("-inf")
-    scores, keys = c.scores[real], c.keys[real]
-    by_key = torch.argsort(keys)
-    scores, keys = scores[by_key], keys[by_key]
-    by_score = torch.sort(scores, descending=True, stable=True).indices
-    return Candidates(scores[by_score], keys[by_score])
+    """Candidates sorted by (score desc, key asc); padding (-inf) rows sort last."""
+    by_key = torch.argsort(c.keys)
+    return c.take(by_key[torch.argsort(pack(c.scores[by_key]), descending=True)])
 
 
-def _pack(c: Candidates, rows: int) -> torch.Tensor:
-    packed = torch.full((rows, 2), float("-inf"), dtype=torch.float64)
+def _pack(scores: torch.Tensor, keys: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows, 2) float64 on the candidates' device: (score, key) pairs, then padding (-inf, MAX_KEY)."""
+    packed = torch.full((rows, 2), NEG_INF, dtype=torch.float64, device=keys.device)
     packed[:, 1] = MAX_KEY
-    packed[: len(c), 0] = c.scores.to(torch.float64)
-    packed[: len(c), 1] = c.keys.to(torch.float64)
+    n = min(rows, keys.numel())
+    packed[:n, 0] = scores[:n].to(torch.float64)
+    packed[:n, 1] = keys[:n].to(torch.float64)
     return packed
 
 
-def _unpack(rows: list[torch.Tensor]) -> list[Candidates]:
-    return [Candidates(r[:, 0].to(torch.float32), r[:, 1].to(torch.int64)) for r in (x.cpu() for x in rows)]
-
-
-def _worst(top: Candidates) -> tuple[float, int]:
-    """The last of `top` in (score desc, key asc) order."""
-    low = float(top.scores.min())
-    return low, int(top.keys[top.scores == low].max())
+def _unpack(rows: list[torch.Tensor]) -> Candidates:
+    both = torch.cat(rows)
+    return Candidates(both[:, 0].to(torch.float32), both[:, 1].to(torch.int64))
 
 
 def two_round_reduce(local: Candidates, k: int, world: int, gather: Gather, max_all: MaxAll) -> Candidates:
-    """The exact global top-k of every rank's `local` candidates (see the module docstring)."""
+    """The exact global top-k of every rank's `local` candidates (see the module docstring), key order, k rows
+    (padding (-inf) rows only if fewer than k real candidates exist on all ranks together)."""
     mine = best_first(local)
     m = max(1, -(-2 * k // world))
-    got = _unpack(gather(_pack(Candidates(mine.scores[:m], mine.keys[:m]), m)))
-    first = merge_candidates(got, k)
-    rest = Candidates(mine.scores[m:], mine.keys[m:])
-    if len(first) == k and len(rest):
-        tau_score, tau_key = _worst(first)
-        above = (rest.scores > tau_score) | ((rest.scores == tau_score) & (rest.keys < tau_key))
-        rest = Candidates(rest.scores[above], rest.keys[above])
-    n_max = max_all(len(rest))
+    got = gather(_pack(mine.scores, mine.keys, m))
+    first = best_k(_unpack(got), k)
+    # on the collectives' device (a rank holding no selectable entry proposes empty CPU candidates)
+    rest = mine.take(torch.arange(min(m, len(mine)), len(mine), device=mine.keys.device)).to(got[0].device)
+    # tau: the worst of `first` in (score desc, key asc); rest is best-first, so those above tau are a prefix
+    tau_score = first.scores.min()
+    tau_key = torch.where(first.scores == tau_score, first.keys, -1).max()
+    above = (rest.scores > NEG_INF) & ((rest.scores > tau_score) | ((rest.scores == tau_score) & (rest.keys < tau_key)))
+    count = above.sum()
+    n_max = int(max_all(count))
     if n_max == 0:
         return first
-    return merge_candidates(got + _unpack(gather(_pack(rest, n_max))), k)
+    sent = torch.arange(n_max, device=rest.keys.device) < count
+    scores = torch.full((n_max,), NEG_INF, dtype=torch.float32, device=rest.keys.device)
+    keys = torch.full((n_max,), MAX_KEY, dtype=torch.int64, device=rest.keys.device)
+    n = min(n_max, len(rest))
+    scores[:n], keys[:n] = rest.scores[:n], rest.keys[:n]
+    scores = torch.where(sent, scores, NEG_INF)
+    keys = torch.where(sent, keys, MAX_KEY)
+    return best_k(_unpack(got + gather(_pack(scores, keys, n_max))), k)
 
 
 def allgather_reducer(group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu") -> Reducer:
@@ -84,8 +90,8 @@ def allgather_reducer(group: dist.ProcessGroup | None = None, device: torch.devi
         dist.all_gather(out, packed, group=group)
         return out
 
-    def max_all(n: int) -> int:
-        t = torch.tensor([n], dtype=torch.int64, device=device)
+    def max_all(n: torch.Tensor) -> int:
+        t = n.to(device=device, dtype=torch.int64).reshape(1).clone()
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         return int(t.item())
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from id3_ds.algorithm.config import ID3Config
 from id3_ds.algorithm.id3 import Keep, Scorer
+from id3_ds.algorithm.variants import variant_scorer
 from id3_ds.errors import ID3Error
 from id3_ds.methods.scorers import FisherScorer, bitfit_keep, pafi_scorer, random_scorer
 
@@ -29,10 +31,14 @@ class MethodSpec:
     fisher: FisherScorer | None = None
 
 
-def method_spec(method: str, seed: int = 0) -> MethodSpec:
-    """The mask-core configuration of a masked method (ID3 or a static baseline)."""
+def method_spec(method: str, seed: int = 0, config: ID3Config | None = None) -> MethodSpec:
+    """The mask-core configuration of a masked method (ID3 or a static baseline).
+
+    config: the run's id3 section; an ID3 score variant in it (id3.grad_ema, id3.score_norm) becomes
+    ID3's scorer. Without one, ID3 has no scorer and scores exactly as the paper does.
+    """
     if method == "id3":
-        return MethodSpec("id3")
+        return MethodSpec("id3", scorer=variant_scorer(config) if config is not None else None)
     if method == "random":
         return MethodSpec("random", scorer=random_scorer(seed), static=True)
     if method == "pafi":
@@ -55,6 +61,6 @@ def selector_for_module(model, method: str, config, steps: int, seed: int = 0):
     """
     from id3_ds.algorithm.id3 import from_module
 
-    spec = method_spec(method, seed)
+    spec = method_spec(method, seed, config)
     selector = from_module(model, config, steps, scorer=spec.scorer, static=spec.static, keep=spec.keep)
     return selector, spec

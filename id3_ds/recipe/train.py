@@ -191,10 +191,10 @@ def build_model(cfg: RunConfig, plan: RunPlan, model_dir: str, label_names, pad_
     if plan.lora:
         lo = cfg.lora
         model = wrap_lora(model, lo.rank, lo.alpha, lo.dropout, lo.target_modules, plan.classification)
+    keep = method_spec(plan.method, cfg.train.seed, cfg.id3).keep if plan.masked else None  # selectable tensors
     if plan.masked:
-        freeze_outside(model, cfg.id3, method_spec(plan.method, cfg.train.seed).keep)
+        freeze_outside(model, cfg.id3, keep)
     if plan.quantized_base:  # selectable linear weights -> bitsandbytes-packed base + overlay
-        keep = method_spec(plan.method, cfg.train.seed).keep
         selectable = [s.name for s in trainable_layout(model, cfg.id3, keep)[0] if not s.fully_trainable]
         quantized = quantize_selectable(model, selectable, cfg.model.quantization)
         if is_main:

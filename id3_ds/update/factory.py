@@ -26,7 +26,7 @@ def update_for(
     make_scheduler: Callable | None = None,
 ) -> Update:
     """The update the plan says runs, on `engine` (built as integration/ds_config configured it)."""
-    method = method_spec(plan.method, seed) if plan.masked else None
+    method = method_spec(plan.method, seed, config) if plan.masked else None
     return build_update(
         engine, method, config, steps, weight_decay, lr=lr, max_grad_norm=max_grad_norm, make_scheduler=make_scheduler
     )
