@@ -21,7 +21,8 @@ same trainable count. Both variants train the same linear layers (LINEAR: every 
 projection, no embeddings) of the same model on the same data in the same way (ZeRO-2, 2 ranks, bf16):
 QLoRA trains LoRA r on them (method lora + model.quantization nf4: bitsandbytes Linear4bit layers under
 PEFT); sparse ID3 has id3.budget = LoRA's trainable count on them (method id3, id3.state sparse,
-model.quantization nf4). Both bases are the same nf4 bytes (blocks of 64, id3_ds/models/quantized.py).
+model.quantization nf4). Both bases hold the same 4-bit codes (blocks of 64, id3_ds/models/quantized.py);
+QLoRA's absmax is packed again (double quantization, ~1/64 B per weight against sparse ID3's 4/64 B).
 Each variant runs in its own torchrun launch (peak RSS is per process), alternating when repeated; every
 rank is bench_memory.py's worker: RSS once the libraries are imported is the baseline, then launch/train.py
 runs in-process, and VmHWM is reset and read at the phase marks (after the build, after the steps, at the

@@ -233,6 +233,50 @@ def test_moving_a_quantized_layer_moves_its_base_overlay_and_constants(kind) -> 
     assert {t.device.type for t in held} == {"meta"}
 
 
+def _two_layers(kind: str, sim: bool) -> torch.nn.Module:
+    """Two bias-free quantized layers; `sim`: every tensor they hold on the simulated device (device_sim.py)."""
+    from benchmarks.device_sim import on_device
+
+    torch.manual_seed(0)
+    layers = [QuantizedLinear(torch.nn.Linear(i, o, bias=False), kind) for i, o in ((64, 48), (48, 32))]
+    for q in layers if sim else []:
+        qw = q.qweight
+        qw.packed = on_device(qw.packed)
+        if kind == "nf4":
+            qw.state.absmax, qw.state.code = on_device(qw.state.absmax), on_device(qw.state.code)
+        else:
+            qw.state = on_device(qw.state)
+        q.positions, q.values = on_device(q.positions), on_device(q.values)
+        q.anchor = on_device(torch.zeros(0)).requires_grad_()
+    return torch.nn.Sequential(layers[0], torch.nn.Tanh(), layers[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sparse_id3_on_a_quantized_base_runs_on_the_device_as_it_runs_on_the_cpu(kind) -> None:
+    # CUDA would refuse nothing, syncs stay the step's constant (none in the quantized layer), same overlay
+    from benchmarks.device_sim import SimTensor, SyncCounter, on_device
+
+    overlays = {}
+    for sim in (False, True):
+        model = _two_layers(kind, sim)
+        drv = SparseID3.from_module(model, ID3Config(budget=200, targets=("*",)), 4, lr=LR, weight_decay=0.1)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x = torch.randn(4, 64, generator=g)
+            with SyncCounter() as mode:
+                model(on_device(x) if sim else x).square().mean().backward()
+                drv.step()
+            assert mode.refused == 0, mode.table()
+            assert mode.syncs <= 4 and not [e for e in mode.table() if "models/quantized" in e[2]], mode.table()
+        layers = [model[0], model[2]]
+        if sim:
+            assert all(isinstance(t, SimTensor) for q in layers for t in (q.positions, q.values))
+        unwrap = lambda t: t.elem if isinstance(t, SimTensor) else t  # noqa: E731
+        overlays[sim] = [(unwrap(q.positions), unwrap(q.values)) for q in layers]
+    for (pc, vc), (pd, vd) in zip(overlays[False], overlays[True]):
+        assert pc.numel() > 0 and torch.equal(pc, pd) and torch.equal(vc, vd)
+
+
 def test_qloras_base_is_packed_by_the_same_quantizer_as_bitsandbytes_own_linear4bit() -> None:
     # the one quantizer (QuantizedWeight) gives bnb.nn.Linear4bit exactly what quantizing on its first move gives
     import bitsandbytes as bnb
