@@ -260,3 +260,37 @@ def test_every_deepspeed_worker_builds_its_ops_in_the_trainers_folder() -> None:
     assert any(p.name == "zero3_apply_worker.py" for p in starters)
     missing = [p.name for p in starters if "use_per_environment_extensions(" not in p.read_text()]
     assert not missing, f"call use_per_environment_extensions() before deepspeed.init_distributed in {missing}"
+
+
+# -- CPU threads per rank -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def torch_threads():
+    """The test process's torch thread count, restored afterwards (share_cpu_threads sets it)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield torch
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("env", "cores", "want"),
+    [
+        ({"LOCAL_SIZE": "2"}, 2, 1),  # the deepspeed launcher's variable, 2 ranks on 2 cores
+        ({"LOCAL_WORLD_SIZE": "4"}, 16, 4),  # torchrun's variable
+        ({"LOCAL_SIZE": "3"}, 2, 1),  # more ranks than cores: still one thread each
+    ],
+)
+def test_ranks_on_one_machine_split_its_cores(torch_threads, env, cores, want):
+    torch_threads.set_num_threads(cores)
+    assert startup.share_cpu_threads(env, cores=cores) == want
+    assert torch_threads.get_num_threads() == want
+
+
+@pytest.mark.parametrize("env", [{"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "2"}, {}, {"LOCAL_WORLD_SIZE": "1"}])
+def test_a_chosen_thread_count_or_a_lone_process_is_left_alone(torch_threads, env):
+    torch_threads.set_num_threads(2)
+    assert startup.share_cpu_threads(env, cores=8) is None
+    assert torch_threads.get_num_threads() == 2

@@ -53,7 +53,7 @@ from id3_ds.training.loss import step_loss
 from id3_ds.training.lr_schedule import lr_scheduler
 from id3_ds.training.optimizers import build_client_optimizer
 from id3_ds.training.run_log import RunLogger, print_final_line, save_resolved_config
-from id3_ds.training.startup import check_rendezvous_port, quiet_third_party_noise
+from id3_ds.training.startup import check_rendezvous_port, quiet_third_party_noise, share_cpu_threads
 from id3_ds.update import Update, freeze_outside, trainable_layout, update_for
 
 USAGE = """Fine-tune a Hugging Face causal LM or sequence classifier with ID3 (or a baseline) under DeepSpeed.
@@ -154,6 +154,7 @@ def start_processes(cfg: RunConfig) -> tuple[int, int, str]:
     check_rendezvous_port()  # a port another job holds: one line naming --master_port, not EADDRINUSE later
     use_per_environment_extensions(os.environ["RANK"] == "0")  # ops built once per venv; rank 0 says when
     clear_stale_build_locks()  # before DeepSpeed builds its CPU ops: a dead build's lock would hang us forever
+    share_cpu_threads()  # the deepspeed launcher leaves OMP_NUM_THREADS unset: N ranks x all cores each
     avoid_start_costs()  # no torch.compile import for DeepSpeed's Muon, one CPU query per rank (its docstring)
     rank, world, device = init_process_group(cfg.train.collective_timeout_s)
     torch.manual_seed(cfg.train.seed)
