@@ -89,6 +89,14 @@ def train_cmd(
         raise typer.Exit(code)
 
 
+def _say_wrote(path: Path) -> None:
+    """One line for a written delta: its entries and bytes, read back from the files (a bad write fails here)."""
+    from id3_ds.delta.summary import summarize
+
+    s = summarize(path)
+    typer.echo(f"wrote {path}: {s['total_entries']:,} entries, {s['file_bytes']:,} bytes")
+
+
 def _entries(text: str | None) -> int | float | None:
     """--entries: a whole number of entries (2000), a fraction (0.25) or a percentage (25%)."""
     if text is None:
@@ -131,7 +139,6 @@ def export_delta_cmd(
     import tempfile
 
     from id3_ds.delta.export import export_delta
-    from id3_ds.delta.summary import summarize
 
     try:
         if fmt not in ("id3", "peft"):
@@ -168,10 +175,9 @@ def export_delta_cmd(
             index=index,
             keep_steps=keep_steps,
         )
-        s = summarize(path)
+        _say_wrote(path)
     except ID3Error as e:
         raise _fail(e) from None
-    typer.echo(f"wrote {path}: {s['total_entries']:,} entries, {s['file_bytes']:,} bytes")
 
 
 @app.command("cut", epilog="Example: id3-ds cut delta/ --entries 25% --out delta_25/")
@@ -183,15 +189,13 @@ def cut_cmd(
 ) -> None:
     """Cut a delta to its K earliest-chosen entries (the run's mask at budget K, with its trained values)."""
     from id3_ds.delta.cut import cut_delta
-    from id3_ds.delta.summary import summarize
 
     try:
         keep = _entries(entries)
         path = cut_delta(delta, out, keep, overwrite=overwrite)
-        s = summarize(path)
+        _say_wrote(path)
     except ID3Error as e:
         raise _fail(e) from None
-    typer.echo(f"wrote {path}: {s['total_entries']:,} entries, {s['file_bytes']:,} bytes")
 
 
 @app.command("import-peft", epilog="Example: id3-ds import-peft shira_adapter/ --base ./base --out delta/")
@@ -203,14 +207,12 @@ def import_peft_cmd(
 ) -> None:
     """Turn a PEFT SHiRA adapter into an id3-ds delta (then inspect, merge, apply_delta work on it)."""
     from id3_ds.delta.peft import import_peft
-    from id3_ds.delta.summary import summarize
 
     try:
         path = import_peft(adapter, _base_dir(base), out, overwrite=overwrite)
-        s = summarize(path)
+        _say_wrote(path)
     except ID3Error as e:
         raise _fail(e) from None
-    typer.echo(f"wrote {path}: {s['total_entries']:,} entries, {s['file_bytes']:,} bytes")
 
 
 @app.command("merge", epilog="Example: id3-ds merge ./base delta/ --out merged/ --dtype bf16")
